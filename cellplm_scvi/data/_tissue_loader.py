@@ -1,0 +1,276 @@
+"""Tissue minibatches for scvi-tools: one minibatch = the cells of one tissue.
+
+scvi-tools' loaders draw random bags of cells. CellPLM needs every cell of a minibatch to
+come from the same tissue, because cells attend to each other. Three pieces do it:
+
+- :class:`TissueBatchSampler` yields, per step, the row indices of one tissue (shuffled tissue
+  order, node drop and a cell cap in training; one rank's share under DDP);
+- :class:`TissueDataLoader` reads those rows (counts as a sparse CSR tensor);
+- :class:`TissueDataSplitter` splits whole tissues into train / validation / test.
+
+Results are put back in AnnData order through the registered row index ``ind_x``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from lightning.pytorch import LightningDataModule
+from scvi import settings
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .._constants import TISSUE_KEY, X_KEY
+
+
+def _to_csr_tensor(x) -> torch.Tensor:
+    x = sp.csr_matrix(x, dtype=np.float32)
+    return torch.sparse_csr_tensor(
+        torch.from_numpy(x.indptr.astype(np.int64)),
+        torch.from_numpy(x.indices.astype(np.int64)),
+        torch.from_numpy(x.data),
+        size=x.shape,
+    )
+
+
+class TissueDataset(Dataset):
+    """Reads a list of rows of a registered AnnData: counts as CSR tensor, the rest as arrays.
+
+    Rows are read in sorted order (fast for backed files); ``ind_x`` says which rows came.
+    """
+
+    def __init__(self, adata_manager):
+        self.x = adata_manager.get_from_registry(X_KEY)
+        if sp.issparse(self.x) and self.x.format not in ("csr", "csc"):
+            self.x = sp.csr_matrix(self.x)  # e.g. COO cannot be row-indexed
+        keys = [k for k in adata_manager.data_registry if k != X_KEY]
+        self.other = adata_manager.create_torch_dataset(data_and_attributes=keys)
+
+    def __len__(self) -> int:
+        return len(self.other)
+
+    def __getitem__(self, rows: list[int]) -> dict[str, torch.Tensor]:
+        rows = np.sort(np.asarray(rows, dtype=np.int64))
+        out = {k: torch.as_tensor(v) for k, v in self.other[rows].items()}
+        out[X_KEY] = _to_csr_tensor(self.x[rows])
+        return out
+
+
+class TissueBatchSampler(Sampler):
+    """Yield the rows of one tissue per step.
+
+    Parameters
+    ----------
+    indices
+        Rows (positions in the AnnData) to draw from.
+    tissue_codes
+        Tissue code of each of those rows.
+    shuffle
+        Shuffle the order of tissues each epoch (training).
+    drop_node_rate
+        In each step keep a random ``floor((1 - rate) * n)`` cells of the tissue (official
+        node drop; training only).
+    max_cells
+        Cap on cells per step. Training: a random subset of larger tissues. Evaluation: larger
+        tissues are cut into random chunks of at most ``max_cells``. ``None``: no cap.
+    seed
+        Base seed; combined with the epoch set by Lightning.
+    num_replicas, rank
+        DDP: every rank gets the same number of steps (tissues are repeated to pad).
+    """
+
+    def __init__(
+        self,
+        indices: np.ndarray,
+        tissue_codes: np.ndarray,
+        shuffle: bool = False,
+        drop_node_rate: float = 0.0,
+        max_cells: int | None = None,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ):
+        indices = np.asarray(indices, dtype=np.int64)
+        codes = np.asarray(tissue_codes).reshape(-1)
+        order = np.argsort(codes, kind="stable")
+        bounds = np.flatnonzero(np.diff(codes[order])) + 1
+        self.tissues = np.split(indices[order], bounds) if len(indices) else []
+        self.shuffle, self.drop_node_rate, self.max_cells = shuffle, drop_node_rate, max_cells
+        self.seed, self.epoch = seed, 0
+        self.num_replicas, self.rank = num_replicas, rank
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by Lightning at the start of each epoch."""
+        self.epoch = epoch
+
+    def _steps(self, rng: np.random.Generator) -> list[np.ndarray]:
+        steps = []
+        for cells in self.tissues:
+            if self.shuffle:  # training: node drop, then cap
+                if self.drop_node_rate > 0:
+                    n_keep = max(1, int(len(cells) * (1 - self.drop_node_rate)))
+                    cells = rng.choice(cells, n_keep, replace=False)
+                if self.max_cells and len(cells) > self.max_cells:
+                    cells = rng.choice(cells, self.max_cells, replace=False)
+                steps.append(cells)
+            elif self.max_cells and len(cells) > self.max_cells:
+                n_chunks = math.ceil(len(cells) / self.max_cells)
+                steps.extend(np.array_split(rng.permutation(cells), n_chunks))
+            else:
+                steps.append(cells)
+        return steps
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        steps = self._steps(rng)
+        order = rng.permutation(len(steps)) if self.shuffle else np.arange(len(steps))
+        if self.num_replicas > 1:
+            total = math.ceil(len(order) / self.num_replicas) * self.num_replicas
+            order = np.resize(order, total)[self.rank :: self.num_replicas]
+        for i in order:
+            yield steps[i].tolist()
+
+    def __len__(self) -> int:
+        n = len(self._steps(np.random.default_rng(0)))  # chunking is size-determined
+        return math.ceil(n / self.num_replicas)
+
+
+class TissueDataLoader(DataLoader):
+    """DataLoader whose minibatches are tissues (see :class:`TissueBatchSampler`).
+
+    Accepts the keyword arguments scvi-tools passes to a data loader; ``batch_size`` is the
+    cap on cells per step (``None``: whole tissues).
+    """
+
+    def __init__(
+        self,
+        adata_manager,
+        indices: np.ndarray | None = None,
+        batch_size: int | None = None,
+        shuffle: bool = False,
+        drop_node_rate: float = 0.0,
+        distributed_sampler: bool = False,
+        seed: int | None = None,
+        drop_last: bool = False,
+        load_sparse_tensor: bool = False,
+        pin_memory: bool = False,
+        data_and_attributes=None,
+        **kwargs,
+    ):
+        n_obs = adata_manager.adata.n_obs
+        indices = np.arange(n_obs) if indices is None else np.asarray(indices)
+        if indices.dtype == bool:
+            indices = np.flatnonzero(indices)
+        codes = adata_manager.get_from_registry(TISSUE_KEY)
+        codes = np.asarray(codes).reshape(-1)[indices]
+        num_replicas, rank = 1, 0
+        if distributed_sampler and torch.distributed.is_initialized():
+            num_replicas = torch.distributed.get_world_size()
+            rank = torch.distributed.get_rank()
+        sampler = TissueBatchSampler(
+            indices,
+            codes,
+            shuffle=shuffle,
+            drop_node_rate=drop_node_rate if shuffle else 0.0,
+            max_cells=batch_size,
+            seed=settings.seed if seed is None else seed,
+            num_replicas=num_replicas,
+            rank=rank,
+        )
+        kwargs.pop("iter_ndarray", None)
+        super().__init__(
+            TissueDataset(adata_manager),
+            sampler=sampler,
+            batch_size=None,
+            pin_memory=pin_memory,
+            **kwargs,
+        )
+
+
+class TissueDataSplitter(LightningDataModule):
+    """Split whole tissues into train / validation / test and serve tissue loaders.
+
+    Parameters
+    ----------
+    adata_manager
+        The model's :class:`~scvi.data.AnnDataManager`.
+    train_size
+        Fraction of tissues for training (``None``: 0.9, or all when there is one tissue).
+    validation_size
+        Fraction of tissues for validation (default: the rest).
+    max_cells_per_step
+        Cap on cells per training step (larger tissues are subsampled each step).
+    drop_node_rate
+        Official node drop: fraction of a tissue's cells left out at each training step.
+    distributed_sampler
+        Share tissues across DDP ranks.
+    """
+
+    def __init__(
+        self,
+        adata_manager,
+        train_size: float | None = None,
+        validation_size: float | None = None,
+        shuffle_set_split: bool = True,
+        max_cells_per_step: int | None = None,
+        drop_node_rate: float = 0.0,
+        distributed_sampler: bool = False,
+        **loader_kwargs,
+    ):
+        super().__init__()
+        self.adata_manager = adata_manager
+        for unused in ("batch_size", "load_sparse_tensor", "drop_last", "drop_dataset_tail"):
+            loader_kwargs.pop(unused, None)
+        self.loader_kwargs = loader_kwargs
+        self.max_cells_per_step, self.drop_node_rate = max_cells_per_step, drop_node_rate
+        self.distributed_sampler = distributed_sampler
+
+        codes = np.asarray(adata_manager.get_from_registry(TISSUE_KEY)).reshape(-1)
+        tissues = np.unique(codes)
+        n = len(tissues)
+        if train_size is None:
+            train_size = 0.9 if n > 1 else 1.0
+        if not 0 < train_size <= 1:
+            raise ValueError(f"train_size must be in (0, 1], got {train_size}.")
+        n_train = max(1, min(n, round(train_size * n)))
+        if train_size < 1 and n_train == n and n > 1:
+            n_train = n - 1  # keep at least one validation tissue
+        n_val = n - n_train if validation_size is None else round(validation_size * n)
+        if n_train + n_val > n:
+            raise ValueError("train_size + validation_size must not exceed 1.")
+        if shuffle_set_split:
+            tissues = np.random.RandomState(settings.seed).permutation(tissues)
+        split = np.split(tissues, [n_train, n_train + n_val])
+        rows = np.arange(len(codes))
+        self.train_idx, self.val_idx, self.test_idx = (rows[np.isin(codes, t)] for t in split)
+        self.n_train, self.n_val = len(self.train_idx), len(self.val_idx)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Splits are fixed at construction (``TrainRunner`` reads their sizes first)."""
+
+    def _loader(self, indices: np.ndarray, train: bool) -> TissueDataLoader | None:
+        if len(indices) == 0:
+            return None
+        return TissueDataLoader(
+            self.adata_manager,
+            indices=indices,
+            batch_size=self.max_cells_per_step if train else None,
+            shuffle=train,
+            drop_node_rate=self.drop_node_rate,
+            distributed_sampler=self.distributed_sampler,
+            **self.loader_kwargs,
+        )
+
+    def train_dataloader(self) -> TissueDataLoader:
+        """Shuffled tissues with node drop."""
+        return self._loader(self.train_idx, train=True)
+
+    def val_dataloader(self) -> TissueDataLoader | None:
+        """Whole validation tissues."""
+        return self._loader(self.val_idx, train=False)
+
+    def test_dataloader(self) -> TissueDataLoader | None:
+        """Whole test tissues."""
+        return self._loader(self.test_idx, train=False)

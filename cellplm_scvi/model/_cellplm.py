@@ -1,0 +1,463 @@
+"""CellPLM as an scvi-tools model: AnnData in, tissue minibatches, AnnData-ordered results out."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from anndata import AnnData
+from scvi.data import AnnDataManager
+from scvi.data.fields import (
+    CategoricalObsField,
+    LayerField,
+    NumericalObsField,
+    ObsmField,
+)
+from scvi.model.base import BaseModelClass
+from scvi.model.base._training_mixin import get_max_epochs_heuristic
+from scvi.train import TrainRunner
+from scvi.utils import setup_anndata_dsp
+from tqdm.auto import tqdm
+
+from .._constants import (
+    BATCH_KEY,
+    DEFAULT_TISSUE_OBS,
+    INDICES_KEY,
+    INDICES_OBS,
+    LABELS_KEY,
+    SPATIAL_KEY,
+    TISSUE_CODE_OBS,
+    TISSUE_KEY,
+    X_KEY,
+)
+from .._genes import align_genes
+from .._validation import check_counts, check_obs_key, check_spatial
+from ..data import TissueDataLoader, TissueDataSplitter
+from ..module import CellPLMModule
+from ..pp import assign_tissues
+from ._training_plan import CellPLMTrainingPlan
+
+logger = logging.getLogger("cellplm_scvi")
+
+
+class CellPLM(BaseModelClass):
+    """CellPLM: cells are tokens, tissues are sentences (:cite:p:`Wen2024`).
+
+    Each cell's token is the sum of learned gene embeddings weighted by ``log1p`` of its raw
+    counts. A Flowformer (linear attention) lets the cells of one tissue attend to each other; a
+    Gaussian-mixture (``"gmvae"``) or Gaussian (``"vae"``) latent gives the embedding, and an
+    MLP decoder reconstructs masked genes of masked cells with a negative-binomial likelihood.
+    A training minibatch is one tissue (see :func:`cellplm_scvi.pp.assign_tissues`).
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with :meth:`setup_anndata`.
+    n_hidden
+        Token width (official: 1024).
+    n_layers
+        Flowformer layers (official: 4).
+    n_heads
+        Attention heads (official: 8).
+    n_latent
+        Embedding width (official: 512).
+    latent
+        ``"gmvae"`` (Gaussian mixture, ``n_clusters`` components) or ``"vae"``.
+    n_clusters
+        GMVAE components.
+    dropout
+        Dropout throughout the network (official pretraining: 0.2).
+    spatial_pe
+        Add the 2-D sinusoidal encoding of coordinates (scaled to [0, 1] per tissue). ``None``:
+        on when coordinates are registered.
+    mask_cell_rate, mask_gene_rate
+        Masking of the training objective: fraction of a tissue's cells masked, and fraction of
+        the entries of a masked cell hidden from the encoder.
+    dae
+        Add the NB loss of the hidden entries alone (official ``dae``).
+    vocabulary
+        Gene vocabulary of the embedding table and decoder (e.g. an official checkpoint's
+        Ensembl IDs). ``None``: the AnnData's genes. Genes outside it are ignored.
+    gene_key
+        ``adata.var`` column with gene IDs or symbols to match ``vocabulary`` (default:
+        ``var_names``).
+    **module_kwargs
+        Passed to :class:`~cellplm_scvi.module.CellPLMModule`.
+
+    Examples
+    --------
+    >>> import cellplm_scvi as cp
+    >>> adata = cp.datasets.simulate_tissue()
+    >>> cp.CellPLM.setup_anndata(adata, layer="counts", spatial_key="spatial", library_key="slide")
+    >>> model = cp.CellPLM(adata)
+    >>> model.train(max_epochs=10)
+    >>> adata.obsm["X_cellplm"] = model.get_latent_representation()
+    """
+
+    _module_cls = CellPLMModule
+    _data_loader_cls = TissueDataLoader
+    _data_splitter_cls = TissueDataSplitter
+    _training_plan_cls = CellPLMTrainingPlan
+    _train_runner_cls = TrainRunner
+
+    def __init__(
+        self,
+        adata: AnnData | None = None,
+        n_hidden: int = 256,
+        n_layers: int = 2,
+        n_heads: int = 8,
+        n_latent: int = 32,
+        latent: Literal["gmvae", "vae"] = "gmvae",
+        n_clusters: int = 16,
+        dropout: float = 0.1,
+        spatial_pe: bool | None = None,
+        mask_cell_rate: float = 0.75,
+        mask_gene_rate: float = 0.25,
+        dae: bool = True,
+        vocabulary: Sequence[str] | None = None,
+        gene_key: str | None = None,
+        **module_kwargs,
+    ):
+        super().__init__(adata)
+        if self.adata.n_obs == 0:
+            raise ValueError("adata has no cells.")
+        has_coords = SPATIAL_KEY in self.adata_manager.data_registry
+        spatial_pe = has_coords if spatial_pe is None else spatial_pe
+        if spatial_pe and not has_coords:
+            raise ValueError("spatial_pe=True needs coordinates: call setup_anndata(spatial_key=...).")
+        if vocabulary is not None:
+            vocabulary = list(vocabulary)
+        gene_index = self._gene_index(self.adata, vocabulary, gene_key)
+        n_batch = self.summary_stats.n_batch
+        module_kwargs.setdefault("decoder_covariates", {"batch": n_batch} if n_batch > 1 else {})
+        self.module = self._module_cls(
+            n_vocab=self.adata.n_vars if vocabulary is None else len(vocabulary),
+            gene_index=gene_index,
+            n_hidden=n_hidden,
+            n_layers=n_layers,
+            n_heads=n_heads,
+            n_latent=n_latent,
+            latent=latent,
+            n_clusters=n_clusters,
+            dropout=dropout,
+            use_spatial_pe=spatial_pe,
+            mask_cell_rate=mask_cell_rate,
+            mask_gene_rate=mask_gene_rate,
+            dae=dae,
+            **module_kwargs,
+        )
+        n_params = sum(p.numel() for p in self.module.parameters())
+        self._model_summary_string = (
+            f"CellPLM: n_hidden={n_hidden}, n_layers={n_layers}, n_latent={n_latent}, "
+            f"latent={latent!r}, spatial_pe={spatial_pe}, "
+            f"vocabulary={self.module.n_vocab} genes, {n_params:,} parameters"
+        )
+        self.init_params_ = self._get_init_params(locals())
+
+    @staticmethod
+    def _gene_index(
+        adata: AnnData, vocabulary: list[str] | None, gene_key: str | None
+    ) -> np.ndarray | None:
+        """Vocabulary row of each AnnData column (-1 for genes outside the vocabulary)."""
+        if vocabulary is None:
+            return None
+        if gene_key is not None and gene_key not in adata.var:
+            raise KeyError(
+                f"gene_key={gene_key!r} is not a column of adata.var "
+                f"(available: {list(adata.var.columns)})."
+            )
+        genes = adata.var_names if gene_key is None else adata.var[gene_key].astype(str)
+        alignment = align_genes(list(genes), vocabulary)
+        index = np.full(adata.n_vars, -1, dtype=np.int64)
+        index[alignment.input_index] = alignment.vocab_index
+        logger.info(
+            "%d of %d genes are in the model vocabulary; the others are ignored.",
+            alignment.n_matched,
+            adata.n_vars,
+        )
+        return index
+
+    # ------------------------------------------------------------------ setup
+    @classmethod
+    @setup_anndata_dsp.dedent
+    def setup_anndata(
+        cls,
+        adata: AnnData,
+        layer: str | None = None,
+        batch_key: str | None = None,
+        labels_key: str | None = None,
+        spatial_key: str | None = None,
+        tissue_key: str | None = None,
+        library_key: str | None = None,
+        max_cells: int = 1000,
+        **kwargs,
+    ) -> None:
+        """%(summary)s.
+
+        Counts must be raw (finite, non-negative integers). Cells are grouped into tissues, the
+        sets of cells that attend to each other: ``tissue_key`` if given, else
+        :func:`cellplm_scvi.pp.assign_tissues` (spatially contiguous groups from a squidpy graph
+        when ``spatial_key`` is given, else chunks of each ``batch_key`` sample). This writes
+        ``obs["cellplm_tissue"]`` and two bookkeeping columns, ``obs["_cellplm_tissue_code"]``
+        and ``obs["_cellplm_indices"]``; nothing else in ``adata`` changes.
+
+        Parameters
+        ----------
+        %(param_adata)s
+        %(param_layer)s
+        %(param_batch_key)s
+        %(param_labels_key)s
+        spatial_key
+            ``adata.obsm`` key of (n_cells, 2) spatial coordinates, or ``None``.
+        tissue_key
+            ``adata.obs`` column assigning each cell to a tissue (e.g. a field of view). If
+            ``None``, tissues are computed.
+        library_key
+            ``adata.obs`` column of slides; computed tissues never span two slides.
+        max_cells
+            Maximum cells per computed tissue.
+        """
+        setup_method_args = cls._get_setup_method_args(**locals())
+        if adata.n_obs == 0:
+            raise ValueError("adata has no cells; nothing to set up.")
+        if adata.n_vars == 0:
+            raise ValueError("adata has no genes; nothing to set up.")
+        check_counts(adata, layer)
+        for key, argument in [
+            (batch_key, "batch_key"),
+            (labels_key, "labels_key"),
+            (library_key, "library_key"),
+        ]:
+            check_obs_key(adata, key, argument)
+        if spatial_key is not None:
+            check_spatial(adata, spatial_key)
+        cls._write_tissue_columns(
+            adata, spatial_key, tissue_key, library_key, batch_key, max_cells
+        )
+        fields = [
+            LayerField(X_KEY, layer, is_count_data=True),
+            CategoricalObsField(BATCH_KEY, batch_key),
+            CategoricalObsField(LABELS_KEY, labels_key),
+            NumericalObsField(TISSUE_KEY, TISSUE_CODE_OBS),
+            NumericalObsField(INDICES_KEY, INDICES_OBS),
+        ]
+        if spatial_key is not None:
+            fields.append(ObsmField(SPATIAL_KEY, spatial_key))
+        manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
+        manager.register_fields(adata, **kwargs)
+        cls.register_manager(manager)
+
+    @staticmethod
+    def _write_tissue_columns(
+        adata: AnnData,
+        spatial_key: str | None,
+        tissue_key: str | None,
+        library_key: str | None,
+        batch_key: str | None,
+        max_cells: int,
+    ) -> None:
+        """Write the tissue code and row-index bookkeeping columns."""
+        if tissue_key is not None:
+            check_obs_key(adata, tissue_key, "tissue_key")
+            tissues = adata.obs[tissue_key]
+        else:
+            assign_tissues(
+                adata,
+                spatial_key=spatial_key,
+                library_key=library_key,
+                batch_key=batch_key,
+                max_cells=max_cells,
+                key_added=DEFAULT_TISSUE_OBS,
+            )
+            tissues = adata.obs[DEFAULT_TISSUE_OBS]
+        codes = pd.Categorical(tissues.astype(str)).codes
+        sizes = np.bincount(codes)
+        if (sizes == 1).any():
+            logger.warning(
+                "%d tissue(s) have a single cell: those cells see no context.", (sizes == 1).sum()
+            )
+        adata.obs[TISSUE_CODE_OBS] = codes.astype(np.int64)
+        adata.obs[INDICES_OBS] = np.arange(adata.n_obs, dtype=np.int64)
+
+    def _validate_anndata(self, adata: AnnData | None = None, copy_if_view: bool = True):
+        """Add the tissue columns to a new AnnData before scvi-tools transfers the setup."""
+        if adata is not None and self.get_anndata_manager(adata) is None:
+            if adata.n_obs == 0:
+                raise ValueError("adata has no cells.")
+            args = self.adata_manager._registry["setup_args"]
+            check_counts(adata, args["layer"])
+            if args["spatial_key"] is not None:
+                check_spatial(adata, args["spatial_key"])
+            self._write_tissue_columns(
+                adata,
+                args["spatial_key"],
+                args["tissue_key"],
+                args["library_key"],
+                args["batch_key"],
+                args["max_cells"],
+            )
+        return super()._validate_anndata(adata, copy_if_view=copy_if_view)
+
+    # ------------------------------------------------------------------ training
+    def train(
+        self,
+        max_epochs: int | None = None,
+        lr: float = 5e-4,
+        accelerator: str = "auto",
+        devices: int | list[int] | str = "auto",
+        train_size: float | None = None,
+        validation_size: float | None = None,
+        max_cells_per_step: int | None = 4000,
+        drop_node_rate: float = 0.3,
+        early_stopping: bool = False,
+        gradient_clip_val: float | None = 2.0,
+        plan_kwargs: dict | None = None,
+        datasplitter_kwargs: dict | None = None,
+        **trainer_kwargs,
+    ):
+        """Train on tissue minibatches with scvi-tools' Lightning trainer.
+
+        Parameters
+        ----------
+        max_epochs
+            Passes over the training tissues (default: scvi-tools' heuristic on ``n_obs``).
+        lr
+            AdamW learning rate (linear warm-up, see :class:`CellPLMTrainingPlan`).
+        accelerator, devices
+            Lightning device selection (``"auto"`` uses one GPU when there is one).
+        train_size, validation_size
+            Fractions of *tissues* for training and validation.
+        max_cells_per_step
+            Tissues larger than this are subsampled at each step (official ``max_batch_size``).
+        drop_node_rate
+            Fraction of a tissue's cells dropped at each step (official node drop).
+        early_stopping
+            Stop on the validation loss (needs validation tissues).
+        gradient_clip_val
+            Gradient norm clipping (official fine-tuning: 2.0).
+        plan_kwargs
+            Passed to :class:`CellPLMTrainingPlan` (e.g. ``weight_decay``, ``n_steps_lr_warmup``).
+        datasplitter_kwargs
+            Passed to :class:`~cellplm_scvi.data.TissueDataSplitter`.
+        **trainer_kwargs
+            Passed to :class:`scvi.train.Trainer` (e.g. ``strategy="ddp"``,
+            ``check_val_every_n_epoch``).
+        """
+        if max_epochs is None:
+            max_epochs = get_max_epochs_heuristic(self.adata.n_obs)
+        strategy = trainer_kwargs.get("strategy")
+        splitter = self._data_splitter_cls(
+            self.adata_manager,
+            train_size=train_size,
+            validation_size=validation_size,
+            max_cells_per_step=max_cells_per_step,
+            drop_node_rate=drop_node_rate,
+            distributed_sampler=isinstance(strategy, str) and "ddp" in strategy,
+            **(datasplitter_kwargs or {}),
+        )
+        plan_kwargs = {"lr": lr, **(plan_kwargs or {})}
+        plan = self._training_plan_cls(self.module, **plan_kwargs)
+        if gradient_clip_val is not None:
+            trainer_kwargs.setdefault("gradient_clip_val", gradient_clip_val)
+        if early_stopping:
+            trainer_kwargs.setdefault("early_stopping_monitor", "validation_loss")
+        runner = self._train_runner_cls(
+            self,
+            training_plan=plan,
+            data_splitter=splitter,
+            max_epochs=max_epochs,
+            accelerator=accelerator,
+            devices=devices,
+            early_stopping=early_stopping,
+            **trainer_kwargs,
+        )
+        return runner()
+
+    # ------------------------------------------------------------------ inference
+    def _tissue_loader(
+        self, adata: AnnData | None, indices: Sequence[int] | None, batch_size: int | None
+    ) -> tuple[AnnData, np.ndarray, TissueDataLoader]:
+        adata = self._validate_anndata(adata)
+        indices = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
+        if indices.dtype == bool:
+            indices = np.flatnonzero(indices)
+        loader = TissueDataLoader(
+            self.get_anndata_manager(adata, required=True),
+            indices=indices,
+            batch_size=batch_size,
+            shuffle=False,
+        )
+        return adata, indices, loader
+
+    @torch.inference_mode()
+    def _collect(
+        self,
+        adata: AnnData | None,
+        indices: Sequence[int] | None,
+        batch_size: int | None,
+        step,
+        progress_bar: bool = False,
+    ) -> dict[str, np.ndarray]:
+        """Run ``step(tensors) -> dict of (n, ...) arrays`` per tissue; return in ``indices`` order."""
+        adata, indices, loader = self._tissue_loader(adata, indices, batch_size)
+        self.module.eval()
+        position = np.full(adata.n_obs, -1, dtype=np.int64)
+        position[indices] = np.arange(len(indices))
+        results: dict[str, np.ndarray] = {}
+        for tensors in tqdm(loader, desc="tissues", disable=not progress_bar):
+            rows = position[tensors[INDICES_KEY].view(-1).numpy()]
+            for key, value in step(tensors).items():
+                value = value.float().cpu().numpy() if torch.is_tensor(value) else value
+                if key not in results:
+                    results[key] = np.zeros((len(indices), *value.shape[1:]), dtype=value.dtype)
+                results[key][rows] = value
+        return results
+
+    def get_latent_representation(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        batch_size: int | None = None,
+        give_mean: bool = True,
+        return_dist: bool = False,
+        progress_bar: bool = False,
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Cell embeddings, (n_cells, n_latent), in the order of ``adata`` (or ``indices``).
+
+        Every tissue is encoded as one set, so a cell's embedding depends on the other cells of
+        its tissue but not on the row order of ``adata``. For ``"gmvae"`` the cluster is
+        ``argmax q(y|h)`` and the embedding is the posterior mean of ``q(z|h, y)``
+        (deterministic, unlike the official code's Gumbel sample).
+
+        Parameters
+        ----------
+        adata
+            AnnData set up like the training data (default: the model's).
+        indices
+            Cells to embed (default: all). Tissues are formed from these cells only.
+        batch_size
+            Maximum cells per forward pass; larger tissues are cut into random chunks (which
+            changes their context). ``None``: whole tissues.
+        give_mean
+            Return the posterior mean (``False``: one sample).
+        return_dist
+            Return the posterior mean and variance instead.
+        progress_bar
+            Show a progress bar over tissues.
+        """
+
+        def step(tensors):
+            out = self.module.inference(**self.module._get_inference_input(tensors))
+            z = out["qz_m"]
+            if not give_mean:
+                z = z + out["qz_v"].sqrt() * torch.randn_like(z)
+            return {"qz_m": out["qz_m"], "qz_v": out["qz_v"], "z": z}
+
+        res = self._collect(adata, indices, batch_size, step, progress_bar)
+        if return_dist:
+            return res["qz_m"], res["qz_v"]
+        return res["z"]

@@ -1,0 +1,49 @@
+"""Negative-binomial reconstruction objective of CellPLM (library-size rescaled)."""
+
+from __future__ import annotations
+
+import torch
+from scvi.distributions import NegativeBinomial
+
+
+def nb_nll(x: torch.Tensor, mean: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Elementwise NB negative log-likelihood (scvi-tools' parameterisation: mean, inverse
+    dispersion ``theta``)."""
+    return -NegativeBinomial(mu=mean, theta=theta, validate_args=False).log_prob(x)
+
+
+def rescale_to_library(mean: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None = None):
+    """Rescale each row of ``mean`` so that it sums to the row's observed count total.
+
+    With ``weight`` (0/1, same shape), sums run over the weighted entries only.
+    """
+    if weight is not None:
+        mean, x = mean * weight, x * weight
+    return mean / mean.sum(1, keepdim=True).clamp_min(1e-12) * x.sum(1, keepdim=True)
+
+
+def masked_nb_loss(
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    theta: torch.Tensor,
+    entries: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-cell CellPLM NB loss, shape (M,).
+
+    Parameters
+    ----------
+    x
+        (M, G) observed counts of the cells in the loss.
+    mean, theta
+        Decoder NB mean (M, G) and inverse dispersion (G,) or (M, G).
+    entries
+        (M, G) bool, the masked entries. When given, the denoising ("DAE") term, the NB loss of
+        the masked entries with the mean rescaled to their own total, is added.
+    """
+    theta = theta.expand_as(mean)
+    loss = nb_nll(x, rescale_to_library(mean, x), theta).sum(1)
+    if entries is not None:
+        w = entries.to(mean.dtype)
+        dae = nb_nll(x * w, rescale_to_library(mean, x, w), theta) * w
+        loss = loss + dae.sum(1)
+    return loss

@@ -1,0 +1,49 @@
+"""Masked-cell / masked-gene corruption of a tissue (training only), sparse-aware."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class TissueMask:
+    """Which cells and entries were hidden from the encoder.
+
+    Attributes
+    ----------
+    cells
+        (M,) row indices of the masked cells.
+    entries
+        (M, G) bool: the hidden (cell, gene) entries of those cells, zeros included.
+    """
+
+    cells: torch.Tensor
+    entries: torch.Tensor
+
+
+def sample_mask(
+    n_cells: int, n_genes: int, cell_rate: float, gene_rate: float, device: torch.device
+) -> TissueMask:
+    """Mask ``max(1, floor(cell_rate * N))`` random cells and, in them, each entry with
+    probability ``gene_rate``."""
+    n_masked = max(1, int(cell_rate * n_cells))
+    cells = torch.randperm(n_cells, device=device)[:n_masked]
+    entries = torch.rand(n_masked, n_genes, device=device) <= gene_rate
+    return TissueMask(cells, entries)
+
+
+def apply_mask(x: torch.Tensor, mask: TissueMask) -> torch.Tensor:
+    """Zero the hidden entries of ``x`` (N, G), dense or sparse CSR; returns a new tensor."""
+    if x.layout != torch.sparse_csr:
+        x = x.clone()
+        x[mask.cells] = x[mask.cells].masked_fill(mask.entries, 0.0)
+        return x
+    crow, col, values = x.crow_indices(), x.col_indices(), x.values()
+    rows = torch.repeat_interleave(torch.arange(x.shape[0], device=x.device), crow.diff())
+    slot = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
+    slot[mask.cells] = torch.arange(len(mask.cells), device=x.device)
+    in_masked_cell = slot[rows] >= 0
+    hidden = in_masked_cell & mask.entries[slot[rows].clamp(min=0), col]
+    return torch.sparse_csr_tensor(crow, col, values.masked_fill(hidden, 0.0), x.shape)

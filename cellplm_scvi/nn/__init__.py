@@ -1,0 +1,20 @@
+"""Building blocks of the CellPLM network (pure torch)."""
+
+from ._decoder import NBDecoder, NBHead
+from ._embedder import CellEmbedder, Sinusoidal2dPE, sinusoidal_2d_table
+from ._flowformer import FlowAttention, FlowformerEncoder, FlowformerLayer
+from ._latent import GMVAELatent, LatentStack, VAELatent
+
+__all__ = [
+    "CellEmbedder",
+    "FlowAttention",
+    "FlowformerEncoder",
+    "FlowformerLayer",
+    "GMVAELatent",
+    "LatentStack",
+    "NBDecoder",
+    "NBHead",
+    "Sinusoidal2dPE",
+    "VAELatent",
+    "sinusoidal_2d_table",
+]

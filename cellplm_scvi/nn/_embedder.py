@@ -1,0 +1,111 @@
+"""Cell tokens: expression-weighted sums of learned gene embeddings (+ optional spatial PE)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def sinusoidal_2d_table(n_hidden: int, grid: int = 100) -> torch.Tensor:
+    """The official ``Sinusoidal2dPE`` table, shape ``(grid * grid, n_hidden)``.
+
+    Row ``r = grid * i + j`` encodes x-bin ``i`` in the second half of the channels and
+    y-bin ``j`` in the first half, with sin/cos pairs at ``n_hidden / 4`` frequencies.
+    """
+    if n_hidden % 4:
+        raise ValueError(f"The spatial encoding needs n_hidden divisible by 4, got {n_hidden}.")
+    half = n_hidden // 2
+    freq = torch.exp(torch.arange(0.0, half, 2) * -(math.log(10000.0) / half))  # (half / 2,)
+    pos = torch.arange(float(grid))[:, None] * freq  # (grid, half / 2)
+    wave = torch.stack([pos.sin(), pos.cos()], dim=-1).flatten(1)  # (grid, half): sin, cos, ...
+    i, j = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    return torch.cat([wave[j.flatten()], wave[i.flatten()]], dim=1)  # (grid^2, n_hidden)
+
+
+class Sinusoidal2dPE(nn.Module):
+    """Fixed 2-D sinusoidal encoding of coordinates in ``[0, 1]`` (binned on a 100 x 100 grid).
+
+    Cells without coordinates (a NaN row) get the learned ``missing_pe`` vector.
+    """
+
+    def __init__(self, n_hidden: int, grid: int = 100):
+        super().__init__()
+        self.grid = grid
+        self.missing_pe = nn.Parameter(torch.randn(n_hidden) * 0.01)
+        self.pe_enc = nn.Embedding.from_pretrained(sinusoidal_2d_table(n_hidden, grid))  # frozen
+
+    def forward(self, coords: torch.Tensor) -> torch.Tensor:
+        """(N, 2) coordinates scaled to [0, 1] -> (N, n_hidden)."""
+        missing = coords.isnan().any(1)
+        bins = ((coords.nan_to_num(0.0) * 1.02 - 0.01) * self.grid).long().clamp(0, self.grid - 1)
+        pe = self.pe_enc(bins[:, 0] * self.grid + bins[:, 1])
+        return torch.where(missing[:, None], self.missing_pe.expand_as(pe), pe)
+
+
+class GeneEmbedding(nn.Module):
+    """The gene-embedding table ``E`` (vocabulary x n_hidden): the model's tokenizer."""
+
+    def __init__(self, n_vocab: int, n_hidden: int):
+        super().__init__()
+        self.emb = nn.Parameter(torch.randn(n_vocab, n_hidden) * 0.005)
+
+
+def log1p_values(x: torch.Tensor) -> torch.Tensor:
+    """log1p of a dense or sparse-CSR tensor (only stored values are touched for CSR)."""
+    if x.layout == torch.sparse_csr:
+        return torch.sparse_csr_tensor(
+            x.crow_indices(), x.col_indices(), torch.log1p(x.values()), x.shape
+        )
+    return torch.log1p(x)
+
+
+class CellEmbedder(nn.Module):
+    """Cell token ``h0 = GroupNorm(Dropout(ReLU(W (log1p(x) @ E[genes]) + b)))``.
+
+    Parameters
+    ----------
+    n_vocab
+        Number of genes in the vocabulary (rows of ``E``).
+    n_hidden
+        Token width.
+    dropout
+        Dropout after the ReLU.
+    """
+
+    def __init__(self, n_vocab: int, n_hidden: int, dropout: float):
+        super().__init__()
+        self.feat_enc = GeneEmbedding(n_vocab, n_hidden)
+        self.pe_enc = Sinusoidal2dPE(n_hidden)
+        self.extra_linear = nn.Sequential(
+            nn.Linear(n_hidden, n_hidden),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.GroupNorm(4, n_hidden),
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        gene_index: torch.Tensor | None = None,
+        coords: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Embed one tissue.
+
+        Parameters
+        ----------
+        x
+            Raw counts, (N, G_in), sparse CSR (preferred) or dense.
+        gene_index
+            (G_in,) vocabulary row of each input column, or ``None`` when the columns are the
+            vocabulary. Columns whose gene is outside the vocabulary must be removed beforehand.
+        coords
+            (N, 2) coordinates in [0, 1] (NaN rows: missing) to add the spatial encoding, or
+            ``None`` for no encoding (as in the official checkpoints).
+        """
+        table = self.feat_enc.emb if gene_index is None else self.feat_enc.emb[gene_index]
+        h = log1p_values(x) @ table  # (N, d): sparse x dense, no dense N x G tensor
+        if coords is not None:
+            h = h + self.pe_enc(coords)
+        return self.extra_linear(h)

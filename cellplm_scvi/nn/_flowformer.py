@@ -1,0 +1,107 @@
+"""Flowformer encoder: linear "flow" attention over the cells of one tissue.
+
+Cells are tokens and a tissue is the sequence. Attention is non-causal Flow-Attention
+(Wu et al., 2022): sigmoid feature maps, flow conservation, softmax competition over cells and
+sigmoid allocation. Cost is O(cells x hidden^2) time and O(cells x hidden) memory; no
+cells x cells matrix is ever built. Attribute names follow the official CellPLM state dict.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class FlowAttention(nn.Module):
+    """Multi-head Flow-Attention over a set of ``N`` cells.
+
+    Parameters
+    ----------
+    n_hidden
+        Token width ``d``.
+    n_heads
+        Number of heads; ``d`` must be divisible by it.
+    dropout
+        Dropout on the output projection (the official model hard-codes 0.01).
+    eps
+        Stabiliser added to the flows.
+    """
+
+    def __init__(self, n_hidden: int, n_heads: int, dropout: float = 0.01, eps: float = 1e-6):
+        super().__init__()
+        if n_hidden % n_heads:
+            raise ValueError(f"n_hidden={n_hidden} must be divisible by n_heads={n_heads}.")
+        self.n_heads = n_heads
+        self.eps = eps
+        self.query_projection = nn.Linear(n_hidden, n_hidden)
+        self.key_projection = nn.Linear(n_hidden, n_hidden)
+        self.value_projection = nn.Linear(n_hidden, n_hidden)
+        self.out_projection = nn.Linear(n_hidden, n_hidden)
+        self.dropout = nn.Dropout(dropout)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        n, d = x.shape
+        return x.view(n, self.n_heads, d // self.n_heads).transpose(0, 1)  # (H, N, dh)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, d) -> (N, d)."""
+        n, d = x.shape
+        eps = self.eps
+        q = torch.sigmoid(self._heads(self.query_projection(x)))  # (H, N, dh), non-negative
+        k = torch.sigmoid(self._heads(self.key_projection(x)))  # (H, N, dh)
+        v = self._heads(self.value_projection(x))  # (H, N, dh)
+
+        # incoming flow of each sink (query) and outgoing flow of each source (key): (H, N)
+        sink_in = 1.0 / torch.einsum("hnd,hd->hn", q + eps, k.sum(1) + eps)
+        source_out = 1.0 / torch.einsum("hnd,hd->hn", k + eps, q.sum(1) + eps)
+        # conservation: flows re-measured after normalising the other side: (H, N)
+        conserved_sink = torch.einsum("hnd,hd->hn", q + eps, (k * source_out[..., None]).sum(1) + eps)
+        conserved_source = torch.einsum("hnd,hd->hn", k + eps, (q * sink_in[..., None]).sum(1) + eps)
+        conserved_source = conserved_source.clamp(-1.0, 1.0)
+        # allocation (per sink) and competition (softmax over the N source cells): (H, N)
+        allocation = torch.sigmoid(conserved_sink)  # official: * N_q / N_k, which is 1 here
+        competition = torch.softmax(conserved_source, dim=-1) * n
+
+        kv = torch.einsum("hnd,hnm->hdm", k, v * competition[..., None])  # (H, dh, dh)
+        out = torch.einsum("hnd,hdm->hnm", q * sink_in[..., None], kv) * allocation[..., None]
+        out = out.transpose(0, 1).reshape(n, d)  # (N, d)
+        return self.dropout(self.out_projection(out))
+
+
+class FlowformerLayer(nn.Module):
+    """Pre-LayerNorm transformer block with Flow-Attention and a GELU feed-forward (x2)."""
+
+    def __init__(self, n_hidden: int, n_heads: int, dropout: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(n_hidden)
+        self.self_attn = FlowAttention(n_hidden, n_heads)
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(n_hidden)
+        self._ff_block = nn.Sequential(
+            nn.Linear(n_hidden, 2 * n_hidden),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(2 * n_hidden, n_hidden),
+            nn.Dropout(dropout),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, d) -> (N, d)."""
+        x = x + self.dropout1(self.self_attn(self.norm1(x)))
+        return x + self._ff_block(self.norm2(x))
+
+
+class FlowformerEncoder(nn.Module):
+    """A stack of :class:`FlowformerLayer` (no final norm: the model's pre-latent norm follows)."""
+
+    def __init__(self, n_hidden: int, n_layers: int, n_heads: int, dropout: float):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            FlowformerLayer(n_hidden, n_heads, dropout) for _ in range(n_layers)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, d) -> (N, d): every cell attends to every other cell of the tissue."""
+        for layer in self.layers:
+            x = layer(x)
+        return x
