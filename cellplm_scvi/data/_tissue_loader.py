@@ -175,7 +175,7 @@ class TissueDataLoader(DataLoader):
             shuffle=shuffle,
             drop_node_rate=drop_node_rate if shuffle else 0.0,
             max_cells=batch_size,
-            seed=settings.seed if seed is None else seed,
+            seed=(settings.seed or 0) if seed is None else seed,
             num_replicas=num_replicas,
             rank=rank,
         )

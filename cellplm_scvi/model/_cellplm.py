@@ -23,6 +23,7 @@ from scvi.train import TrainRunner
 from scvi.utils import setup_anndata_dsp
 from tqdm.auto import tqdm
 
+from .. import _checkpoint
 from .._constants import (
     BATCH_KEY,
     DEFAULT_TISSUE_OBS,
@@ -180,6 +181,61 @@ class CellPLM(BaseModelClass):
             adata.n_vars,
         )
         return index
+
+    @classmethod
+    def load_official(
+        cls,
+        prefix: str | Sequence[str],
+        adata: AnnData,
+        gene_key: str | None = None,
+        spatial_pe: bool = False,
+        trust_pickle: bool = False,
+    ) -> CellPLM:
+        """Load an official pretrained CellPLM release (e.g. ``20231027_85M``).
+
+        The config file gives the architecture (``"gmvae"`` or ``"vae"`` latent, widths,
+        vocabulary); the weights are loaded strictly on the CPU with ``weights_only=True``. The
+        model is ready for zero-shot embedding, and can be fine-tuned with :meth:`train`.
+
+        Parameters
+        ----------
+        prefix
+            ``"<dir>/<name>"`` for ``<name>.config.json`` + ``<name>.best.ckpt``, or a
+            ``(config_path, checkpoint_path)`` pair.
+        adata
+            Raw counts registered with :meth:`setup_anndata`. Genes (``var_names`` or
+            ``var[gene_key]``) may be human Ensembl IDs or symbols, in any order and any subset
+            of the vocabulary; genes outside it are ignored.
+        gene_key
+            ``adata.var`` column holding the gene IDs or symbols.
+        spatial_pe
+            Add the spatial encoding. The official code never does, so the pretrained weights
+            were not trained with it: for experiments only.
+        trust_pickle
+            Allow a checkpoint that needs full unpickling (runs code from the file).
+
+        Returns
+        -------
+        A :class:`CellPLM` holding the pretrained weights. Decoder covariates of new data use
+        the mean pretraining embedding.
+
+        Examples
+        --------
+        >>> cp.CellPLM.setup_anndata(adata, layer="counts", batch_key="sample")
+        >>> model = cp.CellPLM.load_official("ckpt/20231027_85M", adata)
+        >>> adata.obsm["X_cellplm"] = model.get_latent_representation()
+        """
+        config_path, ckpt_path = _checkpoint.official_paths(prefix)
+        config = _checkpoint.read_config(config_path)
+        state = _checkpoint.read_state_dict(ckpt_path, trust_pickle=trust_pickle)
+        model = cls(
+            adata, spatial_pe=spatial_pe, gene_key=gene_key, **_checkpoint.model_kwargs(config)
+        )
+        _checkpoint.load_strict(model.module, state)
+        model.module.eval()
+        model.is_trained_ = True
+        model.official_config_ = {k: v for k, v in config.items() if k != "gene_list"}
+        return model
 
     # ------------------------------------------------------------------ setup
     @classmethod
