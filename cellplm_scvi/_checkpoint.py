@@ -91,7 +91,9 @@ def read_state_dict(path: Path, trust_pickle: bool = False) -> dict[str, torch.T
         warnings.warn(f"Loading {path} with full unpickling (trust_pickle=True).", stacklevel=3)
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
-        raise ValueError(f"Could not read checkpoint {path} (corrupt or truncated?): {err}") from None
+        raise ValueError(
+            f"Could not read checkpoint {path} (corrupt or truncated?): {err}"
+        ) from None
     if not isinstance(ckpt, dict) or "model_state_dict" not in ckpt:
         keys = list(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"{path} has no 'model_state_dict' (found {keys}).")
@@ -110,9 +112,7 @@ def model_kwargs(config: dict) -> dict:
         }
     else:  # OmicsFormer never passes the config's lamda to the VAE layer (it keeps 1.0)
         latent_kwargs = {"lamda": 1.0}
-    covariates = {
-        name: config.get(f"{name}_num", 0) for name in ("batch", "dataset", "platform")
-    }
+    covariates = {name: config.get(f"{name}_num", 0) for name in ("batch", "dataset", "platform")}
     return {
         "n_hidden": config["enc_hid"],
         "n_layers": config["enc_layers"],
@@ -133,11 +133,20 @@ def model_kwargs(config: dict) -> dict:
     }
 
 
-def load_strict(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load ``state`` into ``module``; any missing, unexpected or mis-shaped key is an error."""
+def load_strict(
+    module: nn.Module, state: dict[str, torch.Tensor], fresh_prefixes: tuple[str, ...] = ()
+) -> None:
+    """Load ``state`` into ``module``; any missing, unexpected or mis-shaped key is an error.
+
+    Parameters whose name starts with one of ``fresh_prefixes`` (e.g. a new classification head
+    that the checkpoint cannot hold) keep their initialisation.
+    """
     state = {k: v for k, v in state.items() if k not in DEAD_KEYS}
     expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
+    fresh = {k: v for k, v in expected.items() if k.startswith(fresh_prefixes)}
+    if fresh_prefixes and any(k.startswith(fresh_prefixes) for k in state):
+        fresh = {}
+    missing = sorted(set(expected) - set(state) - set(fresh))
     unexpected = sorted(set(state) - set(expected))
     mismatched = [
         f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
@@ -150,4 +159,4 @@ def load_strict(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
             f"missing keys: {missing}\nunexpected keys: {unexpected}\n"
             f"shape mismatches: {mismatched}"
         )
-    module.load_state_dict(state, strict=True)
+    module.load_state_dict({**fresh, **state}, strict=True)

@@ -13,6 +13,7 @@ from anndata import AnnData
 from scvi.data import AnnDataManager
 from scvi.data.fields import (
     CategoricalObsField,
+    LabelsWithUnlabeledObsField,
     LayerField,
     NumericalObsField,
     ObsmField,
@@ -129,12 +130,16 @@ class CellPLM(BaseModelClass):
         has_coords = SPATIAL_KEY in self.adata_manager.data_registry
         spatial_pe = has_coords if spatial_pe is None else spatial_pe
         if spatial_pe and not has_coords:
-            raise ValueError("spatial_pe=True needs coordinates: call setup_anndata(spatial_key=...).")
+            raise ValueError(
+                "spatial_pe=True needs coordinates: call setup_anndata(spatial_key=...)."
+            )
         if vocabulary is not None:
             vocabulary = list(vocabulary)
         gene_index = self._gene_index(self.adata, vocabulary, gene_key)
         n_batch = self.summary_stats.n_batch
         module_kwargs.setdefault("decoder_covariates", {"batch": n_batch} if n_batch > 1 else {})
+        module_kwargs.setdefault("n_labels", len(self._label_names()))
+        module_kwargs.setdefault("measured_genes", self._measured_genes(self.adata))
         self.module = self._module_cls(
             n_vocab=self.adata.n_vars if vocabulary is None else len(vocabulary),
             gene_index=gene_index,
@@ -181,6 +186,40 @@ class CellPLM(BaseModelClass):
             adata.n_vars,
         )
         return index
+
+    def _label_names(self) -> list[str]:
+        """Class names of the registered labels (without the unlabeled category)."""
+        args = self.adata_manager.registry["setup_args"]
+        if args.get("labels_key") is None:
+            return []
+        state = self.adata_manager.get_state_registry(LABELS_KEY)
+        return [c for c in state.categorical_mapping if c != state.unlabeled_category]
+
+    def _measured_genes(self, adata: AnnData) -> np.ndarray | None:
+        """(n_batch, n_genes) bool from ``adata.varm[measured_genes_key]``, or ``None``."""
+        key = self.adata_manager.registry["setup_args"].get("measured_genes_key")
+        if key is None:
+            return None
+        table = adata.varm[key]
+        batches = list(self.adata_manager.get_state_registry(BATCH_KEY).categorical_mapping)
+        if not isinstance(table, pd.DataFrame):
+            table = pd.DataFrame(np.asarray(table), index=adata.var_names, columns=batches)
+        if len(table) != adata.n_vars:
+            raise ValueError(f"adata.varm[{key!r}] must have one row per gene.")
+        unknown = sorted(set(map(str, table.columns)) - set(map(str, batches)))
+        if unknown:
+            raise ValueError(
+                f"adata.varm[{key!r}] has columns {unknown} that are not batch_key categories "
+                f"({batches})."
+            )
+        measured = np.ones((len(batches), adata.n_vars), dtype=bool)
+        for i, batch in enumerate(batches):
+            if batch in table.columns:
+                measured[i] = table[batch].to_numpy(dtype=bool)
+        empty = [b for b, row in zip(batches, measured) if not row.any()]
+        if empty:
+            raise ValueError(f"Batches {empty} measure no gene in adata.varm[{key!r}].")
+        return measured
 
     @classmethod
     def load_official(
@@ -231,7 +270,7 @@ class CellPLM(BaseModelClass):
         model = cls(
             adata, spatial_pe=spatial_pe, gene_key=gene_key, **_checkpoint.model_kwargs(config)
         )
-        _checkpoint.load_strict(model.module, state)
+        _checkpoint.load_strict(model.module, state, fresh_prefixes=("classifier.",))
         model.module.eval()
         model.is_trained_ = True
         model.official_config_ = {k: v for k, v in config.items() if k != "gene_list"}
@@ -250,6 +289,8 @@ class CellPLM(BaseModelClass):
         tissue_key: str | None = None,
         library_key: str | None = None,
         max_cells: int = 1000,
+        unlabeled_category: str = "Unknown",
+        measured_genes_key: str | None = None,
         **kwargs,
     ) -> None:
         """%(summary)s.
@@ -276,6 +317,14 @@ class CellPLM(BaseModelClass):
             ``adata.obs`` column of slides; computed tissues never span two slides.
         max_cells
             Maximum cells per computed tissue.
+        unlabeled_category
+            Value of ``labels_key`` marking cells without a label (they still train the
+            reconstruction objective and receive a prediction).
+        measured_genes_key
+            ``adata.varm`` key of a genes x batches boolean DataFrame (columns: ``batch_key``
+            categories) saying which genes each batch measured, e.g. a spatial panel next to an
+            scRNA-seq reference. The loss then ignores unmeasured genes. Batches without a
+            column measured every gene.
         """
         setup_method_args = cls._get_setup_method_args(**locals())
         if adata.n_obs == 0:
@@ -291,13 +340,20 @@ class CellPLM(BaseModelClass):
             check_obs_key(adata, key, argument)
         if spatial_key is not None:
             check_spatial(adata, spatial_key)
+        if measured_genes_key is not None and measured_genes_key not in adata.varm:
+            raise KeyError(
+                f"measured_genes_key={measured_genes_key!r} is not in adata.varm "
+                f"(available: {list(adata.varm)})."
+            )
         cls._write_tissue_columns(
             adata, spatial_key, tissue_key, library_key, batch_key, max_cells
         )
         fields = [
             LayerField(X_KEY, layer, is_count_data=True),
             CategoricalObsField(BATCH_KEY, batch_key),
-            CategoricalObsField(LABELS_KEY, labels_key),
+            CategoricalObsField(LABELS_KEY, None)
+            if labels_key is None
+            else LabelsWithUnlabeledObsField(LABELS_KEY, labels_key, unlabeled_category),
             NumericalObsField(TISSUE_KEY, TISSUE_CODE_OBS),
             NumericalObsField(INDICES_KEY, INDICES_OBS),
         ]
@@ -458,7 +514,7 @@ class CellPLM(BaseModelClass):
         step,
         progress_bar: bool = False,
     ) -> dict[str, np.ndarray]:
-        """Run ``step(tensors) -> dict of (n, ...) arrays`` per tissue; return in ``indices`` order."""
+        """Run ``step(tensors) -> dict of (n, ...) arrays`` per tissue, in ``indices`` order."""
         adata, indices, loader = self._tissue_loader(adata, indices, batch_size)
         self.module.eval()
         position = np.full(adata.n_obs, -1, dtype=np.int64)
@@ -517,3 +573,125 @@ class CellPLM(BaseModelClass):
         if return_dist:
             return res["qz_m"], res["qz_v"]
         return res["z"]
+
+    def predict(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        soft: bool = False,
+        batch_size: int | None = None,
+    ) -> np.ndarray | pd.DataFrame:
+        """Predict cell types with the classification head (like ``SCANVI.predict``).
+
+        Parameters
+        ----------
+        adata
+            AnnData set up like the training data (default: the model's).
+        indices
+            Cells to predict (default: all).
+        soft
+            Return a DataFrame of class probabilities (rows sum to one) instead of names.
+        batch_size
+            Maximum cells per forward pass (``None``: whole tissues).
+
+        Returns
+        -------
+        Label names (``soft=False``) or probabilities, in the order of ``adata`` / ``indices``.
+        """
+        if self.module.classifier is None:
+            raise ValueError(
+                "This model has no classification head: call setup_anndata(labels_key=...) with "
+                "at least two cell types before creating the model."
+            )
+
+        def step(tensors):
+            out = self.module.inference(**self.module._get_inference_input(tensors))
+            return {"probs": out["logits"].softmax(-1)}
+
+        probs = self._collect(adata, indices, batch_size, step)["probs"]
+        names = self._label_names()
+        adata = self._validate_anndata(adata)
+        index = adata.obs_names if indices is None else adata.obs_names[np.asarray(indices)]
+        if soft:
+            return pd.DataFrame(probs, index=index, columns=names)
+        return np.asarray(names, dtype=object)[probs.argmax(1)]
+
+    def _decoded_genes(self, adata: AnnData) -> pd.Index:
+        """Names of the AnnData genes the decoder reconstructs (those in the vocabulary)."""
+        columns = self.module.matched_columns
+        return adata.var_names if columns is None else adata.var_names[columns.cpu().numpy()]
+
+    def get_normalized_expression(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        gene_list: Sequence[str] | None = None,
+        library_size: float | Literal["observed"] = 1.0,
+        batch_size: int | None = None,
+        return_numpy: bool = False,
+    ) -> pd.DataFrame | np.ndarray:
+        """Decoder's expected expression of each cell (denoised; also unmeasured genes).
+
+        Parameters
+        ----------
+        adata
+            AnnData set up like the training data (default: the model's).
+        indices
+            Cells (default: all).
+        gene_list
+            Genes to return (``var_names``; default: all genes the decoder knows).
+        library_size
+            A number: expression frequencies scaled to this total per cell (scvi-tools
+            semantics). ``"observed"``: the count scale, the mean rescaled so that each cell's
+            *measured* genes add up to its observed counts (official imputation).
+        batch_size
+            Maximum cells per forward pass (``None``: whole tissues).
+        return_numpy
+            Return an array instead of a DataFrame.
+        """
+        adata = self._validate_anndata(adata)
+        genes = self._decoded_genes(adata)
+        gene_list = genes if gene_list is None else pd.Index(gene_list)
+        missing = gene_list.difference(genes)
+        if len(missing):
+            raise KeyError(
+                f"gene_list has genes the model cannot decode: {list(missing)[:10]} (they must "
+                "be var_names of adata and in the model vocabulary)."
+            )
+        columns = torch.as_tensor(genes.get_indexer(gene_list))
+        module = self.module
+
+        def step(tensors):
+            inf = module.inference(**module._get_inference_input(tensors))
+            mean = module.generative(**module._get_generative_input(tensors, inf))["px_mean"]
+            if library_size == "observed":
+                x = module.observed_counts(tensors[X_KEY].to(mean.device))
+                w = module.measured_weights(tensors)
+                w = torch.ones_like(mean) if w is None else w.to(mean.device, mean.dtype)
+                scale = (x * w).sum(1, keepdim=True) / (mean * w).sum(1, keepdim=True)
+            else:
+                scale = float(library_size) / mean.sum(1, keepdim=True)
+            return {"expr": (mean * scale)[:, columns.to(mean.device)]}
+
+        expr = self._collect(adata, indices, batch_size, step)["expr"]
+        if return_numpy:
+            return expr
+        index = adata.obs_names if indices is None else adata.obs_names[np.asarray(indices)]
+        return pd.DataFrame(expr, index=index, columns=gene_list)
+
+    def impute_genes(
+        self,
+        gene_list: Sequence[str],
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        batch_size: int | None = None,
+    ) -> pd.DataFrame:
+        """Count-scale predictions of ``gene_list`` (e.g. genes a spatial panel did not measure).
+
+        The size factor of each cell comes from the genes its batch measured (see
+        ``measured_genes_key`` in :meth:`setup_anndata`), as in the official imputation
+        pipeline. Returns a cells x genes DataFrame.
+        """
+        return self.get_normalized_expression(
+            adata, indices, gene_list, library_size="observed", batch_size=batch_size
+        )

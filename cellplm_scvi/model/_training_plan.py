@@ -1,4 +1,5 @@
-"""Training plan: scvi's TrainingPlan with AdamW and a linear warm-up of the learning rate."""
+"""Training plan: scvi's TrainingPlan with AdamW, a learning-rate warm-up and an optional
+smaller learning rate for the gene embedder (official fine-tuning recipe)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,25 @@ from torch.optim.lr_scheduler import LambdaLR
 
 
 class CellPLMTrainingPlan(TrainingPlan):
-    """:class:`~scvi.train.TrainingPlan` with AdamW and ``n_steps_lr_warmup`` warm-up steps.
+    """:class:`~scvi.train.TrainingPlan` for CellPLM.
 
-    Transformers train badly at full learning rate from step one; the official fine-tuning
-    recipes warm up linearly. The KL term is not annealed by default (the official latent
-    losses use free-bits floors instead).
+    Parameters
+    ----------
+    module
+        The :class:`~cellplm_scvi.module.CellPLMModule`.
+    lr
+        Peak AdamW learning rate.
+    weight_decay
+        AdamW weight decay.
+    n_steps_lr_warmup
+        Steps of linear learning-rate warm-up (transformers train badly at full rate from
+        step one).
+    embedder_lr_factor
+        Learning rate of the embedder relative to ``lr`` (official fine-tuning: 0.1).
+    n_epochs_kl_warmup
+        KL annealing (off by default: the official latent losses use free-bits floors).
+    **kwargs
+        Passed to :class:`~scvi.train.TrainingPlan`.
     """
 
     def __init__(
@@ -21,6 +36,7 @@ class CellPLMTrainingPlan(TrainingPlan):
         lr: float = 5e-4,
         weight_decay: float = 1e-6,
         n_steps_lr_warmup: int = 50,
+        embedder_lr_factor: float = 1.0,
         n_epochs_kl_warmup: int | None = None,
         **kwargs,
     ):
@@ -34,12 +50,21 @@ class CellPLMTrainingPlan(TrainingPlan):
             **kwargs,
         )
         self.n_steps_lr_warmup = n_steps_lr_warmup
+        self.embedder_lr_factor = embedder_lr_factor
 
     def configure_optimizers(self):
-        """AdamW (from the parent) plus a per-step linear warm-up."""
-        config = super().configure_optimizers()
-        if self.n_steps_lr_warmup and "lr_scheduler" not in config:
+        """AdamW over trainable parameters (embedder at ``lr * embedder_lr_factor``) and a
+        per-step linear warm-up."""
+        embedder = [p for p in self.module.embedder.parameters() if p.requires_grad]
+        ids = {id(p) for p in embedder}
+        rest = [p for p in self.module.parameters() if p.requires_grad and id(p) not in ids]
+        groups = [{"params": rest}]
+        if embedder:
+            groups.append({"params": embedder, "lr": self.lr * self.embedder_lr_factor})
+        optimizer = self.get_optimizer_creator()(groups)
+        config = {"optimizer": optimizer}
+        if self.n_steps_lr_warmup:
             warmup = max(1, self.n_steps_lr_warmup)
-            scheduler = LambdaLR(config["optimizer"], lambda step: min(1.0, (step + 1) / warmup))
+            scheduler = LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
             config["lr_scheduler"] = {"scheduler": scheduler, "interval": "step"}
         return config

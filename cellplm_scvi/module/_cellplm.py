@@ -9,7 +9,7 @@ import torch
 from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 from torch import nn
 
-from .._constants import BATCH_KEY, SPATIAL_KEY, X_KEY
+from .._constants import BATCH_KEY, LABELS_KEY, SPATIAL_KEY, X_KEY
 from ..nn import CellEmbedder, FlowformerEncoder, GMVAELatent, LatentStack, NBDecoder, VAELatent
 from ._loss import masked_nb_loss
 from ._masking import TissueMask, apply_mask, sample_mask
@@ -67,6 +67,16 @@ class CellPLMModule(BaseModuleClass):
         Add the masked-entry ("denoising") NB term.
     latent_kwargs
         Passed to the latent layer (``lamda``, ``w_li``, ``w_en``).
+    n_labels
+        Cell-type classes. With ``n_labels > 1`` a head ``Linear -> Dropout -> Linear`` on the
+        pre-latent state predicts them (the official fine-tuning head).
+    classification_ratio
+        Weight of the cross-entropy of labelled cells relative to the reconstruction loss.
+    classifier_dropout
+        Dropout inside the head (official fine-tuning: 0.5).
+    measured_genes
+        (n_batch, G_in) bool: the genes each batch measured (e.g. a spatial panel). The NB loss
+        and the library size use only a cell's measured genes. ``None``: all genes everywhere.
     """
 
     def __init__(
@@ -89,6 +99,10 @@ class CellPLMModule(BaseModuleClass):
         mask_gene_rate: float = 0.25,
         dae: bool = True,
         latent_kwargs: dict | None = None,
+        n_labels: int = 0,
+        classification_ratio: float = 50.0,
+        classifier_dropout: float = 0.5,
+        measured_genes: np.ndarray | None = None,
     ):
         super().__init__()
         self.n_latent = n_latent
@@ -112,6 +126,17 @@ class CellPLMModule(BaseModuleClass):
         self.decoder = NBDecoder(
             n_latent, n_dec_hidden or n_hidden, n_vocab, n_dec_layers, dropout, decoder_covariates
         )
+        self.n_labels, self.classification_ratio = n_labels, classification_ratio
+        self.classifier = None
+        if n_labels > 1:
+            self.classifier = nn.Sequential(
+                nn.Linear(n_hidden, n_latent),
+                nn.Dropout(classifier_dropout),
+                nn.Linear(n_latent, n_labels),
+            )
+        if measured_genes is not None:
+            measured_genes = torch.as_tensor(np.asarray(measured_genes, dtype=bool))
+        self.register_buffer("measured_genes", measured_genes, persistent=False)
 
     # ------------------------------------------------------------------ genes
     def _set_gene_index(self, n_vocab: int, gene_index: np.ndarray | None) -> None:
@@ -126,7 +151,9 @@ class CellPLMModule(BaseModuleClass):
         matched = np.flatnonzero(gene_index >= 0)
         self.register_buffer("embed_index", torch.as_tensor(gene_index), persistent=False)
         self.register_buffer("matched_columns", torch.as_tensor(matched), persistent=False)
-        self.register_buffer("decoder_index", torch.as_tensor(gene_index[matched]), persistent=False)
+        self.register_buffer(
+            "decoder_index", torch.as_tensor(gene_index[matched]), persistent=False
+        )
 
     def embedding_table(self) -> torch.Tensor | None:
         """Return the (G_in, d) gene table for the input columns, or None for the identity."""
@@ -173,6 +200,8 @@ class CellPLMModule(BaseModuleClass):
         out = self.latent(h)
         out["h"] = h
         out["mask"] = mask
+        if self.classifier is not None:
+            out["logits"] = self.classifier(h)
         return out
 
     @auto_move_data
@@ -194,32 +223,53 @@ class CellPLMModule(BaseModuleClass):
         generative_outputs: dict,
         kl_weight: float = 1.0,
     ) -> LossOutput:
-        """Masked NB loss on masked cells (+ DAE term) plus the latent loss.
+        """Masked NB loss on masked cells (+ DAE term), latent loss and, with labels, the
+        cross-entropy of labelled cells.
 
         In evaluation (no mask) every cell enters the NB loss and there is no DAE term.
         """
         x = self.observed_counts(tensors[X_KEY]).to(generative_outputs["px_mean"].dtype)
         mean, theta = generative_outputs["px_mean"], generative_outputs["px_theta"]
+        measured = self.measured_weights(tensors)  # (N, G_matched) or None
         mask: TissueMask | None = inference_outputs["mask"]
-        if mask is None:
-            recon = masked_nb_loss(x, mean, theta)
-            kl = inference_outputs.get("kl", torch.zeros_like(recon))
-        else:
-            entries = None
-            if self.dae:
-                entries = mask.entries
-                if self.matched_columns is not None:
-                    entries = entries[:, self.matched_columns]
-            recon = masked_nb_loss(x[mask.cells], mean[mask.cells], theta, entries)
-            kl = inference_outputs["kl"][mask.cells]
+        cells = slice(None) if mask is None else mask.cells
+        entries = None  # hidden entries of the masked cells, for the DAE term
+        if mask is not None and self.dae:
+            entries = mask.entries
+            if self.matched_columns is not None:
+                entries = entries[:, self.matched_columns]
+        if measured is not None:
+            measured = measured[cells]
+            entries = None if entries is None else entries & measured
+        recon = masked_nb_loss(x[cells], mean[cells], theta, entries, measured)
+        kl = inference_outputs.get("kl")
+        kl = torch.zeros_like(recon) if kl is None else kl[cells]
         latent_loss = inference_outputs.get("loss", torch.zeros((), device=recon.device))
         loss = recon.mean() + kl_weight * latent_loss
-        return LossOutput(
-            loss=loss,
-            reconstruction_loss=recon,
-            kl_local=kl,
-            extra_metrics={"latent_loss": latent_loss.detach()},
-        )
+        extra = {"latent_loss": latent_loss.detach()}
+        ce = self.classification_loss(tensors, inference_outputs)
+        if ce is not None:
+            loss = loss + self.classification_ratio * ce
+            extra["classification_loss"] = ce.detach()
+        return LossOutput(loss=loss, reconstruction_loss=recon, kl_local=kl, extra_metrics=extra)
+
+    def measured_weights(self, tensors: dict) -> torch.Tensor | None:
+        """(N, G_matched) bool: the genes each cell's batch measured, or ``None``."""
+        if self.measured_genes is None:
+            return None
+        rows = self.measured_genes[tensors[BATCH_KEY].view(-1).long()]
+        return rows if self.matched_columns is None else rows[:, self.matched_columns]
+
+    def classification_loss(self, tensors: dict, inference_outputs: dict) -> torch.Tensor | None:
+        """Mean cross-entropy over cells with a known label (code < n_labels), or ``None``."""
+        if self.classifier is None or LABELS_KEY not in tensors:
+            return None
+        labels = tensors[LABELS_KEY].view(-1).long()
+        known = labels < self.n_labels
+        if not known.any():
+            return None
+        logits = inference_outputs["logits"][known]
+        return nn.functional.cross_entropy(logits, labels[known])
 
     @torch.inference_mode()
     def sample(self, tensors: dict, n_samples: int = 1) -> torch.Tensor:

@@ -27,6 +27,7 @@ def masked_nb_loss(
     mean: torch.Tensor,
     theta: torch.Tensor,
     entries: torch.Tensor | None = None,
+    measured: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-cell CellPLM NB loss, shape (M,).
 
@@ -39,9 +40,16 @@ def masked_nb_loss(
     entries
         (M, G) bool, the masked entries. When given, the denoising ("DAE") term, the NB loss of
         the masked entries with the mean rescaled to their own total, is added.
+    measured
+        (M, G) bool, the genes measured for each cell (official ``NBImputationLoss``): the
+        library size and the loss use these genes only. ``None``: all genes.
     """
     theta = theta.expand_as(mean)
-    loss = nb_nll(x, rescale_to_library(mean, x), theta).sum(1)
+    if measured is None:
+        loss = nb_nll(x, rescale_to_library(mean, x), theta).sum(1)
+    else:
+        w = measured.to(mean.dtype)
+        loss = (nb_nll(x * w, rescale_to_library(mean, x, w), theta) * w).sum(1)
     if entries is not None:
         w = entries.to(mean.dtype)
         dae = nb_nll(x * w, rescale_to_library(mean, x, w), theta) * w

@@ -78,7 +78,9 @@ class NBDecoder(nn.Module):
             )
             if covariates:
                 self.covariate_layers.append(
-                    nn.ModuleDict({k: _covariate_block(v, n_hidden) for k, v in covariates.items()})
+                    nn.ModuleDict(
+                        {k: _covariate_block(v, n_hidden) for k, v in covariates.items()}
+                    )
                 )
         self.out_layer = NBHead(n_hidden, n_genes)
 

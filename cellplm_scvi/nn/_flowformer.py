@@ -55,8 +55,12 @@ class FlowAttention(nn.Module):
         sink_in = 1.0 / torch.einsum("hnd,hd->hn", q + eps, k.sum(1) + eps)
         source_out = 1.0 / torch.einsum("hnd,hd->hn", k + eps, q.sum(1) + eps)
         # conservation: flows re-measured after normalising the other side: (H, N)
-        conserved_sink = torch.einsum("hnd,hd->hn", q + eps, (k * source_out[..., None]).sum(1) + eps)
-        conserved_source = torch.einsum("hnd,hd->hn", k + eps, (q * sink_in[..., None]).sum(1) + eps)
+        conserved_sink = torch.einsum(
+            "hnd,hd->hn", q + eps, (k * source_out[..., None]).sum(1) + eps
+        )
+        conserved_source = torch.einsum(
+            "hnd,hd->hn", k + eps, (q * sink_in[..., None]).sum(1) + eps
+        )
         conserved_source = conserved_source.clamp(-1.0, 1.0)
         # allocation (per sink) and competition (softmax over the N source cells): (H, N)
         allocation = torch.sigmoid(conserved_sink)  # official: * N_q / N_k, which is 1 here

@@ -40,7 +40,11 @@ class _GMVAENets(nn.Module):
         super().__init__()
         self.inference_qyx = nn.ModuleList([_Logits(n_in, n_clusters)])
         self.inference_qzyx = nn.ModuleList(
-            [nn.Linear(n_in + n_clusters, n_qz_hidden), nn.ReLU(), _Gaussian(n_qz_hidden, n_latent)]
+            [
+                nn.Linear(n_in + n_clusters, n_qz_hidden),
+                nn.ReLU(),
+                _Gaussian(n_qz_hidden, n_latent),
+            ]
         )
         self.y_mu = nn.Linear(n_clusters, n_latent)
         self.y_var = nn.Linear(n_clusters, n_latent)
@@ -104,8 +108,12 @@ class GMVAELatent(nn.Module):
         loss = self.w_li * kl_gauss.mean().clamp(min=self.lamda)
         loss = loss + self.w_en * kl_cat.mean().clamp(min=self.lamda)
         return {
-            "z": z, "qz_m": qz_m, "qz_v": qz_v, "y_probs": probs,
-            "kl": kl_gauss + kl_cat, "loss": loss,
+            "z": z,
+            "qz_m": qz_m,
+            "qz_v": qz_v,
+            "y_probs": probs,
+            "kl": kl_gauss + kl_cat,
+            "loss": loss,
         }
 
 
