@@ -155,16 +155,6 @@ class CellPLMModule(BaseModuleClass):
             "decoder_index", torch.as_tensor(gene_index[matched]), persistent=False
         )
 
-    def embedding_table(self) -> torch.Tensor | None:
-        """Return the (G_in, d) gene table for the input columns, or None for the identity."""
-        if self.embed_index is None:
-            return None
-        emb = self.embedder.feat_enc.emb
-        if len(self.matched_columns) == len(self.embed_index):
-            return emb[self.embed_index]
-        table = emb.new_zeros(len(self.embed_index), emb.shape[1])
-        return table.index_copy(0, self.matched_columns, emb[self.decoder_index])
-
     # ------------------------------------------------------------------ scvi API
     def _get_inference_input(self, tensors: dict, **kwargs) -> dict:
         return {"x": tensors[X_KEY], "coords": tensors.get(SPATIAL_KEY)}
@@ -195,7 +185,7 @@ class CellPLMModule(BaseModuleClass):
         pe_coords = None
         if self.use_spatial_pe and coords is not None:
             pe_coords = scale_coordinates(coords.float())
-        h = self.embedder(x, self.embedding_table(), pe_coords)  # (N, d)
+        h = self.embedder(x, self.embed_index, pe_coords)  # (N, d)
         h = self.pre_latent_norm(self.encoder(h))  # (N, d)
         out = self.latent(h)
         out["h"] = h

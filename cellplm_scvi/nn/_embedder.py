@@ -98,13 +98,18 @@ class CellEmbedder(nn.Module):
         x
             Raw counts, (N, G_in), sparse CSR (preferred) or dense.
         gene_index
-            (G_in,) vocabulary row of each input column, or ``None`` when the columns are the
-            vocabulary. Columns whose gene is outside the vocabulary must be removed beforehand.
+            (G_in,) vocabulary row of each input column, ``-1`` for a gene outside the
+            vocabulary (it contributes nothing), or ``None`` when the columns are the vocabulary.
         coords
             (N, 2) coordinates in [0, 1] (NaN rows: missing) to add the spatial encoding, or
             ``None`` for no encoding (as in the official checkpoints).
         """
-        table = self.feat_enc.emb if gene_index is None else self.feat_enc.emb[gene_index]
+        table = self.feat_enc.emb
+        if gene_index is not None:
+            known = gene_index >= 0
+            table = table[gene_index.clamp(min=0)]
+            if not bool(known.all()):
+                table = table * known[:, None].to(table.dtype)
         h = log1p_values(x) @ table  # (N, d): sparse x dense, no dense N x G tensor
         if coords is not None:
             h = h + self.pe_enc(coords)
