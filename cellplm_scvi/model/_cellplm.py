@@ -18,8 +18,8 @@ from scvi.data.fields import (
     NumericalObsField,
     ObsmField,
 )
+from scvi.model._utils import get_max_epochs_heuristic, use_distributed_sampler
 from scvi.model.base import BaseModelClass
-from scvi.model.base._training_mixin import get_max_epochs_heuristic
 from scvi.train import TrainRunner
 from scvi.utils import setup_anndata_dsp
 from tqdm.auto import tqdm
@@ -137,9 +137,11 @@ class CellPLM(BaseModelClass):
             vocabulary = list(vocabulary)
         gene_index = self._gene_index(self.adata, vocabulary, gene_key)
         n_batch = self.summary_stats.n_batch
-        module_kwargs.setdefault("decoder_covariates", {"batch": n_batch} if n_batch > 1 else {})
-        module_kwargs.setdefault("n_labels", len(self._label_names()))
-        module_kwargs.setdefault("measured_genes", self._measured_genes(self.adata))
+        derived = {  # from the registered data; explicit module_kwargs win
+            "decoder_covariates": {"batch": n_batch} if n_batch > 1 else {},
+            "n_labels": len(self._label_names()),
+            "measured_genes": self._measured_genes(self.adata),
+        }
         self.module = self._module_cls(
             n_vocab=self.adata.n_vars if vocabulary is None else len(vocabulary),
             gene_index=gene_index,
@@ -154,7 +156,7 @@ class CellPLM(BaseModelClass):
             mask_cell_rate=mask_cell_rate,
             mask_gene_rate=mask_gene_rate,
             dae=dae,
-            **module_kwargs,
+            **{**derived, **module_kwargs},
         )
         n_params = sum(p.numel() for p in self.module.parameters())
         self._model_summary_string = (
@@ -414,6 +416,71 @@ class CellPLM(BaseModelClass):
             )
         return super()._validate_anndata(adata, copy_if_view=copy_if_view)
 
+    @classmethod
+    def load_query_data(
+        cls,
+        adata: AnnData,
+        reference_model: CellPLM,
+        train_decoder: bool = False,
+    ) -> CellPLM:
+        """Map a query dataset onto a trained reference model (scArches-style).
+
+        The query is set up with the reference's setup arguments; new ``batch_key`` categories
+        get new rows in the decoder's batch-embedding table. Everything that shapes the
+        embedding (gene embedder, Flowformer, pre-latent norm, latent layer, classifier) is
+        frozen, so reference cells keep exactly their reference embedding and query cells are
+        embedded by the reference encoder. Training then fits only the decoder's embeddings of
+        the new batches (and the rest of the decoder with ``train_decoder=True``), which is what
+        denoising and imputation of the query need.
+
+        Parameters
+        ----------
+        adata
+            Query AnnData with the reference's genes (raw counts in the same layer).
+        reference_model
+            A trained :class:`CellPLM`.
+        train_decoder
+            Also fine-tune the decoder weights shared by all batches.
+
+        Returns
+        -------
+        A new :class:`CellPLM` for the query; call :meth:`train` to fit the new batches.
+        """
+        if not isinstance(reference_model, cls):
+            raise ValueError(f"reference_model must be a {cls.__name__}.")
+        registry = reference_model.adata_manager.registry
+        setup_args = dict(registry["setup_args"])
+        cls.setup_anndata(
+            adata,
+            source_registry=registry,
+            extend_categories=True,
+            allow_missing_labels=True,
+            **setup_args,
+        )
+        params = reference_model.init_params_
+        kwargs = {k: v for group in params["kwargs"].values() for k, v in group.items()}
+        reference_state = reference_model.module.state_dict()
+        query = cls(adata, **params["non_kwargs"], **kwargs)
+        state = query.module.state_dict()
+        grown = {}  # covariate tables with new rows: reference rows are copied and frozen
+        for key, value in reference_state.items():
+            if state[key].shape == value.shape:
+                state[key] = value
+            else:
+                state[key][: value.shape[0]] = value
+                grown[key] = value.shape[0]
+        query.module.load_state_dict(state)
+        query.module.requires_grad_(False)
+        for name, param in query.module.named_parameters():
+            if train_decoder and name.startswith("decoder."):
+                param.requires_grad_(True)
+            elif name in grown:
+                param.requires_grad_(True)
+                n_old = grown[name]
+                param.register_hook(lambda g, n=n_old: torch.cat([torch.zeros_like(g[:n]), g[n:]]))
+        query.is_trained_ = reference_model.is_trained_
+        return query
+
     # ------------------------------------------------------------------ training
     def train(
         self,
@@ -461,14 +528,16 @@ class CellPLM(BaseModelClass):
         """
         if max_epochs is None:
             max_epochs = get_max_epochs_heuristic(self.adata.n_obs)
-        strategy = trainer_kwargs.get("strategy")
+        distributed = use_distributed_sampler(trainer_kwargs.get("strategy"))
+        if distributed:  # our tissue sampler shards across ranks itself
+            trainer_kwargs.setdefault("use_distributed_sampler", False)
         splitter = self._data_splitter_cls(
             self.adata_manager,
             train_size=train_size,
             validation_size=validation_size,
             max_cells_per_step=max_cells_per_step,
             drop_node_rate=drop_node_rate,
-            distributed_sampler=isinstance(strategy, str) and "ddp" in strategy,
+            distributed_sampler=distributed,
             **(datasplitter_kwargs or {}),
         )
         plan_kwargs = {"lr": lr, **(plan_kwargs or {})}
