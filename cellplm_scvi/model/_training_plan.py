@@ -3,6 +3,8 @@ smaller learning rate for the gene embedder (official fine-tuning recipe)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from scvi.train import TrainingPlan
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -68,3 +70,11 @@ class CellPLMTrainingPlan(TrainingPlan):
             scheduler = LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
             config["lr_scheduler"] = {"scheduler": scheduler, "interval": "step"}
         return config
+
+    def compute_and_log_metrics(self, loss_output, metrics, mode):
+        """Log scvi's metrics; under DDP the extra 0-d metrics (latent and classification loss)
+        are left out, because Lightning cannot reduce them across processes (it fails on an
+        in-place update of an inference tensor)."""
+        if self.use_sync_dist and loss_output.extra_metrics:
+            loss_output = dataclasses.replace(loss_output, extra_metrics={})
+        return super().compute_and_log_metrics(loss_output, metrics, mode)
