@@ -110,7 +110,8 @@ class CellEmbedder(nn.Module):
             table = table[gene_index.clamp(min=0)]
             if not bool(known.all()):
                 table = table * known[:, None].to(table.dtype)
-        h = log1p_values(x) @ table  # (N, d): sparse x dense, no dense N x G tensor
+        with torch.autocast(x.device.type, enabled=False):  # sparse products stay float32
+            h = log1p_values(x.float()) @ table.float()  # (N, d): sparse x dense, no N x G
         if coords is not None:
             h = h + self.pe_enc(coords)
         return self.extra_linear(h)
