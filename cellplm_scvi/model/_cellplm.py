@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -41,6 +43,7 @@ from .._validation import check_counts, check_obs_key, check_spatial
 from ..data import TissueDataLoader, TissueDataSplitter
 from ..module import CellPLMModule
 from ..pp import assign_tissues
+from ._save_load import public_attributes, read_model_file, write_model_file
 from ._training_plan import CellPLMTrainingPlan
 
 logger = logging.getLogger("cellplm_scvi")
@@ -303,8 +306,10 @@ class CellPLM(BaseModelClass):
         sets of cells that attend to each other: ``tissue_key`` if given, else
         :func:`cellplm_scvi.pp.assign_tissues` (spatially contiguous groups from a squidpy graph
         when ``spatial_key`` is given, else chunks of each ``batch_key`` sample). This writes
-        ``obs["cellplm_tissue"]`` and two bookkeeping columns, ``obs["_cellplm_tissue_code"]``
-        and ``obs["_cellplm_indices"]``; nothing else in ``adata`` changes.
+        ``obs["cellplm_tissue"]`` (and ``uns["cellplm_tissue"]``), two bookkeeping columns,
+        ``obs["_cellplm_tissue_code"]`` and ``obs["_cellplm_indices"]``, and scvi-tools' own
+        ``obs["_scvi_batch"]``, ``obs["_scvi_labels"]`` and ``uns`` ids; counts, ``obsm`` and
+        ``var`` are never modified.
 
         Parameters
         ----------
@@ -353,7 +358,7 @@ class CellPLM(BaseModelClass):
             adata, spatial_key, tissue_key, library_key, batch_key, max_cells
         )
         fields = [
-            LayerField(X_KEY, layer, is_count_data=True),
+            LayerField(X_KEY, layer, is_count_data=False),  # check_counts checks (stricter)
             CategoricalObsField(BATCH_KEY, batch_key),
             CategoricalObsField(LABELS_KEY, None)
             if labels_key is None
@@ -416,7 +421,11 @@ class CellPLM(BaseModelClass):
                 args["batch_key"],
                 args["max_cells"],
             )
-        return super()._validate_anndata(adata, copy_if_view=copy_if_view)
+        adata = super()._validate_anndata(adata, copy_if_view=copy_if_view)
+        rows = np.arange(adata.n_obs)  # copies/views of registered data keep a stale index
+        if not np.array_equal(adata.obs[INDICES_OBS].to_numpy(), rows):
+            adata.obs[INDICES_OBS] = rows
+        return adata
 
     @classmethod
     def load_query_data(
@@ -483,6 +492,97 @@ class CellPLM(BaseModelClass):
         query.is_trained_ = reference_model.is_trained_
         return query
 
+    # ------------------------------------------------------------------ save / load
+    def save(
+        self,
+        dir_path: str | os.PathLike,
+        prefix: str | None = None,
+        overwrite: bool = False,
+        save_anndata: bool = False,
+        **anndata_write_kwargs,
+    ) -> None:
+        """Save the model to ``dir_path`` (``<prefix>model.pt``, optionally the AnnData).
+
+        The file holds tensors, the gene names and a JSON description (setup, init arguments
+        incl. the vocabulary, history), so it loads with ``torch.load(weights_only=True)``.
+
+        Parameters
+        ----------
+        dir_path
+            Output directory.
+        prefix
+            File name prefix.
+        overwrite
+            Overwrite an existing directory.
+        save_anndata
+            Also write the AnnData as ``<prefix>adata.h5ad``.
+        **anndata_write_kwargs
+            Passed to :meth:`anndata.AnnData.write_h5ad`.
+        """
+        dir_path = Path(dir_path)
+        if dir_path.exists() and not overwrite:
+            raise ValueError(f"{dir_path} already exists; pass overwrite=True to replace it.")
+        dir_path.mkdir(parents=True, exist_ok=True)
+        prefix = prefix or ""
+        if save_anndata:
+            self.adata.write_h5ad(dir_path / f"{prefix}adata.h5ad", **anndata_write_kwargs)
+        write_model_file(
+            dir_path / f"{prefix}model.pt",
+            self.module.state_dict(),
+            self.adata.var_names,
+            public_attributes(self),
+        )
+
+    @classmethod
+    def load(
+        cls,
+        dir_path: str | os.PathLike,
+        adata: AnnData | None = None,
+        accelerator: str = "auto",
+        device: int | str = "auto",
+        prefix: str | None = None,
+    ) -> CellPLM:
+        """Load a model saved with :meth:`save` (``weights_only=True``; pickles are refused).
+
+        Parameters
+        ----------
+        dir_path
+            Directory written by :meth:`save`.
+        adata
+            AnnData with the same genes as the training data (default: the saved AnnData).
+        accelerator, device
+            Where to put the model (Lightning-style, as in scvi-tools).
+        prefix
+            File name prefix used when saving.
+        """
+        from scvi.model._utils import parse_device_args
+        from scvi.model.base._save_load import _initialize_model, _validate_var_names
+
+        dir_path, prefix = Path(dir_path), prefix or ""
+        state, var_names, attributes = read_model_file(dir_path / f"{prefix}model.pt")
+        registry = attributes.pop("registry_")
+        if registry.get("model_name") != cls.__name__:
+            raise ValueError(
+                f"{dir_path} holds a {registry.get('model_name')!r} model, not a {cls.__name__}."
+            )
+        if adata is None:
+            adata_path = dir_path / f"{prefix}adata.h5ad"
+            if not adata_path.is_file():
+                raise ValueError(f"No saved AnnData in {dir_path}: pass `adata=`.")
+            import anndata
+
+            adata = anndata.read_h5ad(adata_path)
+        _validate_var_names(adata, np.asarray(var_names, dtype=object))
+        cls.setup_anndata(adata, source_registry=registry, **registry["setup_args"])
+        model = _initialize_model(cls, adata, registry, attributes, None)
+        model.module.load_state_dict(state)
+        _, _, torch_device = parse_device_args(
+            accelerator, device, return_device="torch", validate_single_device=True
+        )
+        model.to_device(torch_device)
+        model.module.eval()
+        return model
+
     # ------------------------------------------------------------------ training
     def train(
         self,
@@ -548,6 +648,14 @@ class CellPLM(BaseModelClass):
             trainer_kwargs.setdefault("gradient_clip_val", gradient_clip_val)
         if early_stopping:
             trainer_kwargs.setdefault("early_stopping_monitor", "validation_loss")
+        wants_validation = early_stopping or trainer_kwargs.get("check_val_every_n_epoch")
+        if wants_validation and splitter.n_val == 0:
+            raise ValueError(
+                "Validation was requested (early_stopping or check_val_every_n_epoch) but no "
+                "tissue is left for validation: lower train_size, or use more/smaller tissues "
+                "(setup_anndata(max_cells=...))."
+            )
+        self.module.train()  # inference calls leave the module in eval mode
         runner = self._train_runner_cls(
             self,
             training_plan=plan,
@@ -568,6 +676,8 @@ class CellPLM(BaseModelClass):
         indices = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
         if indices.dtype == bool:
             indices = np.flatnonzero(indices)
+        if len(np.unique(indices)) != len(indices):
+            raise ValueError("indices contains duplicates; pass each cell once.")
         loader = TissueDataLoader(
             self.get_anndata_manager(adata, required=True),
             indices=indices,
