@@ -248,17 +248,10 @@ def test_indices_follow_the_given_order(fitted):
     np.testing.assert_allclose(model.get_latent_representation(indices=mask), z_sorted, atol=1e-5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: duplicated indices leave rows of zeros (CellPLM._collect, position[indices])",
-)
-def test_duplicated_indices_are_rejected_or_consistent(fitted):
+def test_duplicated_indices_are_rejected(fitted):
     model, _ = fitted
-    try:
-        z = model.get_latent_representation(indices=[5, 5, 6])
-    except ValueError:
-        return
-    np.testing.assert_allclose(z[0], z[1], atol=1e-5)
+    with pytest.raises(ValueError, match="duplicates"):
+        model.get_latent_representation(indices=[5, 5, 6])
 
 
 def test_row_order_invariance(fov_model):
@@ -275,11 +268,6 @@ def test_row_order_invariance(fov_model):
     np.testing.assert_array_equal(shuffled.obs["_cellplm_indices"], np.arange(adata.n_obs))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a copy/view of the registered AnnData keeps stale obs['_cellplm_indices'] "
-    "(CellPLM._validate_anndata only rewrites them for unregistered AnnData)",
-)
 @pytest.mark.parametrize("kind", ["shuffled_copy", "shuffled_view"])
 def test_row_order_invariance_registered_copy(fov_model, kind):
     model, adata = fov_model
@@ -292,11 +280,6 @@ def test_row_order_invariance_registered_copy(fov_model, kind):
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=IndexError,
-    reason="BUG: a row subset copy of the registered AnnData keeps stale obs['_cellplm_indices']",
-)
 def test_subset_copy_of_registered_anndata(fov_model):
     model, adata = fov_model
     rows = np.arange(100, 300)
@@ -388,12 +371,6 @@ def test_save_load_roundtrip_and_resume(fitted, simulated, tmp_path):
     np.testing.assert_array_equal(model.get_latent_representation(), z)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: scvi's TrainRunner ends train() with module.eval() (so do load and "
-    "get_latent_representation); Lightning 2.6 keeps that mode, so a later train() runs "
-    "without masking, dropout or latent loss",
-)
 def test_second_train_call_uses_the_training_objective(simulated, monkeypatch):
     adata = simulated.copy()
     CellPLM.setup_anndata(adata, layer="counts", tissue_key="fov")
@@ -561,15 +538,7 @@ FORMATS = [
     pytest.param(sp.csr_matrix, id="csr"),
     pytest.param(sp.csc_matrix, id="csc"),
     pytest.param(lambda x: np.asarray(x.toarray()), id="dense"),
-    pytest.param(
-        sp.csr_array,
-        id="csr_array",
-        marks=pytest.mark.xfail(
-            strict=True,
-            raises=TypeError,
-            reason="BUG: scvi's LayerField(is_count_data=True) rejects scipy sparse arrays",
-        ),
-    ),
+    pytest.param(sp.csr_array, id="csr_array"),
 ]
 
 
