@@ -309,3 +309,20 @@ def test_outputs_roundtrip_h5ad(tmp_path):
     back = ad.read_h5ad(tmp_path / "a.h5ad")
     pd.testing.assert_series_equal(back.obs[KEY], adata.obs[KEY])
     assert back.uns[KEY]["params"]["batch_key"] is None
+
+
+def test_chunks_without_coordinates_do_not_depend_on_row_order():
+    rng = np.random.default_rng(3)
+    adata = ad.AnnData(np.zeros((530, 2), dtype=np.float32))
+    adata.obs_names = [f"cell{i}" for i in range(530)]
+    adata.obs["sample"] = pd.Categorical(rng.choice(["a", "b"], 530))
+    shuffled = adata[rng.permutation(530)].copy()
+    for data in (adata, shuffled):
+        assign_tissues(data, spatial_key=None, batch_key="sample", max_cells=100)
+
+    def tissue_sets(data):
+        labels = data.obs["cellplm_tissue"]
+        return {frozenset(data.obs_names[labels == t]) for t in labels.unique()}
+
+    assert tissue_sets(adata) == tissue_sets(shuffled)
+    assert len(tissue_sets(adata)) >= 6

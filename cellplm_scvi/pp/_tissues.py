@@ -21,7 +21,9 @@ if TYPE_CHECKING:
 __all__ = ["assign_tissues", "random_chunks"]
 
 
-def random_chunks(groups: np.ndarray, max_cells: int, seed: int = 0) -> np.ndarray:
+def random_chunks(
+    groups: np.ndarray, max_cells: int, seed: int = 0, keys: np.ndarray | None = None
+) -> np.ndarray:
     """Split every group of cells into random chunks of nearly equal size.
 
     A group of ``n`` cells is cut into ``ceil(n / max_cells)`` chunks whose sizes differ by at
@@ -35,6 +37,9 @@ def random_chunks(groups: np.ndarray, max_cells: int, seed: int = 0) -> np.ndarr
         Largest allowed chunk size.
     seed
         Seed of the random assignment of cells to chunks.
+    keys
+        Unique name per cell (e.g. ``obs_names``). When given, the chunks depend on the names,
+        not on the row order: a row-permuted AnnData gets the same chunks.
 
     Returns
     -------
@@ -54,7 +59,8 @@ def random_chunks(groups: np.ndarray, max_cells: int, seed: int = 0) -> np.ndarr
     sizes = np.bincount(codes)
     n_chunks = -(-sizes // max_cells)  # ceil
     # random order inside each group: shuffle, then stable sort by group
-    order = np.random.default_rng(seed).permutation(n)
+    canonical = np.arange(n) if keys is None else np.argsort(np.asarray(keys), kind="stable")
+    order = canonical[np.random.default_rng(seed).permutation(n)]
     order = order[np.argsort(codes[order], kind="stable")]
     starts = np.cumsum(sizes) - sizes
     rank = np.arange(n) - starts[codes[order]]
@@ -162,7 +168,7 @@ def assign_tissues(
         groups = _spatial_groups(xy, strata, max_cells=int(max_cells), n_neighs=int(n_neighs))
         method = "bisect+components"
     else:
-        groups = random_chunks(strata, int(max_cells), seed=seed)
+        groups = random_chunks(strata, int(max_cells), seed=seed, keys=adata.obs_names.to_numpy())
         method = "random_chunks"
     labels = _labels(groups, strata, strata_names)
 
