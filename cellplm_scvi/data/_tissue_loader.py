@@ -32,6 +32,7 @@ def _to_csr_tensor(x) -> torch.Tensor:
         torch.from_numpy(x.indices.astype(np.int64)),
         torch.from_numpy(x.data),
         size=x.shape,
+        check_invariants=False,
     )
 
 

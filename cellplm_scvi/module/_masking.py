@@ -46,4 +46,6 @@ def apply_mask(x: torch.Tensor, mask: TissueMask) -> torch.Tensor:
     slot[mask.cells] = torch.arange(len(mask.cells), device=x.device)
     in_masked_cell = slot[rows] >= 0
     hidden = in_masked_cell & mask.entries[slot[rows].clamp(min=0), col]
-    return torch.sparse_csr_tensor(crow, col, values.masked_fill(hidden, 0.0), x.shape)
+    return torch.sparse_csr_tensor(
+        crow, col, values.masked_fill(hidden, 0.0), x.shape, check_invariants=False
+    )
