@@ -60,6 +60,13 @@ def read_config(path: Path) -> dict:
         raise ValueError(f"{path} is not a valid JSON config: {err}") from None
     if not isinstance(config, dict) or "gene_list" not in config:
         raise ValueError(f"{path} has no 'gene_list': not an official CellPLM config.")
+    missing = [
+        k
+        for k in ("enc_hid", "enc_layers", "post_latent_dim", "dec_hid", "dec_layers")
+        if k not in config
+    ]
+    if missing:
+        raise ValueError(f"{path} lacks the config keys {missing}.")
     bad = {k: config[k] for k, v in _REQUIRED.items() if k in config and config[k] != v}
     if config.get("latent_mod", "vae") not in ("gmvae", "vae"):
         bad["latent_mod"] = config["latent_mod"]
@@ -80,17 +87,27 @@ def read_state_dict(path: Path, trust_pickle: bool = False) -> dict[str, torch.T
     """
     if not path.is_file():
         raise FileNotFoundError(f"Official checkpoint not found: {path}")
+    unreadable = (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError)
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"Could not read checkpoint {path} (corrupt or truncated?).")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        if "Unsupported global" not in str(err):
+            raise ValueError(
+                f"Could not read checkpoint {path} (corrupt or truncated?)."
+            ) from None
         if not trust_pickle:
             raise ValueError(
                 f"{path} contains pickled Python objects beyond tensors, which can run code when "
                 "loaded. If you trust its source, pass trust_pickle=True."
             ) from err
         warnings.warn(f"Loading {path} with full unpickling (trust_pickle=True).", stacklevel=3)
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        except (*unreadable, AttributeError, ModuleNotFoundError) as err2:
+            raise ValueError(f"Could not unpickle checkpoint {path}: {err2}") from None
+    except unreadable[1:] as err:
         raise ValueError(
             f"Could not read checkpoint {path} (corrupt or truncated?): {err}"
         ) from None
@@ -98,6 +115,11 @@ def read_state_dict(path: Path, trust_pickle: bool = False) -> dict[str, torch.T
         keys = list(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"{path} has no 'model_state_dict' (found {keys}).")
     state = ckpt["model_state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: 'model_state_dict' is a {type(state).__name__}, not a dict.")
+    bad = [k for k, v in state.items() if not torch.is_tensor(v)]
+    if bad:
+        raise ValueError(f"{path}: 'model_state_dict' has non-tensor entries {bad[:5]}.")
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
 
 

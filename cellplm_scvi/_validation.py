@@ -70,6 +70,11 @@ def check_spatial(adata: AnnData, spatial_key: str) -> None:
             f"spatial_key={spatial_key!r} is not in adata.obsm (available: {list(adata.obsm)})."
             " Pass spatial_key=None for data without coordinates."
         )
+    if not isinstance(adata.obsm[spatial_key], np.ndarray):
+        raise ValueError(
+            f"adata.obsm[{spatial_key!r}] must be a numpy array of shape (n_cells, 2), got a "
+            f"{type(adata.obsm[spatial_key]).__name__}; convert it with .to_numpy()."
+        )
     coords = np.asarray(adata.obsm[spatial_key])
     if coords.ndim != 2 or coords.shape[1] < 2:
         raise ValueError(

@@ -280,6 +280,7 @@ class CellPLM(BaseModelClass):
         _checkpoint.load_strict(model.module, state, fresh_prefixes=("classifier.",))
         model.module.eval()
         model.is_trained_ = True
+        model.history_ = {}  # pretrained elsewhere; fine-tuning appends here
         model.official_config_ = {k: v for k, v in config.items() if k != "gene_list"}
         return model
 
@@ -405,7 +406,18 @@ class CellPLM(BaseModelClass):
         adata.obs[INDICES_OBS] = np.arange(adata.n_obs, dtype=np.int64)
 
     def _validate_anndata(self, adata: AnnData | None = None, copy_if_view: bool = True):
-        """Add the tissue columns to a new AnnData before scvi-tools transfers the setup."""
+        """Check a new AnnData and add its tissue columns before scvi-tools transfers the setup."""
+        if adata is not None and not adata.var_names.equals(self.adata.var_names):
+            n_diff = (
+                (adata.var_names != self.adata.var_names).sum()
+                if adata.n_vars == self.adata.n_vars
+                else abs(adata.n_vars - self.adata.n_vars)
+            )
+            raise ValueError(
+                f"adata has other genes than the model's AnnData ({n_diff} differ; same names in "
+                "the same order are required). Subset/reorder with adata[:, model.adata.var_names]"
+                ", or for official checkpoints call CellPLM.load_official(prefix, adata)."
+            )
         if adata is not None and self.get_anndata_manager(adata) is None:
             if adata.n_obs == 0:
                 raise ValueError("adata has no cells.")
@@ -421,7 +433,16 @@ class CellPLM(BaseModelClass):
                 args["batch_key"],
                 args["max_cells"],
             )
-        adata = super()._validate_anndata(adata, copy_if_view=copy_if_view)
+        try:
+            adata = super()._validate_anndata(adata, copy_if_view=copy_if_view)
+        except ValueError as err:
+            if "not found" in str(err) and "extend_categories" in str(err):
+                raise ValueError(
+                    f"{err}\nThis AnnData has a batch_key/labels_key category the model never "
+                    "saw. Map it onto the model with CellPLM.load_query_data(adata, model), or "
+                    "relabel it to a known category."
+                ) from None
+            raise
         rows = np.arange(adata.n_obs)  # copies/views of registered data keep a stale index
         if not np.array_equal(adata.obs[INDICES_OBS].to_numpy(), rows):
             adata.obs[INDICES_OBS] = rows
@@ -473,6 +494,13 @@ class CellPLM(BaseModelClass):
         reference_state = reference_model.module.state_dict()
         query = cls(adata, **params["non_kwargs"], **kwargs)
         state = query.module.state_dict()
+        unknown = sorted(set(state) - set(reference_state))
+        if unknown:
+            raise ValueError(
+                "The reference model has no decoder batch table (it was trained on a single "
+                f"batch; new parameters: {unknown[:3]}), so query batches cannot be added. Embed "
+                "the query with reference_model.get_latent_representation(adata) instead."
+            )
         grown = {}  # covariate tables with new rows: reference rows are copied and frozen
         for key, value in reference_state.items():
             if state[key].shape == value.shape:
@@ -489,7 +517,9 @@ class CellPLM(BaseModelClass):
                 param.requires_grad_(True)
                 n_old = grown[name]
                 param.register_hook(lambda g, n=n_old: torch.cat([torch.zeros_like(g[:n]), g[n:]]))
+                param.no_weight_decay = True  # decoupled decay would still shrink frozen rows
         query.is_trained_ = reference_model.is_trained_
+        query.history_ = {k: v.copy() for k, v in (reference_model.history_ or {}).items()}
         return query
 
     # ------------------------------------------------------------------ save / load
@@ -556,7 +586,7 @@ class CellPLM(BaseModelClass):
             File name prefix used when saving.
         """
         from scvi.model._utils import parse_device_args
-        from scvi.model.base._save_load import _initialize_model, _validate_var_names
+        from scvi.model.base._save_load import _initialize_model
 
         dir_path, prefix = Path(dir_path), prefix or ""
         state, var_names, attributes = read_model_file(dir_path / f"{prefix}model.pt")
@@ -572,7 +602,11 @@ class CellPLM(BaseModelClass):
             import anndata
 
             adata = anndata.read_h5ad(adata_path)
-        _validate_var_names(adata, np.asarray(var_names, dtype=object))
+        if list(adata.var_names) != list(var_names):
+            raise ValueError(
+                f"adata's genes differ from the saved model's ({adata.n_vars} vs "
+                f"{len(var_names)} genes, or another order): use adata[:, saved_var_names]."
+            )
         cls.setup_anndata(adata, source_registry=registry, **registry["setup_args"])
         model = _initialize_model(cls, adata, registry, attributes, None)
         model.module.load_state_dict(state)

@@ -7,7 +7,6 @@ tensors plus one JSON string, and refuse anything else on load.
 
 from __future__ import annotations
 
-import io
 import json
 import pickle
 import zipfile
@@ -30,7 +29,14 @@ def _encode(obj):
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, pd.DataFrame):
-        return {"__dataframe__": obj.to_json(orient="split")}
+        return {
+            "__dataframe__": {
+                "index": _encode(obj.index.to_numpy()),
+                "index_name": obj.index.name,
+                "columns": [str(c) for c in obj.columns],
+                "data": {str(c): _encode(obj[c].to_numpy()) for c in obj.columns},
+            }
+        }
     if isinstance(obj, pd.Index):
         return _encode(obj.to_numpy())
     if obj is None or isinstance(obj, bool | int | float | str):
@@ -46,7 +52,10 @@ def _decode(obj):
     if "__ndarray__" in obj:
         return np.asarray(obj["__ndarray__"], dtype=obj["dtype"])
     if "__dataframe__" in obj:
-        return pd.read_json(io.StringIO(obj["__dataframe__"]), orient="split")
+        frame = obj["__dataframe__"]
+        index = pd.Index(_decode(frame["index"]), name=frame["index_name"])
+        data = {c: _decode(frame["data"][c]) for c in frame["columns"]}
+        return pd.DataFrame(data, index=index, columns=frame["columns"])
     return {k: _decode(v) for k, v in obj.items()}
 
 
@@ -70,9 +79,16 @@ def read_model_file(path: Path) -> tuple[dict, list[str], dict]:
     """Read a file written by :func:`write_model_file` with ``weights_only=True``."""
     if not path.is_file():
         raise FileNotFoundError(f"No model file at {path}.")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(
+            f"Could not read {path}: not a torch zip file (corrupt or truncated?, or a raw "
+            "pickle, which is refused)."
+        )
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        if "Unsupported global" not in str(err):
+            raise ValueError(f"Could not read {path} (corrupt or truncated?).") from None
         raise ValueError(
             f"Refusing to load {path}: it contains pickled Python objects beyond tensors (a "
             "tampered file, or one saved by another tool). Files written by CellPLM.save load "

@@ -57,12 +57,22 @@ class CellPLMTrainingPlan(TrainingPlan):
     def configure_optimizers(self):
         """AdamW over trainable parameters (embedder at ``lr * embedder_lr_factor``) and a
         per-step linear warm-up."""
-        embedder = [p for p in self.module.embedder.parameters() if p.requires_grad]
-        ids = {id(p) for p in embedder}
-        rest = [p for p in self.module.parameters() if p.requires_grad and id(p) not in ids]
+        embedder_ids = {id(p) for p in self.module.embedder.parameters()}
+        rest, embedder, no_decay = [], [], []
+        for p in self.module.parameters():
+            if not p.requires_grad:
+                continue
+            if getattr(p, "no_weight_decay", False):  # query tables: frozen rows must not decay
+                no_decay.append(p)
+            elif id(p) in embedder_ids:
+                embedder.append(p)
+            else:
+                rest.append(p)
         groups = [{"params": rest}]
         if embedder:
             groups.append({"params": embedder, "lr": self.lr * self.embedder_lr_factor})
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
         optimizer = self.get_optimizer_creator()(groups)
         config = {"optimizer": optimizer}
         if self.n_steps_lr_warmup:

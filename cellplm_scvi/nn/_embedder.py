@@ -52,6 +52,44 @@ class GeneEmbedding(nn.Module):
         self.emb = nn.Parameter(torch.randn(n_vocab, n_hidden) * 0.005)
 
 
+_BLOCK = 64  # embedding columns per gather pass
+
+
+def _gather_rows(emb: torch.Tensor, gene_index: torch.Tensor) -> torch.Tensor:
+    """Rows of ``emb`` for each input gene; zero rows where ``gene_index`` is -1."""
+    table = emb[gene_index.clamp(min=0)]
+    return table * (gene_index >= 0)[:, None].to(table.dtype)
+
+
+def _sparse_token(
+    x: torch.Tensor, emb: torch.Tensor, gene_index: torch.Tensor | None
+) -> torch.Tensor:
+    """``log1p(x) @ emb[gene_index]`` for a CSR ``x`` (N, G_in) -> (N, d).
+
+    Computed as weighted ``embedding_bag`` sums over each cell's non-zero genes, 64 embedding
+    columns at a time: several times faster than torch's CSR x dense product on CPU, and
+    without gathering a (G_in, d) table.
+    """
+    crow, genes = x.crow_indices(), x.col_indices()
+    weights = torch.log1p(x.values().float())
+    if gene_index is not None:
+        genes = gene_index[genes]
+        weights = weights * (genes >= 0).to(weights.dtype)  # genes outside the vocabulary
+        genes = genes.clamp(min=0)
+    offsets = crow[:-1]
+    blocks = [  # column blocks of E stay in cache while the cells' genes are gathered
+        nn.functional.embedding_bag(
+            genes,
+            emb[:, i : i + _BLOCK].contiguous(),
+            offsets,
+            mode="sum",
+            per_sample_weights=weights,
+        )
+        for i in range(0, emb.shape[1], _BLOCK)
+    ]
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
+
+
 def log1p_values(x: torch.Tensor) -> torch.Tensor:
     """log1p of a dense or sparse-CSR tensor (only stored values are touched for CSR)."""
     if x.layout == torch.sparse_csr:
@@ -108,14 +146,13 @@ class CellEmbedder(nn.Module):
             (N, 2) coordinates in [0, 1] (NaN rows: missing) to add the spatial encoding, or
             ``None`` for no encoding (as in the official checkpoints).
         """
-        table = self.feat_enc.emb
-        if gene_index is not None:
-            known = gene_index >= 0
-            table = table[gene_index.clamp(min=0)]
-            if not bool(known.all()):
-                table = table * known[:, None].to(table.dtype)
-        with torch.autocast(x.device.type, enabled=False):  # sparse products stay float32
-            h = log1p_values(x.float()) @ table.float()  # (N, d): sparse x dense, no N x G
+        emb = self.feat_enc.emb
+        with torch.autocast(x.device.type, enabled=False):  # the gene sum stays float32
+            if x.layout == torch.sparse_csr:
+                h = _sparse_token(x, emb, gene_index)
+            else:  # dense input: the same sum as a matrix product
+                table = emb if gene_index is None else _gather_rows(emb, gene_index)
+                h = torch.log1p(x.float()) @ table
         if coords is not None:
             h = h + self.pe_enc(coords)
         return self.extra_linear(h)

@@ -1,0 +1,334 @@
+"""CPU benchmark: official CellPLM embedding pipeline vs ``cellplm_scvi`` on the 85M config.
+
+Builds the official ``20230926_85M`` architecture (GMVAE, 19,374 genes) with random weights,
+writes an official-format checkpoint (``<prefix>.config.json`` + ``<prefix>.best.ckpt``) into a
+temporary directory and, in the same process, times
+
+(a) the official ``CellEmbeddingPipeline(...).predict(adata, device="cpu")`` (the whole matrix as
+    one group, one chunk; warm-up on 64 cells first), as in the spec's section 6 recipe;
+(b) ours: ``CellPLM.setup_anndata(adata, tissue_key=<constant column>)`` +
+    ``CellPLM.load_official(prefix, adata)`` + ``get_latent_representation()`` (all cells in one
+    tissue, i.e. the same attention context as the official call).
+
+Peak RSS increase per call: freed heap is returned to the OS (``malloc_trim``) and VmHWM is
+reset (``5`` -> ``/proc/self/clear_refs``) before each measured call; the increase is VmHWM after
+the call minus VmRSS before it. Our timings run under ``torch.inference_mode()``; the official
+predict runs under ``torch.no_grad()`` (it fails under inference mode with more than one thread,
+see ``main``). Weights are random, so the embeddings are meaningless; speed and memory do not
+depend on them.
+
+Usage::
+
+    python benchmarks/bench_official_embedding.py --n-cells 2000 --density 0.1 --repeats 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import io
+import json
+import logging
+import platform
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+warnings.filterwarnings("ignore")
+
+
+# ------------------------------------------------------------------------------------ memory
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def rss_mb() -> float:
+    return _status_kb("VmRSS") / 1024
+
+
+def peak_mb() -> float:
+    return _status_kb("VmHWM") / 1024
+
+
+def trim_heap() -> None:
+    """Return freed heap pages to the OS, so that the base RSS of the next measurement is live
+    memory (otherwise a call can reuse pages freed by the previous one and look free)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")  # reset VmHWM to the current RSS (Linux >= 4.0)
+
+
+def measure(fn, inference_mode: bool = True):
+    """Run ``fn`` once (under inference mode, else no_grad); return (result, s, peak MB)."""
+    trim_heap()
+    reset_peak()
+    base = rss_mb()
+    t0 = time.perf_counter()
+    with torch.inference_mode() if inference_mode else torch.no_grad():
+        out = fn()
+    dt = time.perf_counter() - t0
+    return out, dt, peak_mb() - base
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+# ------------------------------------------------------------------------------------ data
+
+
+def make_counts(n_cells: int, n_genes: int, density: float, seed: int = 0) -> sp.csr_matrix:
+    rng = np.random.default_rng(seed)
+    return sp.random(
+        n_cells,
+        n_genes,
+        density=density,
+        format="csr",
+        dtype=np.float32,
+        random_state=rng,
+        data_rvs=lambda k: rng.poisson(2.0, k).astype(np.float32) + 1,
+    )
+
+
+def make_adata(X: sp.csr_matrix, genes: list[str]) -> ad.AnnData:
+    adata = ad.AnnData(X=X)
+    adata.var_names = genes
+    adata.obs_names = [f"c{i}" for i in range(X.shape[0])]
+    return adata
+
+
+def write_checkpoint(directory: Path, name: str, seed: int = 0) -> tuple[str, int]:
+    """Random-weight official model from the vendored 85M config, saved in the official format."""
+    from CellPLM.model import OmicsFormer
+
+    from cellplm_scvi._genes import official_config
+
+    config = official_config()
+    torch.manual_seed(seed)
+    model = OmicsFormer(**config)
+    n_params = sum(p.numel() for p in model.parameters())
+    with open(directory / f"{name}.config.json", "w") as fh:
+        json.dump(config, fh)
+    torch.save({"model_state_dict": model.state_dict()}, directory / f"{name}.best.ckpt")
+    return str(directory / name), n_params
+
+
+def to_torch_csr(X: sp.csr_matrix) -> torch.Tensor:
+    return torch.sparse_csr_tensor(
+        torch.from_numpy(X.indptr.astype(np.int64)),
+        torch.from_numpy(X.indices.astype(np.int64)),
+        torch.from_numpy(X.data),
+        X.shape,
+    )
+
+
+def to_torch_coo(X: sp.csr_matrix) -> torch.Tensor:
+    coo = X.tocoo()
+    idx = torch.from_numpy(np.vstack([coo.row, coo.col]).astype(np.int64))
+    return torch.sparse_coo_tensor(idx, torch.from_numpy(coo.data), coo.shape).coalesce()
+
+
+# ------------------------------------------------------------------------------------ stages
+
+
+def our_stages(module, X: sp.csr_matrix) -> dict[str, float]:
+    """Seconds per stage of our module on one tissue (inference mode, eval)."""
+    times = {}
+    module.eval()
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        x = to_torch_csr(X)
+        times["scipy->torch CSR"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        h = module.embedder(x, module.embed_index, None)  # as in module.inference
+        times["embedder"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        h = module.encoder(h)
+        times["encoder"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        h = module.pre_latent_norm(h)
+        times["pre-latent LN"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        module.latent(h)
+        times["latent"] = time.perf_counter() - t0
+    return times
+
+
+def official_stages(model, X: sp.csr_matrix, genes: list[str]) -> dict[str, float]:
+    """Seconds per stage of the official model (same input, eval, no_grad; latent incl. its
+    loss)."""
+    times = {}
+    model.eval()
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        xd = {"x_seq": to_torch_coo(X), "coord": -torch.ones(X.shape[0], 2)}
+        times["scipy->torch COO"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        xd["h"] = model.embedder(xd, genes)
+        times["embedder"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        xd["h"] = model.encoder(xd)["hidden"]
+        times["encoder"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        xd["h"] = model.pre_latent_norm(xd)
+        times["pre-latent LN"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        model.latent(xd)
+        times["latent"] = time.perf_counter() - t0
+    return times
+
+
+def print_stages(title: str, times: dict[str, float]) -> None:
+    total = sum(times.values())
+    print(f"{title}: total {total:.2f}s")
+    for name, t in times.items():
+        print(f"  {name:<18} {t:7.3f}s  {100 * t / total:5.1f}%")
+
+
+# ------------------------------------------------------------------------------------ main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n-cells", type=int, default=2000)
+    parser.add_argument("--density", type=float, default=0.1)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    logging.getLogger("cellplm_scvi").setLevel(logging.WARNING)
+    logging.getLogger("scvi").setLevel(logging.WARNING)
+
+    from CellPLM.pipeline.cell_embedding import CellEmbeddingPipeline
+    from CellPLM.utils import set_seed
+
+    import cellplm_scvi as cp
+
+    print(f"CPU: {cpu_model()}  torch {torch.__version__}  threads={torch.get_num_threads()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        t0 = time.perf_counter()
+        prefix, n_official = write_checkpoint(tmp, "20230926_85M", args.seed)
+        size_mb = (tmp / "20230926_85M.best.ckpt").stat().st_size / 2**20
+        print(
+            f"checkpoint: {n_official:,} numbers, {size_mb:.0f} MB, "
+            f"written in {time.perf_counter() - t0:.1f}s"
+        )
+        genes = json.loads((tmp / "20230926_85M.config.json").read_text())["gene_list"]
+        X = make_counts(args.n_cells, len(genes), args.density, args.seed)
+        print(
+            f"data: {args.n_cells} x {len(genes)} CSR float32, {X.nnz:,} non-zeros "
+            f"({X.nnz / np.prod(X.shape):.1%}), one group/tissue"
+        )
+        gc.collect()
+
+        # ---------------------------------------------------------------- (a) official
+        set_seed(42, cuda=False)
+        t0 = time.perf_counter()
+        quiet = contextlib.redirect_stdout(io.StringIO())
+        pipe = CellEmbeddingPipeline(pretrain_prefix="20230926_85M", pretrain_directory=str(tmp))
+        t_load_off = time.perf_counter() - t0
+        adata_off = make_adata(X, genes)
+        # The official predict cannot run under torch.inference_mode() with >1 thread: its
+        # sparse index_select fails ("Inplace update to inference tensor outside
+        # InferenceMode"), so it runs under no_grad (which it also sets itself).
+        with quiet, torch.no_grad():
+            pipe.predict(adata_off[:64].copy(), device="cpu")  # warm-up
+        off_times, off_peaks = [], []
+        emb_off = None
+        for _ in range(args.repeats):
+            with contextlib.redirect_stdout(io.StringIO()):
+                emb_off, dt, peak = measure(
+                    lambda: pipe.predict(adata_off, device="cpu"), inference_mode=False
+                )
+            off_times.append(dt)
+            off_peaks.append(peak)
+        emb_off = emb_off.numpy()
+
+        # ---------------------------------------------------------------- (b) ours
+        warm = make_adata(X[:64].copy(), genes)
+        warm.obs["tissue"] = "all"
+        cp.CellPLM.setup_anndata(warm, tissue_key="tissue")
+        cp.CellPLM.load_official(prefix, warm).get_latent_representation()  # warm-up
+
+        adata = make_adata(X, genes)
+        adata.obs["tissue"] = "all"  # all cells in one tissue = one official group
+        t0 = time.perf_counter()
+        cp.CellPLM.setup_anndata(adata, tissue_key="tissue")
+        t_setup = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        model = cp.CellPLM.load_official(prefix, adata)
+        t_load_ours = time.perf_counter() - t0
+        our_times, our_peaks = [], []
+        emb = None
+        for _ in range(args.repeats):
+            emb, dt, peak = measure(model.get_latent_representation)
+            our_times.append(dt)
+            our_peaks.append(peak)
+
+        # ---------------------------------------------------------------- report
+        n = args.n_cells
+        print(
+            f"\nload: official pipeline {t_load_off:.2f}s "
+            f"({sum(p.numel() for p in pipe.model.parameters()):,} params, no decoder); "
+            f"ours setup_anndata {t_setup:.2f}s + load_official {t_load_ours:.2f}s "
+            f"({sum(p.numel() for p in model.module.parameters()):,} params)"
+        )
+        print(f"RSS now {rss_mb():.0f} MB (both models loaded)")
+        for name, times, peaks in [
+            ("official predict", off_times, off_peaks),
+            ("ours get_latent_representation", our_times, our_peaks),
+        ]:
+            runs = ", ".join(
+                f"{t:.2f}s ({n / t:.0f} cells/s, +{p:.0f} MB)" for t, p in zip(times, peaks)
+            )
+            print(f"{name}: {runs}")
+        best_off, best_ours = min(off_times), min(our_times)
+        print(
+            f"best: official {n / best_off:.0f} cells/s, ours {n / best_ours:.0f} cells/s, "
+            f"speed-up x{best_off / best_ours:.2f}; peak RSS increase official "
+            f"+{max(off_peaks):.0f} MB, ours +{max(our_peaks):.0f} MB"
+        )
+        # sanity: the official GMVAE samples its cluster (Gumbel), ours takes the argmax, so
+        # only the rows where both pick the same cluster agree
+        close = np.abs(emb - emb_off).max(1) < 1e-4
+        print(
+            f"embedding shapes {emb.shape} / {emb_off.shape}; rows equal to 1e-4: "
+            f"{close.mean():.1%} (official Gumbel cluster sample vs our argmax)"
+        )
+
+        # ---------------------------------------------------------------- stages
+        print()
+        print_stages("ours, per stage", our_stages(model.module, X))
+        print_stages("official, per stage", official_stages(pipe.model, X, genes))
+
+
+if __name__ == "__main__":
+    main()
