@@ -47,7 +47,10 @@ __all__ = ["linear_probe", "main", "run", "spatial_mean", "format_table"]
 # Defaults of the command line: the full run takes about 3 minutes on 2 CPU cores.
 N_CELLS = 4000
 N_SLIDES = 2
-EPOCHS = 40
+EPOCHS = 80
+# Small tissues give more optimisation steps per epoch: on the CPU, 250-cell tissues reach a
+# given embedding quality about 1.5x faster than 1000-cell ones.
+MAX_CELLS = 250
 SEED = 0
 N_HIDDEN = 256
 N_LAYERS = 2
@@ -74,6 +77,7 @@ def run(
     n_hidden: int = N_HIDDEN,
     n_layers: int = N_LAYERS,
     n_latent: int = N_LATENT,
+    max_cells: int = MAX_CELLS,
     accelerator: str = "auto",
 ) -> dict[str, dict[str, float]]:
     """Run the quickstart: simulate, train CellPLM, score, plot and save.
@@ -97,6 +101,8 @@ def run(
     n_hidden, n_layers, n_latent
         Width of the cell tokens, number of transformer layers and width of the embedding of
         :class:`~cellplm_scvi.CellPLM`.
+    max_cells
+        Largest tissue (:func:`cellplm_scvi.pp.assign_tissues`).
     accelerator
         Lightning accelerator for training (``"auto"``: a GPU if there is one, else the CPU).
 
@@ -130,8 +136,8 @@ def run(
         f"{adata.obs['niche'].nunique()} niches."
     )
 
-    # 2. tissues: spatially contiguous groups of at most 1000 cells of one slide
-    pp.assign_tissues(adata, spatial_key="spatial", library_key="slide")
+    # 2. tissues: spatially contiguous groups of at most MAX_CELLS cells of one slide
+    pp.assign_tissues(adata, spatial_key="spatial", library_key="slide", max_cells=max_cells)
     sizes = adata.obs[TISSUE_KEY].value_counts()
     say(
         f"assign_tissues: {sizes.size} tissues of {sizes.min()}-{sizes.max()} cells "

@@ -24,7 +24,7 @@ from scvi.model._utils import get_max_epochs_heuristic, use_distributed_sampler
 from scvi.model.base import BaseModelClass
 from scvi.train import TrainRunner
 from scvi.utils import setup_anndata_dsp
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .. import _checkpoint
 from .._constants import (
@@ -187,11 +187,6 @@ class CellPLM(BaseModelClass):
         alignment = align_genes(list(genes), vocabulary)
         index = np.full(adata.n_vars, -1, dtype=np.int64)
         index[alignment.input_index] = alignment.vocab_index
-        logger.info(
-            "%d of %d genes are in the model vocabulary; the others are ignored.",
-            alignment.n_matched,
-            adata.n_vars,
-        )
         return index
 
     def _label_names(self) -> list[str]:
@@ -262,8 +257,9 @@ class CellPLM(BaseModelClass):
 
         Returns
         -------
-        A :class:`CellPLM` holding the pretrained weights. Decoder covariates of new data use
-        the mean pretraining embedding.
+        CellPLM
+            The model holding the pretrained weights. Decoder covariates of new data use the
+            mean pretraining embedding.
 
         Examples
         --------
@@ -476,7 +472,8 @@ class CellPLM(BaseModelClass):
 
         Returns
         -------
-        A new :class:`CellPLM` for the query; call :meth:`train` to fit the new batches.
+        CellPLM
+            A new model for the query; call :meth:`train` to fit the new batches.
         """
         if not isinstance(reference_model, cls):
             raise ValueError(f"reference_model must be a {cls.__name__}.")
@@ -824,7 +821,9 @@ class CellPLM(BaseModelClass):
 
         Returns
         -------
-        Label names (``soft=False``) or probabilities, in the order of ``adata`` / ``indices``.
+        numpy.ndarray or pandas.DataFrame
+            Label names (``soft=False``) or probabilities, in the order of ``adata`` /
+            ``indices``.
         """
         if self.module.classifier is None:
             raise ValueError(
@@ -843,6 +842,11 @@ class CellPLM(BaseModelClass):
         if soft:
             return pd.DataFrame(probs, index=index, columns=names)
         return np.asarray(names, dtype=object)[probs.argmax(1)]
+
+    @property
+    def matched_genes(self) -> pd.Index:
+        """The AnnData genes found in the model vocabulary (the others are ignored)."""
+        return self._decoded_genes(self.adata)
 
     def _decoded_genes(self, adata: AnnData) -> pd.Index:
         """Names of the AnnData genes the decoder reconstructs (those in the vocabulary)."""
@@ -918,7 +922,23 @@ class CellPLM(BaseModelClass):
 
         The size factor of each cell comes from the genes its batch measured (see
         ``measured_genes_key`` in :meth:`setup_anndata`), as in the official imputation
-        pipeline. Returns a cells x genes DataFrame.
+        pipeline.
+
+        Parameters
+        ----------
+        gene_list
+            Genes to predict (``var_names`` in the model vocabulary).
+        adata
+            AnnData set up like the training data (default: the model's).
+        indices
+            Cells (default: all).
+        batch_size
+            Maximum cells per forward pass (``None``: whole tissues).
+
+        Returns
+        -------
+        pandas.DataFrame
+            Cells x genes, on the count scale.
         """
         return self.get_normalized_expression(
             adata, indices, gene_list, library_size="observed", batch_size=batch_size

@@ -309,7 +309,11 @@ def _spatial_graph(xy: np.ndarray, strata: np.ndarray, n_neighs: int) -> sp.csr_
 
 
 def _bisect(xy: np.ndarray, labels: np.ndarray, max_cells: int) -> np.ndarray:
-    """Recursive coordinate bisection, vectorised over all groups of one level."""
+    """Recursive coordinate bisection, vectorised over all groups of one level.
+
+    Each group is cut across its widest axis at the quantile that leaves both sides divisible
+    into about equal groups of at most ``max_cells`` (the median when two groups suffice).
+    """
     labels = labels.copy()
     while True:
         sizes = np.bincount(labels)
@@ -328,7 +332,10 @@ def _bisect(xy: np.ndarray, labels: np.ndarray, max_cells: int) -> np.ndarray:
         key = pts[np.arange(sel.size), axis[gidx]]
         order = np.lexsort((key, gidx))  # stable: ties keep cell order
         rank = np.arange(sel.size) - starts[gidx[order]]
-        right = rank >= gsize[gidx[order]] // 2
+        # split where the parts can be cut into groups of <= max_cells of similar size
+        n_parts = -(-gsize // max_cells)
+        cut = (gsize * (n_parts // 2)) // n_parts
+        right = rank >= cut[gidx[order]]
         new = labels * 2
         new[sel[order]] += right
         labels = np.unique(new, return_inverse=True)[1].ravel()
@@ -338,7 +345,8 @@ def _spatial_groups(
     xy: np.ndarray, strata: np.ndarray, max_cells: int, n_neighs: int
 ) -> np.ndarray:
     graph = _spatial_graph(xy, strata, n_neighs)
-    leaves = _bisect(xy, strata, max_cells)
+    # bisect a little below the cap, so that stray fragments can still be merged into a group
+    leaves = _bisect(xy, strata, max(2, int(0.9 * max_cells)))
 
     # connected components of each leaf's induced subgraph
     coo = graph.tocoo()

@@ -1,0 +1,67 @@
+"""Build the documentation with warnings as errors (offline; notebooks are not executed)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# build artefacts that must not be copied into the fresh source tree
+IGNORE = shutil.ignore_patterns("_build", "generated", "notebooks", "tissues.png", "*.pyc")
+
+
+def test_docs_build(tmp_path):
+    pytest.importorskip("sphinx", reason="sphinx is not installed (pip install -e '.[docs]')")
+    # build from a copy, so the working tree gets no generated files
+    src = tmp_path / "src"
+    shutil.copytree(REPO / "docs", src / "docs", ignore=IGNORE)
+    shutil.copytree(REPO / "tutorials", src / "tutorials", ignore=IGNORE)
+    out = tmp_path / "html"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    env.pop("CELLPLM_DOCS_INTERSPHINX", None)  # never fetch inventories in the tests
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sphinx",
+            "-W",
+            "--keep-going",
+            "-b",
+            "html",
+            "-q",
+            str(src / "docs"),
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    seconds = time.perf_counter() - start
+    print(f"sphinx-build: {seconds:.1f} s")
+    assert proc.returncode == 0, (
+        f"sphinx-build failed:\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}"
+    )
+    # the user-guide figure was drawn by docs/make_figures.py during the build
+    assert (src / "docs" / "_static" / "tissues.png").stat().st_size > 10_000
+    assert (out / "_images" / "tissues.png").exists()
+    for page in [
+        "index.html",
+        "api.html",
+        "user_guide.html",
+        "references.html",
+        "generated/cellplm_scvi.CellPLM.html",
+        "generated/cellplm_scvi.pp.assign_tissues.html",
+        "tutorials/notebooks/01_spatial_quickstart.html",
+        "tutorials/notebooks/04_spatial_imputation.html",
+    ]:
+        assert (out / page).exists(), page
+    # the CellPLM docstring cites Wen2024 through the bibliography
+    assert "Wen" in (out / "generated" / "cellplm_scvi.CellPLM.html").read_text()
