@@ -215,9 +215,10 @@ class CellPLM(BaseModelClass):
                 f"({batches})."
             )
         measured = np.ones((len(batches), adata.n_vars), dtype=bool)
+        columns = {str(c): c for c in table.columns}  # batch names may be ints or strings
         for i, batch in enumerate(batches):
-            if batch in table.columns:
-                measured[i] = table[batch].to_numpy(dtype=bool)
+            if str(batch) in columns:
+                measured[i] = table[columns[str(batch)]].to_numpy(dtype=bool)
         empty = [b for b, row in zip(batches, measured) if not row.any()]
         if empty:
             raise ValueError(f"Batches {empty} measure no gene in adata.varm[{key!r}].")

@@ -1,0 +1,506 @@
+"""Downstream tasks of the CellPLM model: annotation, normalised expression, imputation and
+measured-gene masks (spatial panels next to an scRNA-seq reference).
+
+Tiny networks (n_hidden=32, one layer) on the 700 real PBMCs keep the module under ~60 s on one
+CPU thread.
+"""
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scvi
+import torch
+from sklearn.metrics import balanced_accuracy_score
+
+import cellplm_scvi as cp
+from cellplm_scvi._constants import BATCH_KEY, LABELS_KEY, X_KEY
+from cellplm_scvi.module._loss import masked_nb_loss
+
+TINY = {"n_hidden": 32, "n_layers": 1, "n_heads": 4, "n_latent": 8, "dropout": 0.1}
+QUIET = {"enable_progress_bar": False, "enable_model_summary": False}
+UNKNOWN = "Unknown"
+N_PANEL = 300
+
+
+@pytest.fixture(scope="module")
+def pbmc():
+    return cp.datasets.pbmc68k_counts()
+
+
+@pytest.fixture(scope="module")
+def labelled(pbmc):
+    """PBMCs with 30% of labels hidden, four fixed tissues, a tiny model trained 12 epochs."""
+    scvi.settings.seed = 0
+    adata = pbmc.copy()
+    rng = np.random.default_rng(0)
+    hidden = rng.random(adata.n_obs) < 0.3
+    adata.obs["label"] = adata.obs["cell_type"].astype(str)
+    adata.obs.loc[hidden, "label"] = UNKNOWN
+    adata.obs["fov"] = rng.permutation(np.arange(adata.n_obs) % 4).astype(str)
+    cp.CellPLM.setup_anndata(adata, layer="counts", labels_key="label", tissue_key="fov")
+    untrained = cp.CellPLM(adata, **TINY).predict()
+    model = cp.CellPLM(adata, **TINY)
+    model.train(max_epochs=12, lr=1e-3, train_size=1.0, **QUIET)
+    return adata, model, hidden, untrained
+
+
+@pytest.fixture(scope="module")
+def panel(pbmc):
+    """350 reference cells (all genes) + 350 "spatial" cells measuring 300 genes; the other
+    genes are zero in the spatial cells (as in an imputation set-up)."""
+    scvi.settings.seed = 0
+    adata = pbmc.copy()
+    rng = np.random.default_rng(1)
+    measured = np.zeros(adata.n_vars, dtype=bool)
+    measured[rng.choice(adata.n_vars, N_PANEL, replace=False)] = True
+    is_spatial = np.arange(adata.n_obs) % 2 == 1
+    adata.obs["tech"] = pd.Categorical(np.where(is_spatial, "spatial", "ref"))
+    x = adata.layers["counts"].tolil()
+    for j in np.flatnonzero(~measured):
+        x[np.flatnonzero(is_spatial), j] = 0
+    x = x.tocsr()
+    x.eliminate_zeros()
+    adata.layers["counts"] = x
+    adata.X = x.copy()
+    adata.varm["measured"] = pd.DataFrame({"spatial": measured}, index=adata.var_names)
+    cp.CellPLM.setup_anndata(
+        adata, layer="counts", batch_key="tech", measured_genes_key="measured"
+    )
+    model = cp.CellPLM(adata, **TINY)
+    model.train(max_epochs=2, train_size=1.0, **QUIET)
+    return adata, model, measured, is_spatial
+
+
+def _dense(x):
+    return x.toarray() if hasattr(x, "toarray") else np.asarray(x)
+
+
+def _tissue_with_batch(model, adata, batch_name):
+    """The first tissue minibatch whose cells belong to ``batch_name`` (a whole batch here)."""
+    code = list(model.adata_manager.get_state_registry(BATCH_KEY).categorical_mapping).index(
+        batch_name
+    )
+    _, _, loader = model._tissue_loader(adata, None, None)
+    for tensors in loader:
+        if (tensors[BATCH_KEY].view(-1) == code).all():
+            return tensors
+    raise AssertionError(f"no tissue of batch {batch_name!r}")
+
+
+# ---------------------------------------------------------------------------- annotation
+def test_predict_names_in_anndata_order(labelled):
+    adata, model, _, _ = labelled
+    classes = sorted(set(adata.obs["cell_type"].astype(str)))
+    pred = model.predict()
+    assert isinstance(pred, np.ndarray)
+    assert pred.shape == (adata.n_obs,)
+    assert set(pred) <= set(classes)
+    assert UNKNOWN not in set(pred)
+    # indices: a full permutation keeps every tissue whole, so results are exactly permuted
+    perm = np.random.default_rng(3).permutation(adata.n_obs)
+    np.testing.assert_array_equal(model.predict(indices=perm), pred[perm])
+    # boolean indices select in AnnData order
+    mask = np.arange(adata.n_obs) % 3 == 0
+    soft_mask = model.predict(indices=mask, soft=True)
+    assert list(soft_mask.index) == list(adata.obs_names[mask])
+
+
+def test_predict_shuffled_new_anndata(labelled):
+    """A new AnnData with rows shuffled gives the same per-cell predictions (tissues are fixed
+    by ``tissue_key``, so context is unchanged)."""
+    adata, model, _, _ = labelled
+    soft = model.predict(soft=True)
+    perm = np.random.default_rng(4).permutation(adata.n_obs)
+    fresh = ad.AnnData(
+        X=adata.layers["counts"][perm].copy(),
+        obs=adata.obs.iloc[perm][["label", "fov"]].copy(),
+        var=pd.DataFrame(index=adata.var_names.copy()),
+    )
+    fresh.layers["counts"] = fresh.X.copy()
+    soft_fresh = model.predict(fresh, soft=True)
+    assert list(soft_fresh.index) == list(adata.obs_names[perm])
+    np.testing.assert_allclose(soft_fresh.to_numpy(), soft.to_numpy()[perm], atol=1e-4)
+
+
+@pytest.mark.parametrize("how", ["copy", "view"])
+def test_predict_shuffled_copy_of_registered_anndata(labelled, how):
+    """``adata[perm].copy()`` (or a view) still carries the bookkeeping columns of the
+    registered AnnData; results must nevertheless come back in the new row order."""
+    adata, model, _, _ = labelled
+    soft = model.predict(soft=True)
+    perm = np.random.default_rng(5).permutation(adata.n_obs)
+    shuffled = adata[perm].copy() if how == "copy" else adata[perm]
+    soft_shuffled = model.predict(shuffled, soft=True)
+    np.testing.assert_allclose(soft_shuffled.to_numpy(), soft.to_numpy()[perm], atol=1e-4)
+
+
+def test_latent_of_subset_copy(labelled):
+    """A row subset of the registered AnnData (last cells) can be embedded."""
+    adata, model, _, _ = labelled
+    sub = adata[adata.n_obs // 2 :].copy()
+    z = model.get_latent_representation(sub)
+    assert z.shape == (sub.n_obs, TINY["n_latent"])
+    assert np.isfinite(z).all()
+
+
+def test_predict_soft(labelled):
+    adata, model, _, _ = labelled
+    classes = sorted(set(adata.obs["cell_type"].astype(str)))
+    soft = model.predict(soft=True)
+    assert isinstance(soft, pd.DataFrame)
+    assert soft.shape == (adata.n_obs, len(classes))
+    assert sorted(soft.columns) == classes
+    assert UNKNOWN not in soft.columns
+    assert list(soft.index) == list(adata.obs_names)
+    np.testing.assert_allclose(soft.sum(1).to_numpy(), 1.0, atol=1e-5)
+    assert (soft.to_numpy() >= 0).all()
+    np.testing.assert_array_equal(soft.columns[soft.to_numpy().argmax(1)], model.predict())
+
+
+def test_unlabeled_category_is_last_code(labelled):
+    _, model, _, _ = labelled
+    mapping = list(model.adata_manager.get_state_registry(LABELS_KEY).categorical_mapping)
+    assert mapping[-1] == UNKNOWN
+    assert model.module.n_labels == len(mapping) - 1
+
+
+def test_predict_without_labels_raises(pbmc):
+    adata = pbmc.copy()
+    cp.CellPLM.setup_anndata(adata, layer="counts")
+    model = cp.CellPLM(adata, **TINY)
+    assert model.module.classifier is None
+    with pytest.raises(ValueError, match="labels"):
+        model.predict()
+
+
+def test_predict_single_class_raises(pbmc):
+    adata = pbmc.copy()
+    adata.obs["label"] = np.where(np.arange(adata.n_obs) % 2, "T", UNKNOWN)
+    cp.CellPLM.setup_anndata(adata, layer="counts", labels_key="label")
+    model = cp.CellPLM(adata, **TINY)
+    with pytest.raises(ValueError):
+        model.predict()
+
+
+def test_training_with_labels_learns(labelled):
+    adata, model, hidden, untrained = labelled
+    truth = adata.obs["cell_type"].astype(str).to_numpy()
+    pred = model.predict()
+    majority = adata.obs["cell_type"][~hidden].value_counts(normalize=True).max()
+    acc = (pred == truth)[~hidden].mean()
+    bacc = balanced_accuracy_score(truth[~hidden], pred[~hidden])
+    acc_before = (untrained == truth)[~hidden].mean()
+    assert acc > max(majority + 0.1, acc_before + 0.2), (acc, majority, acc_before)
+    assert bacc > 0.3, bacc  # chance: 0.1
+    # the hidden cells (never in the cross-entropy) are predicted above chance too
+    assert (pred == truth)[hidden].mean() > majority, (pred == truth)[hidden].mean()
+    history = model.history["classification_loss_train"].to_numpy(dtype=float).ravel()
+    assert history[-1] < history[0]
+
+
+def _inference(model, tensors):
+    model.module.eval()
+    with torch.no_grad():
+        return model.module.inference(**model.module._get_inference_input(tensors))
+
+
+def test_unknown_cells_not_in_cross_entropy(labelled):
+    adata, model, _, _ = labelled
+    module = model.module
+    _, _, loader = model._tissue_loader(adata, None, None)
+    tensors = next(iter(loader))
+    inf = _inference(model, tensors)
+    labels = tensors[LABELS_KEY].view(-1).long()
+    known = labels < module.n_labels
+    assert known.any() and (~known).any()
+
+    ce = module.classification_loss(tensors, inf)
+    expected = torch.nn.functional.cross_entropy(inf["logits"][known], labels[known])
+    torch.testing.assert_close(ce, expected)
+
+    # all labels unknown -> no cross-entropy at all
+    all_unknown = {**tensors, LABELS_KEY: torch.full_like(tensors[LABELS_KEY], module.n_labels)}
+    assert module.classification_loss(all_unknown, inf) is None
+
+    # the logits of unknown cells do not matter ...
+    logits = inf["logits"].clone()
+    logits[~known] = torch.randn_like(logits[~known]) * 10
+    torch.testing.assert_close(module.classification_loss(tensors, {**inf, "logits": logits}), ce)
+    # giving an unknown cell a class code brings it into the CE (so it was excluded before)
+    i = int(torch.nonzero(~known)[0, 0])
+    relabelled = labels.clone()
+    relabelled[i] = 0
+    t2 = {**tensors, LABELS_KEY: relabelled.view_as(tensors[LABELS_KEY])}
+    assert not torch.allclose(module.classification_loss(t2, inf), ce)
+    # changing the label of a known cell changes the CE
+    j = int(torch.nonzero(known)[0, 0])
+    flipped = labels.clone()
+    flipped[j] = (flipped[j] + 1) % module.n_labels
+    t3 = {**tensors, LABELS_KEY: flipped.view_as(tensors[LABELS_KEY])}
+    assert not torch.allclose(module.classification_loss(t3, inf), ce)
+
+    # the full loss reports the same CE
+    module.eval()
+    with torch.no_grad():
+        _, _, losses = module(tensors)
+    torch.testing.assert_close(losses.extra_metrics["classification_loss"], ce)
+
+
+def test_unknown_cell_gets_no_gradient(labelled):
+    adata, model, _, _ = labelled
+    module = model.module
+    _, _, loader = model._tissue_loader(adata, None, None)
+    tensors = next(iter(loader))
+    inf = _inference(model, tensors)
+    logits = inf["logits"].clone().requires_grad_(True)
+    module.classification_loss(tensors, {**inf, "logits": logits}).backward()
+    known = tensors[LABELS_KEY].view(-1) < module.n_labels
+    assert (logits.grad[~known] == 0).all()
+    assert (logits.grad[known].abs().sum(1) > 0).all()
+
+
+def test_train_after_inference_uses_training_mode(pbmc):
+    """``train`` after an inference call (which puts the module in eval mode, as
+    ``load_official`` does) must still train with masking and dropout."""
+    adata = pbmc.copy()
+    cp.CellPLM.setup_anndata(adata, layer="counts", max_cells=350)
+    model = cp.CellPLM(adata, **TINY)
+    model.get_latent_representation()
+    seen = []
+    loss = model.module.loss
+
+    def spy(tensors, inference_outputs, generative_outputs, **kwargs):
+        seen.append((model.module.training, inference_outputs["mask"] is not None))
+        return loss(tensors, inference_outputs, generative_outputs, **kwargs)
+
+    model.module.loss = spy
+    model.train(max_epochs=1, train_size=1.0, **QUIET)
+    assert seen and all(training and masked for training, masked in seen), seen
+
+
+def test_train_with_fully_unlabelled_tissue(pbmc):
+    """A tissue whose cells are all Unknown trains without error (its step has no CE)."""
+    scvi.settings.seed = 0
+    adata = pbmc.copy()
+    adata.obs["fov"] = np.where(np.arange(adata.n_obs) < 200, "a", "b")
+    adata.obs["label"] = np.where(
+        adata.obs["fov"] == "a", UNKNOWN, adata.obs["cell_type"].astype(str)
+    )
+    cp.CellPLM.setup_anndata(adata, layer="counts", labels_key="label", tissue_key="fov")
+    model = cp.CellPLM(adata, **TINY)
+    model.train(max_epochs=2, train_size=1.0, **QUIET)
+    assert np.isfinite(model.history["train_loss"].to_numpy(dtype=float)).all()
+
+
+# ---------------------------------------------------------------------------- expression
+def test_normalized_expression_shape_and_library(labelled):
+    adata, model, _, _ = labelled
+    expr = model.get_normalized_expression()
+    assert isinstance(expr, pd.DataFrame)
+    assert expr.shape == (adata.n_obs, adata.n_vars)
+    assert list(expr.index) == list(adata.obs_names)
+    assert list(expr.columns) == list(adata.var_names)
+    np.testing.assert_allclose(expr.sum(1).to_numpy(), 1.0, rtol=1e-4)
+    assert (expr.to_numpy() >= 0).all()
+    big = model.get_normalized_expression(library_size=1e4, return_numpy=True)
+    assert isinstance(big, np.ndarray)
+    np.testing.assert_allclose(big.sum(1), 1e4, rtol=1e-4)
+    np.testing.assert_allclose(big, expr.to_numpy() * 1e4, rtol=1e-4, atol=1e-6)
+
+
+def test_normalized_expression_gene_list_and_indices(labelled):
+    adata, model, _, _ = labelled
+    full = model.get_normalized_expression()
+    rng = np.random.default_rng(6)
+    genes = list(adata.var_names[rng.choice(adata.n_vars, 25, replace=False)])
+    sub = model.get_normalized_expression(gene_list=genes)
+    assert list(sub.columns) == genes
+    np.testing.assert_allclose(sub.to_numpy(), full[genes].to_numpy(), rtol=1e-5, atol=1e-9)
+    perm = rng.permutation(adata.n_obs)
+    by_idx = model.get_normalized_expression(indices=perm, gene_list=genes)
+    assert list(by_idx.index) == list(adata.obs_names[perm])
+    np.testing.assert_allclose(
+        by_idx.to_numpy(), full[genes].to_numpy()[perm], rtol=1e-5, atol=1e-9
+    )
+
+
+def test_normalized_expression_unknown_gene(labelled):
+    _, model, _, _ = labelled
+    with pytest.raises(KeyError):
+        model.get_normalized_expression(gene_list=["NOT_A_GENE"])
+
+
+def test_observed_library_matches_measured_counts(panel):
+    adata, model, measured, is_spatial = panel
+    expr = model.get_normalized_expression(library_size="observed").to_numpy()
+    x = _dense(adata.layers["counts"])
+    # spatial cells: their 300 measured genes add up to their observed counts
+    np.testing.assert_allclose(
+        expr[is_spatial][:, measured].sum(1), x[is_spatial][:, measured].sum(1), rtol=1e-4
+    )
+    # ... and the prediction of unmeasured genes is not forced to the (zero) input
+    assert expr[is_spatial][:, ~measured].sum() > 0
+    # reference cells measured every gene
+    np.testing.assert_allclose(expr[~is_spatial].sum(1), x[~is_spatial].sum(1), rtol=1e-4)
+
+
+def test_impute_genes(panel):
+    adata, model, measured, is_spatial = panel
+    genes = list(adata.var_names[~measured][:20])
+    imputed = model.impute_genes(genes)
+    assert isinstance(imputed, pd.DataFrame)
+    assert list(imputed.columns) == genes
+    assert list(imputed.index) == list(adata.obs_names)
+    observed = model.get_normalized_expression(library_size="observed")
+    np.testing.assert_allclose(imputed.to_numpy(), observed[genes].to_numpy(), rtol=1e-5)
+    # counts scale: per-cell totals are the cell's counts, not frequencies
+    freq = model.get_normalized_expression(gene_list=genes)
+    lib = _dense(adata.layers["counts"])[:, measured].sum(1)
+    assert np.median(imputed.to_numpy().sum(1)) > 10 * np.median(freq.to_numpy().sum(1))
+    assert np.median(lib) > 100
+    # subset of cells in the requested order
+    idx = np.flatnonzero(is_spatial)[::-1][:30]
+    part = model.impute_genes(genes, indices=idx)
+    assert list(part.index) == list(adata.obs_names[idx])
+    with pytest.raises(KeyError):
+        model.impute_genes(["NOT_A_GENE"])
+    with pytest.raises(KeyError):
+        model.impute_genes([genes[0], "NOT_A_GENE"])
+
+
+# ---------------------------------------------------------------------------- measured genes
+def test_measured_weights_rows(panel):
+    adata, model, measured, _ = panel
+    t_sp = _tissue_with_batch(model, adata, "spatial")
+    w = model.module.measured_weights(t_sp)
+    assert w.shape == (t_sp[BATCH_KEY].shape[0], adata.n_vars)
+    assert (w.cpu().numpy() == measured[None, :]).all()
+    t_ref = _tissue_with_batch(model, adata, "ref")
+    assert model.module.measured_weights(t_ref).all()
+
+
+def _recon(losses):
+    return sum(losses.reconstruction_loss.values())
+
+
+def _recon_with_target(module, tensors, inf, gen, x):
+    return _recon(module.loss({**tensors, X_KEY: x}, inf, gen))
+
+
+def test_unmeasured_gene_does_not_change_loss(panel):
+    """The target counts of an unmeasured gene do not enter the spatial batch's loss (not in
+    the NB terms, not in the library size); a measured gene does."""
+    adata, model, measured, _ = panel
+    module = model.module
+    module.eval()
+    tensors = _tissue_with_batch(model, adata, "spatial")
+    with torch.no_grad():
+        inf, gen, losses = module(tensors)
+        x = tensors[X_KEY].to_dense()
+        base = _recon_with_target(module, tensors, inf, gen, x)
+        torch.testing.assert_close(base, _recon(losses))
+        off = int(np.flatnonzero(~measured)[0])
+        on = int(np.flatnonzero(measured)[0])
+        x_off = x.clone()
+        x_off[:, off] += 50
+        torch.testing.assert_close(_recon_with_target(module, tensors, inf, gen, x_off), base)
+        x_on = x.clone()
+        x_on[:, on] += 50
+        changed = _recon_with_target(module, tensors, inf, gen, x_on)
+        assert (changed - base).abs().min() > 1e-3
+
+        # reference cells measured everything: the same change matters there
+        t_ref = _tissue_with_batch(model, adata, "ref")
+        inf_r, gen_r, _ = module(t_ref)
+        xr = t_ref[X_KEY].to_dense()
+        base_r = _recon_with_target(module, t_ref, inf_r, gen_r, xr)
+        xr_off = xr.clone()
+        xr_off[:, off] += 50
+        changed_r = _recon_with_target(module, t_ref, inf_r, gen_r, xr_off)
+        assert (changed_r - base_r).abs().min() > 1e-3
+
+
+def test_masked_nb_loss_measured():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.poisson(torch.full((6, 10), 3.0), generator=gen)
+    mean = torch.rand(6, 10, generator=gen) + 0.1
+    theta = torch.rand(10, generator=gen) + 0.5
+    measured = torch.zeros(6, 10, dtype=torch.bool)
+    measured[:, :6] = True
+    measured[3:, 6:8] = True  # second half measured two more genes
+    base = masked_nb_loss(x, mean, theta, measured=measured)
+    assert base.shape == (6,)
+    x2, mean2 = x.clone(), mean.clone()
+    x2[:, 9] += 40
+    mean2[:, 9] *= 100  # unmeasured everywhere: neither the target nor the mean matters
+    x2[:, 7] += 40  # unmeasured in the first half only
+    torch.testing.assert_close(masked_nb_loss(x2, mean2, theta, measured=measured)[:3], base[:3])
+    assert not torch.allclose(masked_nb_loss(x2, mean2, theta, measured=measured)[3:], base[3:])
+    # equals the unmasked loss of the measured columns alone (cells 0..2: columns 0..5)
+    torch.testing.assert_close(base[:3], masked_nb_loss(x[:3, :6], mean[:3, :6], theta[:6]))
+    # a measured gene changes the loss
+    x3 = x.clone()
+    x3[:, 0] += 40
+    assert (masked_nb_loss(x3, mean, theta, measured=measured) - base).abs().min() > 1e-3
+    # the DAE term with entries restricted to measured genes
+    entries = torch.zeros_like(measured)
+    entries[:, [0, 9]] = True
+    with_dae = masked_nb_loss(x, mean, theta, entries & measured, measured)
+    with_dae2 = masked_nb_loss(x2, mean2, theta, entries & measured, measured)
+    torch.testing.assert_close(with_dae[:3], with_dae2[:3])
+
+
+# ---------------------------------------------------------------------------- errors
+def _panel_adata(pbmc, batches, table):
+    adata = pbmc.copy()
+    adata.obs["tech"] = pd.Categorical(np.resize(batches, adata.n_obs))
+    adata.varm["measured"] = table
+    return adata
+
+
+def test_measured_genes_key_missing(pbmc):
+    adata = pbmc.copy()
+    adata.obs["tech"] = "a"
+    with pytest.raises(KeyError, match="measured"):
+        cp.CellPLM.setup_anndata(
+            adata, layer="counts", batch_key="tech", measured_genes_key="measured"
+        )
+
+
+def test_measured_genes_unknown_batch_column(pbmc):
+    table = pd.DataFrame(
+        {"spatial": np.ones(pbmc.n_vars, bool), "typo": np.ones(pbmc.n_vars, bool)},
+        index=pbmc.var_names,
+    )
+    adata = _panel_adata(pbmc, ["ref", "spatial"], table)
+    with pytest.raises(ValueError, match="typo"):
+        cp.CellPLM.setup_anndata(
+            adata, layer="counts", batch_key="tech", measured_genes_key="measured"
+        )
+        cp.CellPLM(adata, **TINY)
+
+
+def test_measured_genes_empty_batch(pbmc):
+    table = pd.DataFrame({"spatial": np.zeros(pbmc.n_vars, bool)}, index=pbmc.var_names)
+    adata = _panel_adata(pbmc, ["ref", "spatial"], table)
+    with pytest.raises(ValueError, match="spatial"):
+        cp.CellPLM.setup_anndata(
+            adata, layer="counts", batch_key="tech", measured_genes_key="measured"
+        )
+        cp.CellPLM(adata, **TINY)
+
+
+def test_measured_genes_integer_batch_categories(pbmc):
+    """Batch categories 0/1 (integers) and table columns "0"/"1" pass the name check, so the
+    panel must also be applied (not silently ignored)."""
+    panel = np.arange(pbmc.n_vars) < N_PANEL
+    table = pd.DataFrame({"1": panel}, index=pbmc.var_names)
+    adata = pbmc.copy()
+    adata.obs["tech"] = np.arange(adata.n_obs) % 2
+    adata.varm["measured"] = table
+    cp.CellPLM.setup_anndata(
+        adata, layer="counts", batch_key="tech", measured_genes_key="measured"
+    )
+    model = cp.CellPLM(adata, **TINY)
+    np.testing.assert_array_equal(model.module.measured_genes.sum(1).numpy(), [765, N_PANEL])
