@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import scanpy as sc
 import scvi
+import torch
 from anndata import AnnData
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -127,6 +128,9 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     say = print if verbose else _silent
     scvi.settings.seed = seed
+    # scanpy's numba kernels reset the OpenMP thread count shared with torch to all cores
+    # (ignoring OMP_NUM_THREADS); training restores the count torch had at the start.
+    n_threads = torch.get_num_threads()
 
     # 1. a spatial tissue: real PBMCs placed into simulated niches on slides
     adata = datasets.simulate_tissue(n_cells=n_cells, n_slides=n_slides, seed=seed)
@@ -166,6 +170,7 @@ def run(
     )
     model = CellPLM(adata, n_hidden=n_hidden, n_layers=n_layers, n_latent=n_latent)
     say(model)
+    torch.set_num_threads(n_threads)
     model.train(max_epochs=epochs, accelerator=accelerator, enable_progress_bar=verbose)
 
     # 4. the embedding

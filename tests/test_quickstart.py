@@ -1,0 +1,103 @@
+"""The quickstart runs end to end with tiny settings and writes its outputs."""
+
+import anndata as ad
+import numpy as np
+import pytest
+
+from cellplm_scvi.quickstart import format_table, linear_probe, main, run, spatial_mean
+
+N_CELLS = 600
+N_LATENT = 8
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quickstart")
+    scores = run(
+        out,
+        n_cells=N_CELLS,
+        epochs=1,
+        seed=0,
+        verbose=False,
+        n_hidden=32,
+        n_layers=1,
+        n_latent=N_LATENT,
+        accelerator="cpu",
+    )
+    return out, scores
+
+
+def test_outputs_written(quickstart):
+    out, _ = quickstart
+    png = out / "quickstart.png"
+    assert png.is_file()
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    adata = ad.read_h5ad(out / "quickstart.h5ad")
+    assert adata.n_obs == N_CELLS
+    assert adata.obsm["X_cellplm"].shape == (N_CELLS, N_LATENT)
+    assert np.isfinite(adata.obsm["X_cellplm"]).all()
+    assert adata.obsm["X_umap"].shape == (N_CELLS, 2)
+    assert "cellplm_tissue" in adata.obs
+    # counts are kept for the model, X is log-normalised for the PCA baseline
+    counts = adata.layers["counts"]
+    assert np.array_equal(counts.data, np.round(counts.data))
+    model_dir = out / "model"
+    assert model_dir.is_dir()
+    assert any(model_dir.iterdir())
+
+
+def test_scores(quickstart):
+    _, scores = quickstart
+    assert set(scores) == {"CellPLM", "PCA", "PCA + spatial"}
+    for row in scores.values():
+        assert set(row) == {"cell_type_f1", "niche_f1", "seconds"}
+        assert 0.0 <= row["cell_type_f1"] <= 1.0
+        assert 0.0 <= row["niche_f1"] <= 1.0
+        assert row["seconds"] >= 0.0
+    # 10 cell types (chance macro-F1 ~0.1): PCA of real PBMC profiles separates them well
+    assert scores["PCA"]["cell_type_f1"] > 0.5
+    # the spatial baseline sees the niche (5 niches, chance ~0.2)
+    assert scores["PCA + spatial"]["niche_f1"] > scores["PCA"]["niche_f1"]
+    table = format_table(scores)
+    assert all(name in table for name in scores)
+
+
+def test_model_loads(quickstart):
+    from cellplm_scvi import CellPLM
+
+    out, _ = quickstart
+    adata = ad.read_h5ad(out / "quickstart.h5ad")
+    model = CellPLM.load(out / "model", adata=adata)
+    z = model.get_latent_representation()
+    np.testing.assert_allclose(z, adata.obsm["X_cellplm"], rtol=1e-4, atol=1e-4)
+
+
+def test_linear_probe_chance_and_perfect():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(["a", "b", "c"], 50)
+    separable = np.eye(3)[np.repeat([0, 1, 2], 50)] + 0.01 * rng.normal(size=(150, 3))
+    assert linear_probe(separable, labels) == 1.0
+    assert linear_probe(rng.normal(size=(150, 3)), labels) < 0.6
+
+
+def test_spatial_mean_stays_within_slide():
+    obs_slide = np.repeat(["s0", "s1"], 4)
+    adata = ad.AnnData(
+        obs={"slide": obs_slide},
+        obsm={"spatial": np.tile(np.c_[np.arange(4.0), np.zeros(4)], (2, 1))},
+    )
+    features = np.r_[np.zeros(4), np.ones(4)][:, None]
+    mean = spatial_mean(adata, features, n_neighbors=2)
+    np.testing.assert_array_equal(mean[:, 0], features[:, 0])
+    # the neighbours of cell 0 are cells 1 and 2 (not itself)
+    mean = spatial_mean(adata, np.arange(8.0)[:, None], n_neighbors=2)
+    assert mean[0, 0] == pytest.approx(1.5)
+
+
+def test_main_parses_arguments(monkeypatch):
+    import cellplm_scvi.quickstart as quickstart
+
+    seen = {}
+    monkeypatch.setattr(quickstart, "run", lambda out, **kwargs: seen.update(out=out, **kwargs))
+    main(["--out", "x", "--n-cells", "10", "--epochs", "2", "--seed", "3"])
+    assert seen == {"out": "x", "n_cells": 10, "epochs": 2, "seed": 3}
