@@ -17,12 +17,17 @@ import scvi
 
 import cellplm_scvi as cp
 from cellplm_scvi import CellPLM
+from tests._anndata_checks import (
+    SCVI_UNS,
+    assert_data_unchanged,
+    snapshot,
+    unregistered,
+)
 
 N_CELLS = 800
 ARCH = {"n_hidden": 32, "n_layers": 1, "n_heads": 4, "n_latent": 8}
 FIT = {"accelerator": "cpu", "enable_progress_bar": False}
 VAL = {"check_val_every_n_epoch": 1}  # validation loss every epoch
-SCVI_UNS = {"_scvi_uuid", "_scvi_manager_uuid"}
 CELLPLM_OBS = {"cellplm_tissue", "_cellplm_tissue_code", "_cellplm_indices"}
 SCVI_OBS = {"_scvi_batch", "_scvi_labels"}  # written by scvi-tools' categorical obs fields
 
@@ -39,52 +44,6 @@ def _simulate(n_cells: int = N_CELLS, seed: int = 0) -> ad.AnnData:
         adata.obs["slide"].astype(str) + "_" + cell[:, 0].astype(str) + cell[:, 1].astype(str)
     )
     return adata
-
-
-def _unregistered(adata: ad.AnnData) -> ad.AnnData:
-    """A copy that scvi-tools sees as a new AnnData (no scvi uuids)."""
-    out = adata.copy()
-    for key in SCVI_UNS:
-        out.uns.pop(key, None)
-    return out
-
-
-def _dense(x) -> np.ndarray:
-    return x.toarray() if sp.issparse(x) else np.asarray(x)
-
-
-def _snapshot(adata: ad.AnnData) -> dict:
-    """Copies of everything a failed or successful setup must leave alone."""
-    return {
-        "X": None if adata.X is None else adata.X.copy(),
-        "layers": {k: v.copy() for k, v in adata.layers.items()},
-        "obsm": {k: np.array(v, copy=True) for k, v in adata.obsm.items()},
-        "obs": adata.obs.copy(),
-        "var": adata.var.copy(),
-        "uns": set(adata.uns),
-    }
-
-
-def _assert_matrix_unchanged(before, after, where: str) -> None:
-    if before is None:
-        assert after is None, where
-        return
-    assert type(after) is type(before), f"{where}: type changed"
-    assert after.dtype == before.dtype, f"{where}: dtype changed"
-    if sp.issparse(before):
-        assert after.format == before.format, f"{where}: sparse format changed"
-    np.testing.assert_array_equal(_dense(after), _dense(before), err_msg=where)
-
-
-def _assert_data_unchanged(adata: ad.AnnData, snap: dict) -> None:
-    """X, layers and obsm are identical to the snapshot (NaN compares equal to NaN)."""
-    _assert_matrix_unchanged(snap["X"], adata.X, "X")
-    assert set(adata.layers) == set(snap["layers"])
-    for key, value in snap["layers"].items():
-        _assert_matrix_unchanged(value, adata.layers[key], f"layers[{key!r}]")
-    assert set(adata.obsm) == set(snap["obsm"])
-    for key, value in snap["obsm"].items():
-        np.testing.assert_array_equal(np.asarray(adata.obsm[key]), value, err_msg=key)
 
 
 def _embedding_by_name(model: CellPLM, adata: ad.AnnData) -> pd.DataFrame:
@@ -177,7 +136,7 @@ def test_latents_and_spatial_encoding(simulated, latent, spatial_pe):
     assert np.isfinite(z).all()
 
     # Same cells and tissues, coordinates swapped between cells: only the encoding changes.
-    moved = _unregistered(adata)
+    moved = unregistered(adata)
     moved.obsm["spatial"] = adata.obsm["spatial"][np.random.default_rng(0).permutation(N_CELLS)]
     z_moved = model.get_latent_representation(moved)
     if spatial_pe:
@@ -258,7 +217,7 @@ def test_row_order_invariance(fov_model):
     model, adata = fov_model
     reference = _embedding_by_name(model, adata)
     perm = np.random.default_rng(1).permutation(adata.n_obs)
-    shuffled = _unregistered(adata[perm])
+    shuffled = unregistered(adata[perm])
     assert not (shuffled.obs_names == adata.obs_names).all()
     result = _embedding_by_name(model, shuffled)
     np.testing.assert_allclose(
@@ -295,9 +254,9 @@ def test_transfer_to_new_anndata(fitted, simulated):
 
     # never set up: tissues are computed with the training setup, same cells -> same result
     fresh = simulated.copy()
-    before = _snapshot(fresh)
+    before = snapshot(fresh)
     np.testing.assert_allclose(model.get_latent_representation(fresh), z, atol=1e-5)
-    _assert_data_unchanged(fresh, before)
+    assert_data_unchanged(fresh, before)
     assert CELLPLM_OBS <= set(fresh.obs)
     np.testing.assert_array_equal(fresh.obs["cellplm_tissue"], adata.obs["cellplm_tissue"])
 
@@ -332,10 +291,10 @@ def test_transfer_validates_new_anndata(fitted, simulated, mutate, error, match)
     model, _ = fitted
     new = simulated[:0].copy() if match == "no cells" else simulated.copy()
     mutate(new)
-    before = _snapshot(new)
+    before = snapshot(new)
     with pytest.raises(error, match=match):
         model.get_latent_representation(new)
-    _assert_data_unchanged(new, before)
+    assert_data_unchanged(new, before)
 
 
 # ------------------------------------------------------------------------------ save / load
@@ -451,10 +410,10 @@ def test_setup_rejects_invalid_input(simulated, case):
     adata = simulated[:0].copy() if mutate == "empty" else simulated.copy()
     if callable(mutate):
         mutate(adata)
-    before = _snapshot(adata)
+    before = snapshot(adata)
     with pytest.raises(error, match=match):
         CellPLM.setup_anndata(adata, **{**SETUP, **kwargs})
-    _assert_data_unchanged(adata, before)
+    assert_data_unchanged(adata, before)
     # a failed setup writes nothing
     assert list(adata.obs.columns) == list(before["obs"].columns)
     assert set(adata.uns) == before["uns"]
@@ -464,10 +423,10 @@ def test_missing_values_in_obs_keys_are_rejected(simulated):
     adata = simulated.copy()
     adata.obs["cell_type"] = adata.obs["cell_type"].astype(object)
     adata.obs.loc[adata.obs_names[0], "cell_type"] = np.nan
-    before = _snapshot(adata)
+    before = snapshot(adata)
     with pytest.raises(ValueError, match="missing values"):
         CellPLM.setup_anndata(adata, **SETUP, labels_key="cell_type")
-    _assert_data_unchanged(adata, before)
+    assert_data_unchanged(adata, before)
 
 
 def test_single_cell_tissue_warns_and_trains(simulated, caplog):
@@ -508,7 +467,7 @@ def test_unknown_latent_is_rejected(simulated):
 @pytest.mark.parametrize("tissue_key", [None, "fov"])
 def test_setup_writes_only_documented_fields(simulated, tissue_key):
     adata = simulated.copy()
-    before = _snapshot(adata)
+    before = snapshot(adata)
     CellPLM.setup_anndata(
         adata,
         layer="counts",
@@ -519,7 +478,7 @@ def test_setup_writes_only_documented_fields(simulated, tissue_key):
         tissue_key=tissue_key,
         max_cells=200,
     )
-    _assert_data_unchanged(adata, before)
+    assert_data_unchanged(adata, before)
     pd.testing.assert_frame_equal(adata.var, before["var"])
     old = list(before["obs"].columns)
     pd.testing.assert_frame_equal(adata.obs[old], before["obs"])
@@ -545,7 +504,7 @@ FORMATS = [
 def _with_counts_in_x(adata: ad.AnnData, convert) -> ad.AnnData:
     """Unregistered copy with the counts, converted, in ``X`` and no layers."""
     counts = adata.layers["counts"] if "counts" in adata.layers else adata.X
-    out = _unregistered(adata)
+    out = unregistered(adata)
     out.X = convert(sp.csr_matrix(counts))
     for key in list(out.layers):
         del out.layers[key]
@@ -577,6 +536,6 @@ def test_matrix_type_gives_same_embedding(csr_model, convert):
     model, adata = csr_model
     reference = model.get_latent_representation()
     other = _with_counts_in_x(adata, convert)
-    before = _snapshot(other)
+    before = snapshot(other)
     np.testing.assert_allclose(model.get_latent_representation(other), reference, atol=1e-5)
-    _assert_data_unchanged(other, before)
+    assert_data_unchanged(other, before)

@@ -33,6 +33,12 @@ import cellplm_scvi as cp
 from cellplm_scvi import CellPLM
 from cellplm_scvi._validation import check_counts
 from cellplm_scvi.datasets import random_official_checkpoint
+from tests._anndata_checks import (
+    assert_data_unchanged,
+    dense,
+    snapshot,
+    unregistered,
+)
 
 N_CELLS = 400
 N_VARS = 765  # genes of the simulated data
@@ -46,7 +52,6 @@ SETUP = {
     "spatial_key": "spatial",
     "tissue_key": "fov",
 }
-SCVI_UNS = ("_scvi_uuid", "_scvi_manager_uuid")
 QUERY_SAMPLE = "slide1_R"  # the query batch of the query-mapping tests
 MODEL_FILE_FORMAT = "cellplm_scvi/1"
 
@@ -70,47 +75,6 @@ def _simulate(n_cells: int = N_CELLS, seed: int = 0) -> ad.AnnData:
     )
     adata.obs["sample"] = pd.Categorical(slide + np.where(cell[:, 0] == 0, "_L", "_R"))
     return adata
-
-
-def _unregistered(adata: ad.AnnData) -> ad.AnnData:
-    """A copy that scvi-tools sees as a new AnnData (no scvi uuids)."""
-    out = adata.copy()
-    for key in SCVI_UNS:
-        out.uns.pop(key, None)
-    return out
-
-
-def _dense(x) -> np.ndarray:
-    return x.toarray() if sp.issparse(x) else np.asarray(x)
-
-
-def _snapshot(adata: ad.AnnData) -> dict:
-    """Copies of the data a call must leave alone: X, layers, obsm."""
-    return {
-        "X": None if adata.X is None else adata.X.copy(),
-        "layers": {k: v.copy() for k, v in adata.layers.items()},
-        "obsm": {k: np.array(v, copy=True) for k, v in adata.obsm.items()},
-    }
-
-
-def _assert_matrix_unchanged(before, after, where: str) -> None:
-    if before is None:
-        assert after is None, where
-        return
-    assert type(after) is type(before), f"{where}: type changed"
-    assert after.dtype == before.dtype, f"{where}: dtype changed"
-    np.testing.assert_array_equal(_dense(after), _dense(before), err_msg=where)
-
-
-def _assert_data_unchanged(adata: ad.AnnData, snap: dict) -> None:
-    """X, layers and obsm are identical to the snapshot (NaN compares equal to NaN)."""
-    _assert_matrix_unchanged(snap["X"], adata.X, "X")
-    assert set(adata.layers) == set(snap["layers"])
-    for key, value in snap["layers"].items():
-        _assert_matrix_unchanged(value, adata.layers[key], f"layers[{key!r}]")
-    assert set(adata.obsm) == set(snap["obsm"])
-    for key, value in snap["obsm"].items():
-        np.testing.assert_array_equal(np.asarray(adata.obsm[key]), value, err_msg=key)
 
 
 def _by_name(values: np.ndarray, adata: ad.AnnData) -> pd.DataFrame:
@@ -261,19 +225,19 @@ def test_inference_rejects_bad_input(trained, simulated, case):
     mutate, match = INFERENCE_ERRORS[case]
     new = simulated.copy()
     mutate(new)
-    before = _snapshot(new)
+    before = snapshot(new)
     with pytest.raises(ValueError, match=match):
         model.get_latent_representation(adata=new)
-    _assert_data_unchanged(new, before)
+    assert_data_unchanged(new, before)
 
 
 def test_inference_rejects_missing_genes(trained, simulated):
     model, _ = trained
     new = simulated[:, : N_VARS - 65].copy()
-    before = _snapshot(new)
+    before = snapshot(new)
     with pytest.raises(ValueError, match="other genes than the model"):
         model.get_latent_representation(adata=new)
-    _assert_data_unchanged(new, before)
+    assert_data_unchanged(new, before)
 
 
 def test_unseen_batch_error_names_the_fix(trained, simulated):
@@ -315,10 +279,10 @@ def _permuted_genes(a):
 def test_inference_rejects_other_gene_set(trained, simulated, make):
     model, _ = trained
     new = make(simulated)
-    before = _snapshot(new)
+    before = snapshot(new)
     with pytest.raises(ValueError, match="var_names|genes"):
         model.get_latent_representation(adata=new)
-    _assert_data_unchanged(new, before)
+    assert_data_unchanged(new, before)
 
 
 def test_official_model_rejects_other_gene_set(official):
@@ -332,10 +296,10 @@ def test_load_official_rejects_duplicated_genes(official):
     _, _, vocab, prefix = official
     adata = _official_adata([*vocab[:99], vocab[5]])
     CellPLM.setup_anndata(adata, tissue_key="tissue")  # setup itself does not look at genes
-    before = _snapshot(adata)
+    before = snapshot(adata)
     with pytest.raises(ValueError, match=f"occur more than once: '{vocab[5]}'.*var_names_make"):
         CellPLM.load_official(prefix, adata)
-    _assert_data_unchanged(adata, before)
+    assert_data_unchanged(adata, before)
 
 
 # ------------------------------------------------------------------------------ 2. backed / COO
@@ -356,7 +320,7 @@ def test_backed_anndata_gives_in_memory_embedding(trained, simulated, tmp_path):
     assert set_up.isbacked
     np.testing.assert_allclose(model.get_latent_representation(set_up), z, atol=1e-5)
     # the file still holds the original counts
-    np.testing.assert_array_equal(_dense(ad.read_h5ad(path).X), _dense(simulated.X))
+    np.testing.assert_array_equal(dense(ad.read_h5ad(path).X), dense(simulated.X))
 
 
 def test_backed_anndata_bad_counts_are_rejected(trained, simulated, tmp_path):
@@ -460,7 +424,7 @@ def test_query_training_keeps_the_reference(reference, train_decoder):
         assert not torch.equal(after[name][3], before[name][3])
 
     # embeddings: reference cells exactly as before, query cells as zero-shot
-    np.testing.assert_array_equal(model.get_latent_representation(_unregistered(ref)), z_ref)
+    np.testing.assert_array_equal(model.get_latent_representation(unregistered(ref)), z_ref)
     np.testing.assert_allclose(model.get_latent_representation(), z_zero_shot, atol=1e-6)
     # the reference model is untouched
     for key, value in ref_model.module.state_dict().items():
@@ -488,7 +452,7 @@ def test_query_reference_rows_frozen_under_weight_decay(reference):
 
 def test_query_on_single_batch_reference(reference):
     _, ref, query = reference
-    single = _unregistered(ref[ref.obs["sample"] == ref.obs["sample"].iloc[0]])
+    single = unregistered(ref[ref.obs["sample"] == ref.obs["sample"].iloc[0]])
     CellPLM.setup_anndata(single, batch_key="sample", tissue_key="fov")
     scvi.settings.seed = 0
     ref_model = CellPLM(single, **ARCH)
@@ -515,7 +479,7 @@ def test_query_reference_model_type(reference, simulated):
 
 
 def _fit_from_scratch(adata: ad.AnnData, seed: int) -> CellPLM:
-    adata = _unregistered(adata)
+    adata = unregistered(adata)
     CellPLM.setup_anndata(adata, **SETUP)
     scvi.settings.seed = seed
     model = CellPLM(adata, **ARCH)
@@ -542,7 +506,7 @@ def test_row_order_does_not_change_any_output(trained):
     probs = model.predict(soft=True)
     expr = model.get_normalized_expression(gene_list=adata.var_names[:20])
     perm = np.random.default_rng(3).permutation(adata.n_obs)
-    shuffled = _unregistered(adata[perm])
+    shuffled = unregistered(adata[perm])
     order = list(shuffled.obs_names)
     assert order != names
     np.testing.assert_allclose(
@@ -573,7 +537,7 @@ def test_computed_tissues_do_not_depend_on_row_order(simulated):
     scvi.settings.seed = 0
     model = CellPLM(adata, **ARCH)
     z = _by_name(model.get_latent_representation(), adata)
-    transferred = _unregistered(simulated[np.random.default_rng(5).permutation(simulated.n_obs)])
+    transferred = unregistered(simulated[np.random.default_rng(5).permutation(simulated.n_obs)])
     got = _by_name(model.get_latent_representation(transferred), transferred)
     assert _tissue_sets(transferred) == tissues
     np.testing.assert_allclose(got.to_numpy(), z.loc[got.index].to_numpy(), atol=1e-5)
@@ -596,7 +560,7 @@ def test_saved_model_loads_with_weights_only(trained, saved):
     assert payload["format"] == MODEL_FILE_FORMAT
     assert list(payload["var_names"]) == list(adata.var_names)
     assert json.loads(payload["attributes"])["registry_"]["model_name"] == "CellPLM"
-    loaded = CellPLM.load(saved, adata=_unregistered(adata))
+    loaded = CellPLM.load(saved, adata=unregistered(adata))
     np.testing.assert_array_equal(
         loaded.get_latent_representation(), model.get_latent_representation()
     )
@@ -612,7 +576,7 @@ def test_tampered_model_file_is_refused_without_running_code(trained, saved, tmp
     else:
         (saved / "model.pt").write_bytes(pickle.dumps(payload))
     with pytest.raises(ValueError, match="Refusing to load .*pickled Python objects|raw pickle"):
-        CellPLM.load(saved, adata=_unregistered(adata))
+        CellPLM.load(saved, adata=unregistered(adata))
     assert not marker.exists(), "loading ran code from the file"
     pickle.loads(pickle.dumps(_Marker(marker)))  # the payload does work when unpickled
     assert marker.exists()
@@ -632,14 +596,14 @@ def test_damaged_model_file(trained, saved, damage):
     # weights-only unpickler refuses: a (misleading but safe) "pickled objects" error
     match = "corrupt or truncated"
     with pytest.raises(ValueError, match=match):
-        CellPLM.load(saved, adata=_unregistered(adata))
+        CellPLM.load(saved, adata=unregistered(adata))
 
 
 def test_file_without_format_marker_is_refused(trained, saved):
     model, adata = trained
     torch.save({"model_state_dict": model.module.state_dict()}, saved / "model.pt")
     with pytest.raises(ValueError, match="not a CellPLM model file"):
-        CellPLM.load(saved, adata=_unregistered(adata))
+        CellPLM.load(saved, adata=unregistered(adata))
 
 
 def test_scvi_model_directory_is_refused(simulated, tmp_path):
@@ -647,7 +611,7 @@ def test_scvi_model_directory_is_refused(simulated, tmp_path):
     scvi.model.SCVI.setup_anndata(adata)
     scvi.model.SCVI(adata, n_hidden=8, n_latent=2, n_layers=1).save(tmp_path / "scvi")
     with pytest.raises(ValueError, match="Refusing to load"):
-        CellPLM.load(tmp_path / "scvi", adata=_unregistered(adata))
+        CellPLM.load(tmp_path / "scvi", adata=unregistered(adata))
 
 
 def test_other_model_class_is_refused(trained, saved):
@@ -658,13 +622,13 @@ def test_other_model_class_is_refused(trained, saved):
     payload["attributes"] = json.dumps(attributes)
     torch.save(payload, saved / "model.pt")
     with pytest.raises(ValueError, match="holds a 'SCANVI' model, not a CellPLM"):
-        CellPLM.load(saved, adata=_unregistered(adata))
+        CellPLM.load(saved, adata=unregistered(adata))
 
 
 def test_load_into_anndata_with_fewer_genes(trained, saved):
     _, adata = trained
     with pytest.raises(ValueError, match="genes differ from the saved model"):
-        CellPLM.load(saved, adata=_unregistered(adata[:, :700]))
+        CellPLM.load(saved, adata=unregistered(adata[:, :700]))
 
 
 def test_load_into_anndata_with_other_genes(trained, simulated, saved):
@@ -684,7 +648,7 @@ def test_save_does_not_overwrite(trained, saved):
 
 def test_history_round_trips_exactly(trained, saved):
     model, adata = trained
-    loaded = CellPLM.load(saved, adata=_unregistered(adata))
+    loaded = CellPLM.load(saved, adata=unregistered(adata))
     assert set(loaded.history) == set(model.history)
     for key, frame in model.history.items():
         pd.testing.assert_frame_equal(loaded.history[key], frame, check_exact=True)
@@ -696,7 +660,7 @@ def test_history_round_trips_exactly(trained, saved):
 def test_resumed_training_runs_in_train_mode(trained, saved):
     model, adata = trained
     old_train = _history(model, "train_loss")
-    loaded = CellPLM.load(saved, adata=_unregistered(adata))
+    loaded = CellPLM.load(saved, adata=unregistered(adata))
     assert not loaded.module.training  # load leaves eval mode for inference
     np.testing.assert_allclose(_history(loaded, "train_loss"), old_train, rtol=1e-9)
 
