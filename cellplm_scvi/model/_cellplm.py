@@ -790,10 +790,12 @@ class CellPLM(BaseModelClass):
 
         def step(tensors):
             out = self.module.inference(**self.module._get_inference_input(tensors))
+            if return_dist:
+                return {"qz_m": out["qz_m"], "qz_v": out["qz_v"]}
             z = out["qz_m"]
             if not give_mean:
                 z = z + out["qz_v"].sqrt() * torch.randn_like(z)
-            return {"qz_m": out["qz_m"], "qz_v": out["qz_v"], "z": z}
+            return {"z": z}  # collect only what is returned (1M cells x 512 = 2 GB each)
 
         res = self._collect(adata, indices, batch_size, step, progress_bar, precision)
         if return_dist:

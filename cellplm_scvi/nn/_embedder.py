@@ -66,9 +66,10 @@ def _sparse_token(
 ) -> torch.Tensor:
     """``log1p(x) @ emb[gene_index]`` for a CSR ``x`` (N, G_in) -> (N, d).
 
-    Computed as weighted ``embedding_bag`` sums over each cell's non-zero genes, 64 embedding
-    columns at a time: several times faster than torch's CSR x dense product on CPU, and
-    without gathering a (G_in, d) table.
+    Computed as weighted ``embedding_bag`` sums over each cell's non-zero genes: several times
+    faster than torch's CSR x dense product on CPU, and without gathering a (G_in, d) table.
+    At inference 64 embedding columns are gathered at a time (cache-friendly); in training one
+    call is used, because each call's backward sorts the indices again.
     """
     crow, genes = x.crow_indices(), x.col_indices()
     weights = torch.log1p(x.values().float())
@@ -77,6 +78,10 @@ def _sparse_token(
         weights = weights * (genes >= 0).to(weights.dtype)  # genes outside the vocabulary
         genes = genes.clamp(min=0)
     offsets = crow[:-1]
+    if torch.is_grad_enabled() and emb.requires_grad:  # one call: its backward sorts once
+        return nn.functional.embedding_bag(
+            genes, emb, offsets, mode="sum", per_sample_weights=weights
+        )
     blocks = [  # column blocks of E stay in cache while the cells' genes are gathered
         nn.functional.embedding_bag(
             genes,

@@ -1,0 +1,260 @@
+"""One training step (forward + backward) of the full-size CellPLM: ours vs the official code.
+
+Both models hold the **same random weights**: the official ``OmicsFormer`` is built from the
+vendored ``20230926_85M`` config (GMVAE, 1024 hidden, 4 Flowformer layers, 19,374 genes, NB
+decoder with batch/dataset tables, ``model_dropout`` 0.2, ``mask_node_rate`` 0.75,
+``mask_feature_rate`` 0.25, ``dae=True``) with ``torch.manual_seed(--seed)``; its state dict is
+saved in the official file format and loaded into ours with :meth:`CellPLM.load_official`.
+The official config's node drop (``drop_node_rate`` 0.3) is set to ``--drop-node-rate``
+(default 0) so that both process the same ``--n-cells`` cells; our node drop lives in the data
+loader and is not used here.
+
+Input: one tissue of ``--n-cells`` cells x 19,374 genes with ``--density`` non-zeros
+(float32 CSR, Poisson(2) + 1).
+
+- **ours**: ``tensors`` = the minibatch of our ``TissueDataLoader`` (the whole tissue);
+  ``model.module.train()``; ``inference, generative, loss_output = module(tensors)``;
+  ``loss_output.loss.backward()`` (masked NB loss + DAE term + GMVAE loss).
+- **official**: ``x_dict = {"x_seq": coalesced torch COO, "coord": -1, "gene_mask": all
+  genes}`` (the pretraining layout, spec section 1.1/3.1); ``model.train()``;
+  ``out_dict, loss = model(x_dict)``; ``loss.backward()``.
+
+Gradients are reset (``set_to_none``) before each step; the seed is reset to ``--seed + step``
+before each step of each model. One warm-up step each, then ``--steps`` steps alternating
+ours / official; reported: median seconds per step (forward, backward, total), the ratio, and
+the peak RSS above the RSS before the step (VmHWM reset before each step). ``--profile`` also
+prints the top operators of one step of each (``torch.profiler``, self CPU time).
+
+Usage::
+
+    python benchmarks/bench_train_step.py
+    python benchmarks/bench_train_step.py --n-cells 200 --steps 1 --profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import platform
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+warnings.filterwarnings("ignore")
+
+
+# ------------------------------------------------------------------------------ machine + memory
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def rss_mb() -> float:
+    return _status_kb("VmRSS") / 1024
+
+
+def peak_mb() -> float:
+    return _status_kb("VmHWM") / 1024
+
+
+def reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> str:
+    import torch
+
+    load = os.getloadavg()
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (
+        f"date {datetime.datetime.now().isoformat(timespec='seconds')} | CPU {cpu_model()} | "
+        f"{os.cpu_count()} logical cores | RAM {mem:.0f} GB | torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads | load average {load[0]:.2f} {load[1]:.2f} "
+        f"{load[2]:.2f}"
+    )
+
+
+def make_counts(n_cells: int, n_genes: int, density: float, seed: int) -> sp.csr_matrix:
+    """Random raw counts, float32 CSR: i.i.d. Bernoulli(density) positions, Poisson(2) + 1."""
+    rng = np.random.default_rng(seed)
+    parts = []
+    block = max(1, 4_000_000 // n_genes)
+    for start in range(0, n_cells, block):
+        b = min(block, n_cells - start)
+        m = sp.csr_matrix(rng.random((b, n_genes), dtype=np.float32) < density, dtype=np.float32)
+        m.data = (rng.poisson(2.0, m.nnz) + 1).astype(np.float32)
+        parts.append(m)
+    return sp.vstack(parts, format="csr")
+
+
+def trim_heap() -> None:
+    """Give freed heap memory back to the OS so that RSS baselines are comparable."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+# ------------------------------------------------------------------------------ main
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n-cells", type=int, default=1000)
+    parser.add_argument("--density", type=float, default=0.1)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per model")
+    parser.add_argument(
+        "--drop-node-rate",
+        type=float,
+        default=0.0,
+        help="official in-model node drop (ours: none in this benchmark)",
+    )
+    parser.add_argument("--profile", action="store_true", help="print top operators")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    import anndata as ad
+    import torch
+    from CellPLM.model import OmicsFormer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(machine_info())
+    import cellplm_scvi as cp
+    from cellplm_scvi._genes import official_config
+    from cellplm_scvi.data import TissueDataLoader
+
+    logging.getLogger("cellplm_scvi").setLevel(logging.WARNING)
+    logging.getLogger("scvi").setLevel(logging.WARNING)
+
+    config = official_config()
+    genes = list(config["gene_list"])
+    X = make_counts(args.n_cells, len(genes), args.density, args.seed)
+    torch.manual_seed(args.seed)
+    official = OmicsFormer(**{**config, "drop_node_rate": args.drop_node_rate})
+    adata = ad.AnnData(X=X)
+    adata.var_names = genes
+    adata.obs["tissue"] = "all"
+    cp.CellPLM.setup_anndata(adata, tissue_key="tissue")
+    with tempfile.TemporaryDirectory() as tmp:
+        prefix = Path(tmp) / "20230926_85M"
+        Path(f"{prefix}.config.json").write_text(json.dumps(config))
+        torch.save({"model_state_dict": official.state_dict()}, f"{prefix}.best.ckpt")
+        model = cp.CellPLM.load_official(prefix, adata)
+    module = model.module
+    tensors = next(iter(TissueDataLoader(model.adata_manager, batch_size=None)))
+    coo = X.tocoo()
+    x_seq = torch.sparse_coo_tensor(
+        torch.from_numpy(np.vstack([coo.row, coo.col]).astype(np.int64)),
+        torch.from_numpy(coo.data),
+        coo.shape,
+    ).coalesce()
+    n_ours = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    n_off = sum(p.numel() for p in official.parameters() if p.requires_grad)
+    print(
+        f"input: one tissue of {args.n_cells:,} cells x {len(genes):,} genes, {X.nnz:,} "
+        f"non-zeros ({X.nnz / np.prod(X.shape):.1%}); trainable parameters ours {n_ours:,}, "
+        f"official {n_off:,}; mask_cell_rate {module.mask_cell_rate}, mask_gene_rate "
+        f"{module.mask_gene_rate}, dae {module.dae}; official drop_node_rate "
+        f"{args.drop_node_rate}"
+    )
+
+    def step_ours(i):
+        module.zero_grad(set_to_none=True)
+        torch.manual_seed(args.seed + i)
+        t0 = time.perf_counter()
+        _, _, out = module(tensors)
+        t1 = time.perf_counter()
+        out.loss.backward()
+        return t1 - t0, time.perf_counter() - t1, out.loss.item()
+
+    def step_official(i):
+        official.zero_grad(set_to_none=True)
+        torch.manual_seed(args.seed + i)
+        np.random.seed(args.seed + i)  # noqa: NPY002 (the official mask uses the global RNG)
+        x_dict = {
+            "x_seq": x_seq,
+            "coord": -torch.ones(args.n_cells, 2),
+            "gene_mask": torch.arange(len(genes)),
+        }
+        t0 = time.perf_counter()
+        _, loss = official(x_dict)
+        t1 = time.perf_counter()
+        loss.backward()
+        return t1 - t0, time.perf_counter() - t1, loss.item()
+
+    module.train()
+    official.train()
+    runs = {"ours": [], "official": []}
+    peaks = {"ours": [], "official": []}
+    steps = {"ours": step_ours, "official": step_official}
+    for name in steps:  # warm-up
+        steps[name](1000)
+    for i in range(args.steps):
+        for name, fn in steps.items():
+            trim_heap()
+            reset_peak()
+            base = rss_mb()
+            fwd, bwd, loss = fn(i)
+            peaks[name].append((peak_mb() - base, base))
+            runs[name].append((fwd, bwd, loss))
+    print(f"{args.steps} timed steps each after one warm-up step (alternating):")
+    med = {}
+    for name in steps:
+        fwd = statistics.median(r[0] for r in runs[name])
+        bwd = statistics.median(r[1] for r in runs[name])
+        tot = statistics.median(r[0] + r[1] for r in runs[name])
+        med[name] = tot
+        extra, base = max(peaks[name])
+        print(
+            f"  {name:<9} forward {fwd:6.2f}s  backward {bwd:6.2f}s  step {tot:6.2f}s "
+            f"(all steps: {', '.join(f'{r[0] + r[1]:.2f}' for r in runs[name])}) | peak RSS "
+            f"+{extra:.0f} MB over {base:.0f} MB | losses "
+            f"{', '.join(f'{r[2]:.4g}' for r in runs[name])}"
+        )
+    ratio = med["official"] / med["ours"]
+    print(
+        f"speed-up ours vs official: x{ratio:.2f} per step (target >= 1.5: "
+        f"{'met' if ratio >= 1.5 else 'NOT met'}); {args.n_cells / med['ours']:.0f} vs "
+        f"{args.n_cells / med['official']:.0f} cells/s"
+    )
+
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        for name, fn in steps.items():
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                fn(99)
+            print(f"\n{name}: top operators of one step by self CPU time")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    print(f"load average at end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,379 @@
+"""Per-stage CPU time of zero-shot inference: ``cellplm_scvi`` vs the official CellPLM code.
+
+Both models get the **same random weights**: the official ``OmicsFormer`` is built from the
+vendored ``20230926_85M`` config (GMVAE, 1024 hidden, 4 Flowformer layers, 19,374 genes, NB
+decoder) with ``torch.manual_seed(--seed)``, its state dict is saved in the official file format
+and loaded into ours with :meth:`CellPLM.load_official`. The input is one tissue / group of
+``--n-cells`` cells x 19,374 genes with ``--density`` non-zeros (float32 CSR, Poisson(2) + 1).
+Both run in ``eval()`` under ``torch.inference_mode()``; each stage is timed with
+``time.perf_counter`` (median over ``--repeats`` runs after one warm-up).
+
+Stages (ours / official):
+
+- ``input``: ours, the tissue loader reading the rows of the AnnData into a CSR tensor
+  (``TissueDataset[rows]``); official, scipy CSR -> coalesced torch COO (what its
+  ``TranscriptomicDataset`` does) plus the mask builder's dense ``N x G`` ``input_mask`` of ones
+  that its eval forward allocates.
+- ``embedder`` (the package's / official module as is), split by hooks into the gene sum
+  (``log1p`` + sparse product with the gene-embedding table) and ``extra_linear`` (Linear,
+  ReLU, GroupNorm).
+- ``encoder``: the 4 Flowformer layers, split into flow attention and feed-forward (the split is
+  timed by running the layers' parts separately, and adds up to the whole).
+- ``pre-latent LN + latent``: LayerNorm and the GMVAE posterior (official: incl. its KL loss and
+  Gumbel sampling, which its forward always computes).
+- ``decoder``: the NB decoder producing the ``N x 19,374`` mean (not needed for embeddings;
+  used by denoising / imputation). The official decoder output is then fed to its objective
+  in every forward call, also in eval; that ``objective`` is listed separately.
+
+Usage::
+
+    python benchmarks/profile_stages.py                     # 2000 cells, 10% non-zero
+    python benchmarks/profile_stages.py --n-cells 500 --repeats 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import platform
+import statistics
+import tempfile
+import time
+import warnings
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+warnings.filterwarnings("ignore")
+
+
+# ------------------------------------------------------------------------------ machine
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> str:
+    import torch
+
+    load = os.getloadavg()
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (
+        f"date {datetime.datetime.now().isoformat(timespec='seconds')} | CPU {cpu_model()} | "
+        f"{os.cpu_count()} logical cores | RAM {mem:.0f} GB | torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads | load average {load[0]:.2f} {load[1]:.2f} "
+        f"{load[2]:.2f}"
+    )
+
+
+# ------------------------------------------------------------------------------ data + models
+def make_counts(n_cells: int, n_genes: int, density: float, seed: int) -> sp.csr_matrix:
+    """Random raw counts, float32 CSR: i.i.d. Bernoulli(density) positions, Poisson(2) + 1."""
+    rng = np.random.default_rng(seed)
+    parts = []
+    block = max(1, 4_000_000 // n_genes)
+    for start in range(0, n_cells, block):
+        b = min(block, n_cells - start)
+        m = sp.csr_matrix(rng.random((b, n_genes), dtype=np.float32) < density, dtype=np.float32)
+        m.data = (rng.poisson(2.0, m.nnz) + 1).astype(np.float32)
+        parts.append(m)
+    return sp.vstack(parts, format="csr")
+
+
+def build_models(tmp: Path, X: sp.csr_matrix, seed: int):
+    """Official OmicsFormer (random weights) + ours loaded from the same official files."""
+    import anndata as ad
+    import torch
+    from CellPLM.model import OmicsFormer
+
+    import cellplm_scvi as cp
+    from cellplm_scvi._genes import official_config
+
+    config = official_config()
+    torch.manual_seed(seed)
+    official = OmicsFormer(**config)
+    prefix = tmp / "20230926_85M"
+    (tmp / "20230926_85M.config.json").write_text(json.dumps(config))
+    torch.save({"model_state_dict": official.state_dict()}, f"{prefix}.best.ckpt")
+    genes = list(config["gene_list"])
+    adata = ad.AnnData(X=X)
+    adata.var_names = genes
+    adata.obs["tissue"] = "all"
+    cp.CellPLM.setup_anndata(adata, tissue_key="tissue")
+    ours = cp.CellPLM.load_official(prefix, adata)
+    official.eval()
+    ours.module.eval()
+    return official, ours, adata, genes
+
+
+# ------------------------------------------------------------------------------ timing helpers
+class Timer:
+    def __init__(self):
+        self.times: dict[str, list[float]] = defaultdict(list)
+
+    def __call__(self, name, fn, *args, **kwargs):
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        self.times[name].append(time.perf_counter() - t0)
+        return out
+
+
+def run_flowformer_parts(layers, h, t: Timer, attn_of, ff_of, norm1_of, norm2_of, batched):
+    """Run encoder layers as attention / feed-forward parts, timing each part."""
+    for layer in layers:
+        x = h[None] if batched else h
+
+        def attn(x=x, layer=layer):
+            return x + attn_of(layer)(norm1_of(layer)(x))
+
+        x = t("  encoder: flow attention (+LN, residual)", attn)
+
+        def ff(x=x, layer=layer):
+            return ff_of(layer)(x)
+
+        x = t("  encoder: feed-forward (+LN, residual)", ff)
+        h = x[0] if batched else x
+    return h
+
+
+def timed_embedder(embedder, call, t: Timer):
+    """Time the whole embedder and, through hooks on its ``extra_linear``, split it into the
+    gene sum (log1p + sparse product; everything before ``extra_linear``) and ``extra_linear``.
+    Works on the package's code as it is (no re-implementation)."""
+    marks = {}
+    hooks = [
+        embedder.extra_linear.register_forward_pre_hook(
+            lambda m, a: marks.__setitem__("start", time.perf_counter())
+        ),
+        embedder.extra_linear.register_forward_hook(
+            lambda m, a, o: marks.__setitem__("end", time.perf_counter())
+        ),
+    ]
+    try:
+        t0 = time.perf_counter()
+        h = call()
+        t.times["  embedder: gene sum (log1p + sparse product)"].append(marks["start"] - t0)
+        t.times["  embedder: extra_linear"].append(marks["end"] - marks["start"])
+        t.times["embedder"].append(time.perf_counter() - t0)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return h
+
+
+def profile_ours(model, adata, t: Timer) -> None:
+    import torch
+
+    from cellplm_scvi.data import TissueDataLoader
+
+    module = model.module
+    loader = TissueDataLoader(model.adata_manager, batch_size=None)
+    rows = next(iter(loader.sampler))
+    dataset = loader.dataset
+    tensors = t("input (loader: AnnData rows -> CSR tensor)", dataset.__getitem__, rows)
+    with torch.inference_mode():
+        x = tensors["X"]
+
+        def embed():
+            return module.embedder(x, module.embed_index, None)  # as in module.inference
+
+        h = timed_embedder(module.embedder, embed, t)
+
+        def encode():
+            return run_flowformer_parts(
+                module.encoder.layers,
+                h,
+                t,
+                attn_of=lambda lyr: lambda y: lyr.dropout1(lyr.self_attn(y)),
+                ff_of=lambda lyr: lambda y: y + lyr._ff_block(lyr.norm2(y)),
+                norm1_of=lambda lyr: lyr.norm1,
+                norm2_of=lambda lyr: lyr.norm2,
+                batched=False,
+            )
+
+        h2 = t("encoder", encode)
+
+        def latent():
+            return module.latent(module.pre_latent_norm(h2))
+
+        out = t("pre-latent LN + latent", latent)
+        gen_in = module._get_generative_input(tensors, out)
+        t("decoder (NB mean, N x G)", module.generative, **gen_in)
+
+
+def profile_official(model, X: sp.csr_matrix, genes: list[str], t: Timer) -> None:
+    import torch
+
+    def to_coo():
+        coo = X.tocoo()
+        idx = torch.from_numpy(np.vstack([coo.row, coo.col]).astype(np.int64))
+        return torch.sparse_coo_tensor(idx, torch.from_numpy(coo.data), coo.shape).coalesce()
+
+    with torch.inference_mode():
+        x_seq = t("input: scipy CSR -> torch COO", to_coo)
+        # gene_mask: genes in the loss (pretraining: all); the objective needs it
+        xd = {
+            "x_seq": x_seq,
+            "coord": -torch.ones(X.shape[0], 2),
+            "gene_mask": torch.arange(X.shape[1]),
+        }
+        t("input: mask builder (dense N x G input_mask)", model.mask_model.apply_mask, xd)
+
+        def embed():
+            return model.embedder(xd, genes)  # as in OmicsFormer.forward (pipeline gene list)
+
+        xd["h"] = timed_embedder(model.embedder, embed, t)
+
+        def encode():
+            return run_flowformer_parts(
+                model.encoder.layers,
+                xd["h"],
+                t,
+                attn_of=lambda lyr: lambda y: lyr.dropout1(lyr.self_attn(y)),
+                ff_of=lambda lyr: lambda y: y + lyr._ff_block(lyr.norm2(y)),
+                norm1_of=lambda lyr: lyr.norm1,
+                norm2_of=lambda lyr: lyr.norm2,
+                batched=True,
+            )
+
+        xd["h"] = t("encoder", encode)
+
+        def latent():
+            xd["h"] = model.pre_latent_norm(xd)
+            return model.latent(xd)
+
+        xd["h"], latent_loss = t("pre-latent LN + latent", latent)
+        out = t("decoder (NB mean, N x G)", model.decoder, xd)
+        t(
+            "objective (NB loss; official eval forward always computes it)",
+            model.objective,
+            out,
+            xd,
+        )
+
+
+def check_layer_api(official) -> None:
+    """The official FlowformerLayer must expose the parts we call (norm1, self_attn, ...)."""
+    layer = official.encoder.layers[0]
+    for name in ("norm1", "self_attn", "dropout1", "norm2", "_ff_block"):
+        if not hasattr(layer, name):
+            raise RuntimeError(f"official FlowformerLayer has no {name!r}; update the profiler")
+
+
+def report(title: str, runs: list[Timer]) -> dict[str, float]:
+    """Print the median over runs of each stage (parts repeated per layer are summed per run)."""
+    keys = list(runs[0].times)
+    med = {k: statistics.median(sum(r.times[k]) for r in runs) for k in keys}
+    total = sum(v for k, v in med.items() if not k.startswith("  "))
+    print(f"{title}: total {total:.3f}s (sum of top-level stages; median of {len(runs)} runs)")
+    for k, v in med.items():
+        print(f"  {k:<64} {v:8.3f}s  {100 * v / total:5.1f}%")
+    return med
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n-cells", type=int, default=2000)
+    parser.add_argument("--density", type=float, default=0.1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(machine_info())
+    logging.getLogger("cellplm_scvi").setLevel(logging.WARNING)
+    logging.getLogger("scvi").setLevel(logging.WARNING)
+
+    from cellplm_scvi._genes import official_config
+
+    n_genes = len(official_config()["gene_list"])
+    X = make_counts(args.n_cells, n_genes, args.density, args.seed)
+    print(
+        f"input: {args.n_cells:,} cells x {n_genes:,} genes, {X.nnz:,} non-zeros "
+        f"({X.nnz / np.prod(X.shape):.1%}), one tissue/group, eval, inference_mode"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        official, ours, adata, genes = build_models(Path(tmp), X, args.seed)
+    check_layer_api(official)
+    print(
+        f"parameters: official OmicsFormer {sum(p.numel() for p in official.parameters()):,},"
+        f" ours {sum(p.numel() for p in ours.module.parameters()):,} (same weights)"
+    )
+
+    # warm-up both (thread pools, first-call allocations), then alternate runs
+    profile_ours(ours, adata, Timer())
+    profile_official(official, X, genes, Timer())
+    runs_ours, runs_off = [], []
+    for _ in range(args.repeats):
+        runs_ours.append(Timer())
+        profile_ours(ours, adata, runs_ours[-1])
+        runs_off.append(Timer())
+        profile_official(official, X, genes, runs_off[-1])
+
+    # end-to-end check: our get_latent_representation vs official forward (eval)
+    t0 = time.perf_counter()
+    ours.get_latent_representation()
+    t_e2e_ours = time.perf_counter() - t0
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        xd = {
+            "x_seq": torch.sparse_coo_tensor(
+                torch.from_numpy(np.vstack(X.nonzero()).astype(np.int64)),
+                torch.from_numpy(X.data),
+                X.shape,
+            ).coalesce(),
+            "coord": -torch.ones(X.shape[0], 2),
+            "gene_mask": torch.arange(X.shape[1]),
+        }
+        official(xd, genes)
+        t_e2e_off = time.perf_counter() - t0
+
+    print()
+    med_ours = report("ours (cellplm_scvi)", runs_ours)
+    print()
+    med_off = report("official (CellPLM 0.1.0.post2 OmicsFormer)", runs_off)
+    print()
+    top = lambda med: sum(v for k, v in med.items() if not k.startswith("  "))  # noqa: E731
+    tot_ours, tot_off = top(med_ours), top(med_off)
+    emb_ours = sum(med_ours[k] for k in ("embedder", "encoder", "pre-latent LN + latent"))
+    emb_off = sum(
+        med_off[k]
+        for k in (
+            "input: mask builder (dense N x G input_mask)",
+            "embedder",
+            "encoder",
+            "pre-latent LN + latent",
+        )
+    )
+    print(
+        f"embedding path (embedder + encoder + LN/latent; official + its input_mask): "
+        f"ours {emb_ours:.3f}s vs official {emb_off:.3f}s -> x{emb_off / emb_ours:.2f}"
+    )
+    print(
+        f"all stages: ours {tot_ours:.3f}s vs official {tot_off:.3f}s -> x{tot_off / tot_ours:.2f}"
+    )
+    print(
+        f"end to end, one call: ours get_latent_representation {t_e2e_ours:.3f}s "
+        f"({args.n_cells / t_e2e_ours:.0f} cells/s); official full forward in eval "
+        f"(with decoder + objective) {t_e2e_off:.3f}s"
+    )
+    print(f"load average at end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    main()
