@@ -12,6 +12,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import scipy.sparse as sp
+from _system import cpu_model
 
 QUIET_TRAIN = {"enable_progress_bar": False, "enable_model_summary": False}
 
@@ -45,17 +46,6 @@ def setup(args: argparse.Namespace) -> None:
     print_machine(args)
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def print_machine(args: argparse.Namespace) -> None:
     import scvi
     import torch
@@ -63,7 +53,8 @@ def print_machine(args: argparse.Namespace) -> None:
     import cellplm_scvi
 
     load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
-    print(f"# machine: {cpu_model()}, {os.cpu_count()} logical cores, load {load[0]:.2f}")
+    cpu = cpu_model(fallback=platform.machine())
+    print(f"# machine: {cpu}, {os.cpu_count()} logical cores, load {load[0]:.2f}")
     print(
         f"# torch {torch.__version__}: {torch.get_num_threads()} threads "
         f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}), "

@@ -30,57 +30,20 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime
 import logging
 import os
-import platform
+import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
-import scipy.sparse as sp
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _system import machine_info, make_counts
 
 warnings.filterwarnings("ignore")
-
-
-# ------------------------------------------------------------------------------ machine
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def machine_info() -> str:
-    import torch
-
-    load = os.getloadavg()
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (
-        f"date {datetime.datetime.now().isoformat(timespec='seconds')} | CPU {cpu_model()} | "
-        f"{os.cpu_count()} logical cores | RAM {mem:.0f} GB | torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads | load average {load[0]:.2f} {load[1]:.2f} "
-        f"{load[2]:.2f}"
-    )
-
-
-def make_counts(n_cells: int, n_genes: int, density: float, seed: int) -> sp.csr_matrix:
-    """Random raw counts, float32 CSR: i.i.d. Bernoulli(density) positions, Poisson(2) + 1."""
-    rng = np.random.default_rng(seed)
-    parts = []
-    block = max(1, 4_000_000 // n_genes)
-    for start in range(0, n_cells, block):
-        b = min(block, n_cells - start)
-        m = sp.csr_matrix(rng.random((b, n_genes), dtype=np.float32) < density, dtype=np.float32)
-        m.data = (rng.poisson(2.0, m.nnz) + 1).astype(np.float32)
-        parts.append(m)
-    return sp.vstack(parts, format="csr")
 
 
 # ------------------------------------------------------------------------------ gene-token model

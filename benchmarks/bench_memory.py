@@ -29,98 +29,23 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import gc
 import io
 import logging
 import os
-import platform
+import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
-import numpy as np
-import scipy.sparse as sp
+sys.path.insert(0, str(Path(__file__).parent))
+from _system import machine_info, make_counts, peak_mb, reset_peak, rss_mb, trim_heap
 
 warnings.filterwarnings("ignore")
 
 
-# ------------------------------------------------------------------------------ machine + memory
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def rss_mb() -> float:
-    return _status_kb("VmRSS") / 1024
-
-
-def peak_mb() -> float:
-    return _status_kb("VmHWM") / 1024
-
-
-def reset_peak() -> None:
-    """Reset VmHWM to the current RSS (Linux >= 4.0)."""
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
-
-
-def trim_heap() -> None:
-    """Collect garbage and give freed heap memory back to the OS (comparable RSS baselines)."""
-    import ctypes
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def machine_info() -> str:
-    import torch
-
-    load = os.getloadavg()
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (
-        f"date {datetime.datetime.now().isoformat(timespec='seconds')} | CPU {cpu_model()} | "
-        f"{os.cpu_count()} logical cores | RAM {mem:.0f} GB | torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads | load average {load[0]:.2f} {load[1]:.2f} "
-        f"{load[2]:.2f}"
-    )
-
-
 # ------------------------------------------------------------------------------ data
-def make_counts(n_cells: int, n_genes: int, density: float, seed: int) -> sp.csr_matrix:
-    """Random raw counts, float32 CSR: i.i.d. Bernoulli(density) positions, Poisson(2) + 1 values.
-
-    Built in row blocks (a dense float32 uniform block of about 16 MB at a time).
-    """
-    rng = np.random.default_rng(seed)
-    parts = []
-    block = max(1, 4_000_000 // n_genes)
-    for start in range(0, n_cells, block):
-        b = min(block, n_cells - start)
-        m = sp.csr_matrix(rng.random((b, n_genes), dtype=np.float32) < density, dtype=np.float32)
-        m.data = (rng.poisson(2.0, m.nnz) + 1).astype(np.float32)
-        parts.append(m)
-    return sp.vstack(parts, format="csr")
-
-
 def make_adata(n_cells: int, genes: list[str], density: float, seed: int):
     import anndata as ad
 

@@ -26,12 +26,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import gc
 import io
 import json
 import logging
-import platform
+import sys
 import tempfile
 import time
 import warnings
@@ -42,41 +41,13 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _system import cpu_model, peak_mb, reset_peak, rss_mb, trim_heap
+
 warnings.filterwarnings("ignore")
 
 
 # ------------------------------------------------------------------------------------ memory
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def rss_mb() -> float:
-    return _status_kb("VmRSS") / 1024
-
-
-def peak_mb() -> float:
-    return _status_kb("VmHWM") / 1024
-
-
-def trim_heap() -> None:
-    """Return freed heap pages to the OS, so that the base RSS of the next measurement is live
-    memory (otherwise a call can reuse pages freed by the previous one and look free)."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")  # reset VmHWM to the current RSS (Linux >= 4.0)
 
 
 def measure(fn, inference_mode: bool = True):
@@ -89,17 +60,6 @@ def measure(fn, inference_mode: bool = True):
         out = fn()
     dt = time.perf_counter() - t0
     return out, dt, peak_mb() - base
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 # ------------------------------------------------------------------------------------ data

@@ -33,11 +33,10 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import logging
 import os
-import platform
+import sys
 import tempfile
 import time
 import warnings
@@ -47,67 +46,10 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _system import machine_info, peak_mb, reset_peak, rss_mb, trim_heap
+
 warnings.filterwarnings("ignore")
-
-
-# ------------------------------------------------------------------------------ machine + memory
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def rss_mb() -> float:
-    """Current resident set size (MB)."""
-    return _status_kb("VmRSS") / 1024
-
-
-def peak_mb() -> float:
-    """Peak resident set size since start or the last :func:`reset_peak` (MB)."""
-    return _status_kb("VmHWM") / 1024
-
-
-def reset_peak() -> None:
-    """Reset VmHWM to the current RSS (Linux >= 4.0)."""
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
-
-
-def trim_heap() -> None:
-    """Collect garbage and give freed heap memory back to the OS (comparable RSS baselines)."""
-    import ctypes
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def machine_info() -> str:
-    import torch
-
-    load = os.getloadavg()
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (
-        f"date {datetime.datetime.now().isoformat(timespec='seconds')} | CPU {cpu_model()} | "
-        f"{os.cpu_count()} logical cores | RAM {mem:.0f} GB | torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads | load average {load[0]:.2f} {load[1]:.2f} "
-        f"{load[2]:.2f}"
-    )
 
 
 # ------------------------------------------------------------------------------ generation

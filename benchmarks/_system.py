@@ -1,0 +1,92 @@
+"""Shared helpers of the performance benchmarks: process memory, machine info, random counts."""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import os
+import platform
+
+import numpy as np
+import scipy.sparse as sp
+
+
+# ------------------------------------------------------------------------------ memory
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def rss_mb() -> float:
+    """Current resident set size (MB)."""
+    return _status_kb("VmRSS") / 1024
+
+
+def peak_mb() -> float:
+    """Peak resident set size since start or the last :func:`reset_peak` (MB)."""
+    return _status_kb("VmHWM") / 1024
+
+
+def reset_peak() -> None:
+    """Reset VmHWM to the current RSS (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+
+
+def trim_heap() -> None:
+    """Collect garbage and return freed heap pages to the OS, so that the base RSS of the next
+    measurement is live memory (otherwise a call can reuse pages freed by the previous one and
+    look free)."""
+    import ctypes
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+# ------------------------------------------------------------------------------ machine
+def cpu_model(fallback: str = "unknown") -> str:
+    """CPU model name from /proc/cpuinfo, else ``platform.processor()``, else ``fallback``."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or fallback
+
+
+def machine_info() -> str:
+    import torch
+
+    load = os.getloadavg()
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (
+        f"date {datetime.datetime.now().isoformat(timespec='seconds')} | CPU {cpu_model()} | "
+        f"{os.cpu_count()} logical cores | RAM {mem:.0f} GB | torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads | load average {load[0]:.2f} {load[1]:.2f} "
+        f"{load[2]:.2f}"
+    )
+
+
+# ------------------------------------------------------------------------------ data
+def make_counts(n_cells: int, n_genes: int, density: float, seed: int) -> sp.csr_matrix:
+    """Random raw counts, float32 CSR: i.i.d. Bernoulli(density) positions, Poisson(2) + 1 values.
+
+    Built in row blocks (a dense float32 uniform block of about 16 MB at a time).
+    """
+    rng = np.random.default_rng(seed)
+    parts = []
+    block = max(1, 4_000_000 // n_genes)
+    for start in range(0, n_cells, block):
+        b = min(block, n_cells - start)
+        m = sp.csr_matrix(rng.random((b, n_genes), dtype=np.float32) < density, dtype=np.float32)
+        m.data = (rng.poisson(2.0, m.nnz) + 1).astype(np.float32)
+        parts.append(m)
+    return sp.vstack(parts, format="csr")
