@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import torch
-from scvi.distributions import NegativeBinomial
+from scvi.distributions._negative_binomial import log_nb_positive
 
 
 def nb_nll(x: torch.Tensor, mean: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """Elementwise NB negative log-likelihood (scvi-tools' parameterisation: mean, inverse
-    dispersion ``theta``)."""
-    return -NegativeBinomial(mu=mean, theta=theta, validate_args=False).log_prob(x)
+    """Elementwise NB negative log-likelihood (scvi-tools' ``log_nb_positive``: mean, inverse
+    dispersion ``theta``). ``theta`` may be per gene, (G,): it broadcasts without being
+    expanded, so its log-gamma is computed once per gene."""
+    return -log_nb_positive(x, mean, theta)
 
 
 def rescale_to_library(mean: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None = None):
@@ -44,14 +45,16 @@ def masked_nb_loss(
         (M, G) bool, the genes measured for each cell (official ``NBImputationLoss``): the
         library size and the loss use these genes only. ``None``: all genes.
     """
-    theta = theta.expand_as(mean)
     if measured is None:
         loss = nb_nll(x, rescale_to_library(mean, x), theta).sum(1)
     else:
         w = measured.to(mean.dtype)
         loss = (nb_nll(x * w, rescale_to_library(mean, x, w), theta) * w).sum(1)
-    if entries is not None:
+    if entries is not None:  # evaluated at the masked entries only (~gene_rate of them)
         w = entries.to(mean.dtype)
-        dae = nb_nll(x * w, rescale_to_library(mean, x, w), theta) * w
-        loss = loss + dae.sum(1)
+        scale = (x * w).sum(1) / (mean * w).sum(1).clamp_min(1e-12)  # (M,)
+        rows, cols = entries.nonzero(as_tuple=True)
+        theta_at = theta[cols] if theta.dim() == 1 else theta[rows, cols]
+        dae = nb_nll(x[rows, cols], mean[rows, cols] * scale[rows], theta_at)
+        loss = loss + torch.zeros_like(loss).index_add(0, rows, dae)
     return loss
