@@ -95,19 +95,6 @@ def _sparse_token(
     return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
 
 
-def log1p_values(x: torch.Tensor) -> torch.Tensor:
-    """log1p of a dense or sparse-CSR tensor (only stored values are touched for CSR)."""
-    if x.layout == torch.sparse_csr:
-        return torch.sparse_csr_tensor(
-            x.crow_indices(),
-            x.col_indices(),
-            torch.log1p(x.values()),
-            x.shape,
-            check_invariants=False,
-        )
-    return torch.log1p(x)
-
-
 class CellEmbedder(nn.Module):
     """Cell token ``h0 = GroupNorm(Dropout(ReLU(W (log1p(x) @ E[genes]) + b)))``.
 
