@@ -13,5 +13,3 @@ SPATIAL_KEY = "spatial"  # (n_cells, 2) coordinates; NaN-free, optional
 INDICES_OBS = "_cellplm_indices"
 TISSUE_CODE_OBS = "_cellplm_tissue_code"
 DEFAULT_TISSUE_OBS = "cellplm_tissue"
-
-LATENT_OBSM = "X_cellplm"
