@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import scvi
+import torch
 
 import cellplm_scvi as cp
 from cellplm_scvi import CellPLM
@@ -529,6 +530,43 @@ def test_matrix_type_trains(simulated, convert):
     model.train(max_epochs=1, **FIT)
     assert np.isfinite(model.history["train_loss"].to_numpy(dtype=float)).all()
     assert np.isfinite(model.get_latent_representation()).all()
+
+
+def _check_tissue_loader_rows(model: CellPLM, adata: ad.AnnData, counts: sp.csr_matrix) -> None:
+    """Every minibatch holds the exact counts of its rows, as a float32 CSR tensor whose
+    indices keep scipy's int32 (no int64 copy); every row comes exactly once."""
+    from cellplm_scvi._constants import INDICES_KEY, X_KEY
+
+    seen = []
+    for tensors in model._tissue_loader(adata, None, None)[2]:
+        x, rows = tensors[X_KEY], tensors[INDICES_KEY].view(-1).numpy()
+        assert x.layout == torch.sparse_csr and x.dtype == torch.float32
+        assert x.crow_indices().dtype == x.col_indices().dtype == torch.int32
+        np.testing.assert_array_equal(x.to_dense().numpy(), counts[rows].toarray())
+        seen.append(rows)
+    np.testing.assert_array_equal(np.sort(np.concatenate(seen)), np.arange(adata.n_obs))
+
+
+@pytest.mark.parametrize("convert", FORMATS)
+@pytest.mark.parametrize("layout", ["as_simulated", "tissues_contiguous"])
+def test_tissue_loader_reads_exact_rows(csr_model, convert, layout):
+    """Scattered tissues are read by a row index, contiguous ones by one slice."""
+    model, adata = csr_model
+    other = _with_counts_in_x(adata, convert)
+    if layout == "tissues_contiguous":
+        other = other[np.argsort(other.obs["fov"].to_numpy(), kind="stable")].copy()
+    _check_tissue_loader_rows(model, other, sp.csr_matrix(other.X))
+
+
+@pytest.mark.parametrize("layout", ["as_simulated", "tissues_contiguous"])
+def test_tissue_loader_reads_exact_rows_from_backed_h5ad(csr_model, tmp_path, layout):
+    model, adata = csr_model
+    if layout == "tissues_contiguous":
+        adata = adata[np.argsort(adata.obs["fov"].to_numpy(), kind="stable")]
+    unregistered(adata).write_h5ad(tmp_path / "cells.h5ad")
+    backed = ad.read_h5ad(tmp_path / "cells.h5ad", backed="r")
+    _check_tissue_loader_rows(model, backed, sp.csr_matrix(adata.X))
+    assert backed.isbacked
 
 
 @pytest.mark.parametrize("convert", FORMATS)

@@ -167,14 +167,28 @@ def embedder():
     return emb.eval()
 
 
-def test_embedder_csr_matches_dense_formula(embedder):
+def _csr(x: torch.Tensor, index_dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """CSR tensor of ``x`` with the given index dtype (the loader passes scipy's int32)."""
+    csr = x.to_sparse_csr()
+    return torch.sparse_csr_tensor(
+        csr.crow_indices().to(index_dtype),
+        csr.col_indices().to(index_dtype),
+        csr.values(),
+        x.shape,
+    )
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("grad", [False, True])  # one embedding_bag call vs column blocks
+def test_embedder_csr_matches_dense_formula(embedder, index_dtype, grad):
     x = _random_counts(12, 25, empty_rows=[3])
     gene_index = torch.randperm(40)[:25]
+    with torch.set_grad_enabled(grad):
+        got = embedder(_csr(x, index_dtype), gene_index)
     with torch.no_grad():
-        got = embedder(x.to_sparse_csr(), gene_index)
         expected = _manual_embed(embedder, x, gene_index)
     assert got.shape == (12, 16)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.detach(), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_embedder_vocabulary_columns_without_gene_index(embedder):
@@ -642,9 +656,10 @@ def test_apply_mask_dense(masked_tissue):
     assert (x[mask.cells][mask.entries] > 0).any()  # the test does hide some non-zeros
 
 
-def test_apply_mask_csr_equals_dense(masked_tissue):
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_apply_mask_csr_equals_dense(masked_tissue, index_dtype):
     x, mask = masked_tissue
-    csr = x.to_sparse_csr()
+    csr = _csr(x, index_dtype)
     crow, col, values = csr.crow_indices().clone(), csr.col_indices().clone(), csr.values().clone()
     out = apply_mask(csr, mask)
     # input untouched

@@ -692,3 +692,33 @@ def test_reduced_precision_inference(trained):
     np.testing.assert_array_equal(model.get_latent_representation(), z)  # weights untouched
     with pytest.raises(ValueError, match=r"precision must be one of \['32', 'bf16', '16'\]"):
         model.get_latent_representation(precision="bogus")
+
+
+# ------------------------------------------------------------------------------ user-facing output
+_EMBED_SCRIPT = """
+import anndata as ad, numpy as np, scipy.sparse as sp
+import cellplm_scvi as cp
+rng = np.random.default_rng(0)
+adata = ad.AnnData(sp.csr_matrix(rng.poisson(0.5, (120, 40)).astype(np.float32)))
+adata.var_names = [f"g{i}" for i in range(40)]
+cp.CellPLM.setup_anndata(adata)
+model = cp.CellPLM(adata, n_hidden=16, n_layers=1, n_heads=2, n_latent=4)
+print(model.get_latent_representation().shape)
+"""
+
+
+def test_embedding_warns_nothing_in_a_fresh_process():
+    """torch's once-per-process 'sparse CSR support is in beta' note is not shown to users
+    (a fresh process, because earlier tests may already have used it up)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-W", "error::UserWarning", "-c", _EMBED_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith("(120, 4)")
+    assert "Warning" not in proc.stderr

@@ -14,6 +14,7 @@ Results are put back in AnnData order through the registered row index ``ind_x``
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import scipy.sparse as sp
@@ -26,20 +27,29 @@ from .._constants import TISSUE_KEY, X_KEY
 
 
 def _to_csr_tensor(x) -> torch.Tensor:
+    """Rows read from the AnnData -> float32 CSR tensor, sharing scipy's buffers.
+
+    scipy's index dtype is kept (int32 unless the rows hold over 2**31 non-zeros): half the
+    memory of int64 indices, and no copy.
+    """
     x = sp.csr_matrix(x, dtype=np.float32)
-    return torch.sparse_csr_tensor(
-        torch.from_numpy(x.indptr.astype(np.int64)),
-        torch.from_numpy(x.indices.astype(np.int64)),
-        torch.from_numpy(x.data),
-        size=x.shape,
-        check_invariants=False,
-    )
+    index_dtype = np.promote_types(x.indptr.dtype, x.indices.dtype)
+    with warnings.catch_warnings():  # torch's "CSR support is in beta" note is not for users
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(
+            torch.from_numpy(x.indptr.astype(index_dtype, copy=False)),
+            torch.from_numpy(x.indices.astype(index_dtype, copy=False)),
+            torch.from_numpy(x.data),
+            size=x.shape,
+            check_invariants=False,
+        )
 
 
 class TissueDataset(Dataset):
     """Reads a list of rows of a registered AnnData: counts as CSR tensor, the rest as arrays.
 
-    Rows are read in sorted order (fast for backed files); ``ind_x`` says which rows came.
+    Rows are read in sorted order, and a contiguous run of rows as one slice (several times
+    faster than a fancy index on a backed ``.h5ad``); ``ind_x`` says which rows came.
     """
 
     def __init__(self, adata_manager):
@@ -55,7 +65,8 @@ class TissueDataset(Dataset):
     def __getitem__(self, rows: list[int]) -> dict[str, torch.Tensor]:
         rows = np.sort(np.asarray(rows, dtype=np.int64))
         out = {k: torch.as_tensor(v) for k, v in self.other[rows].items()}
-        out[X_KEY] = _to_csr_tensor(self.x[rows])
+        contiguous = len(rows) > 0 and rows[-1] - rows[0] + 1 == len(rows)  # rows are unique
+        out[X_KEY] = _to_csr_tensor(self.x[slice(rows[0], rows[-1] + 1) if contiguous else rows])
         return out
 
 

@@ -68,8 +68,8 @@ def _sparse_token(
 
     Computed as weighted ``embedding_bag`` sums over each cell's non-zero genes: several times
     faster than torch's CSR x dense product on CPU, and without gathering a (G_in, d) table.
-    At inference 64 embedding columns are gathered at a time (cache-friendly); in training one
-    call is used, because each call's backward sorts the indices again.
+    At inference on CPU, 64 embedding columns are gathered at a time (cache-friendly); in
+    training (each call's backward sorts the indices again) and on GPUs one call is used.
     """
     crow, genes = x.crow_indices(), x.col_indices()
     weights = torch.log1p(x.values().float())
@@ -77,8 +77,8 @@ def _sparse_token(
         genes = gene_index[genes]
         weights = weights * (genes >= 0).to(weights.dtype)  # genes outside the vocabulary
         genes = genes.clamp(min=0)
-    offsets = crow[:-1]
-    if torch.is_grad_enabled() and emb.requires_grad:  # one call: its backward sorts once
+    offsets = crow[:-1].to(genes.dtype)  # int32 or int64 CSR indices; both must match
+    if (torch.is_grad_enabled() and emb.requires_grad) or emb.device.type != "cpu":
         return nn.functional.embedding_bag(
             genes, emb, offsets, mode="sum", per_sample_weights=weights
         )
