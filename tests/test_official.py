@@ -519,3 +519,20 @@ def test_save_load_round_trip(latent_mod, counts, tmp_path):
     assert np.array_equal(loaded.get_latent_representation(), z)
     for key, value in model.module.state_dict().items():
         assert torch.equal(value, loaded.module.state_dict()[key]), key
+
+
+def test_fine_tuning_an_official_model_records_its_history(small_vae, counts):
+    """``load_official`` gives a trained model with an empty history; fine-tuning fills it
+    (scvi-tools alone would extend only keys that already exist, i.e. none) and a second
+    ``train`` call appends to it."""
+    config, _, prefix = small_vae
+    adata = make_adata(counts, config["gene_list"])
+    model = cp.CellPLM.load_official(prefix, adata)
+    assert model.is_trained_ and model.history == {}
+    quiet = {"enable_progress_bar": False, "enable_model_summary": False, "train_size": 1.0}
+    model.train(max_epochs=2, **quiet)
+    assert model.is_trained_
+    loss = model.history["train_loss"].to_numpy(dtype=float).ravel()
+    assert len(loss) == 2 and np.isfinite(loss).all()
+    model.train(max_epochs=1, **quiet)
+    assert len(model.history["train_loss"]) == 3

@@ -722,3 +722,38 @@ def test_embedding_warns_nothing_in_a_fresh_process():
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().endswith("(120, 4)")
     assert "Warning" not in proc.stderr
+
+
+def test_mixed_precision_loss_stays_float32(trained):
+    """Under bf16 autocast (Lightning's ``precision="bf16-mixed"``) the NB loss is computed in
+    float32 from exact counts (bf16 holds integers exactly only up to 256) and stays close to
+    the float32 loss."""
+    from cellplm_scvi._constants import X_KEY
+
+    model, adata = trained
+    module = model.module.eval()
+    tensors = next(iter(model._tissue_loader(adata, None, None)[2]))
+    tensors[X_KEY] = tensors[X_KEY] * 300.0  # counts well above 256
+    with torch.inference_mode():
+        _, _, ref = module(tensors)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, gen, low = module(tensors)
+    assert gen["px_mean"].dtype == torch.bfloat16  # the network itself did run in bf16
+    low, ref = (
+        low.reconstruction_loss["reconstruction_loss"],
+        ref.reconstruction_loss["reconstruction_loss"],
+    )
+    assert low.dtype == torch.float32
+    assert ((low - ref).abs() / ref).max() < 2e-2
+
+
+def test_mixed_precision_training(simulated):
+    adata = simulated.copy()
+    CellPLM.setup_anndata(adata, **SETUP)
+    scvi.settings.seed = 0
+    model = CellPLM(adata, **ARCH)
+    model.train(max_epochs=2, precision="bf16-mixed", **FIT)
+    loss = model.history["train_loss"].to_numpy(dtype=float).ravel()
+    assert len(loss) == 2 and np.isfinite(loss).all()
+    assert all(p.dtype == torch.float32 for p in model.module.parameters())  # master weights
+    assert np.isfinite(model.get_latent_representation()).all()

@@ -277,7 +277,7 @@ class CellPLM(BaseModelClass):
         _checkpoint.load_strict(model.module, state, fresh_prefixes=("classifier.",))
         model.module.eval()
         model.is_trained_ = True
-        model.history_ = {}  # pretrained elsewhere; fine-tuning appends here
+        model.history_ = {}  # pretrained elsewhere: the first `train` call starts the history
         model.official_config_ = {k: v for k, v in config.items() if k != "gene_list"}
         return model
 
@@ -698,7 +698,15 @@ class CellPLM(BaseModelClass):
             early_stopping=early_stopping,
             **trainer_kwargs,
         )
-        return runner()
+        # scvi-tools extends only the keys already in `history_`. A model trained elsewhere
+        # (official weights, or a query built from them) has none yet: this run starts it.
+        starts_history = self.is_trained_ and not self.history_
+        if starts_history:
+            self.is_trained_ = False
+        try:
+            return runner()
+        finally:
+            self.is_trained_ = self.is_trained_ or starts_history
 
     # ------------------------------------------------------------------ inference
     def _tissue_loader(

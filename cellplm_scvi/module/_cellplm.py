@@ -218,8 +218,9 @@ class CellPLMModule(BaseModuleClass):
 
         In evaluation (no mask) every cell enters the NB loss and there is no DAE term.
         """
-        x = self.observed_counts(tensors[X_KEY]).to(generative_outputs["px_mean"].dtype)
-        mean, theta = generative_outputs["px_mean"], generative_outputs["px_theta"]
+        # float32 even under autocast: bf16 holds integers exactly only up to 256
+        x = self.observed_counts(tensors[X_KEY]).float()
+        mean, theta = generative_outputs["px_mean"].float(), generative_outputs["px_theta"].float()
         measured = self.measured_weights(tensors)  # (N, G_matched) or None
         mask: TissueMask | None = inference_outputs["mask"]
         cells = slice(None) if mask is None else mask.cells
