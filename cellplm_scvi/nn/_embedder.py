@@ -52,7 +52,7 @@ class GeneEmbedding(nn.Module):
         self.emb = nn.Parameter(torch.randn(n_vocab, n_hidden) * 0.005)
 
 
-_BLOCK = 64  # embedding columns per gather pass
+_BLOCK = 32  # embedding columns per gather pass (128 bytes; fastest of 16-1024 on AVX2)
 
 
 def _gather_rows(emb: torch.Tensor, gene_index: torch.Tensor) -> torch.Tensor:
@@ -68,7 +68,7 @@ def _sparse_token(
 
     Computed as weighted ``embedding_bag`` sums over each cell's non-zero genes: several times
     faster than torch's CSR x dense product on CPU, and without gathering a (G_in, d) table.
-    At inference on CPU, 64 embedding columns are gathered at a time (cache-friendly); in
+    At inference on CPU, 32 embedding columns are gathered at a time (cache-friendly); in
     training (each call's backward sorts the indices again) and on GPUs one call is used.
     """
     crow, genes = x.crow_indices(), x.col_indices()
