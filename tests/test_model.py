@@ -558,6 +558,28 @@ def test_tissue_loader_reads_exact_rows(csr_model, convert, layout):
     _check_tissue_loader_rows(model, other, sp.csr_matrix(other.X))
 
 
+@pytest.mark.parametrize("convert", [sp.csr_matrix, sp.csr_array])
+def test_tissue_loader_never_shares_the_users_buffers(convert):
+    """One tissue spanning every row is read as a full slice; the minibatch must still own its
+    arrays (some scipy versions return the matrix itself for a full slice)."""
+    from cellplm_scvi._constants import X_KEY
+
+    rng = np.random.default_rng(0)
+    adata = ad.AnnData(convert(sp.csr_matrix(rng.poisson(1.0, (50, 30)).astype(np.float32))))
+    adata.var_names = [f"g{i}" for i in range(30)]
+    adata.obs["tissue"] = "one"
+    CellPLM.setup_anndata(adata, tissue_key="tissue")
+    model = CellPLM(adata, **ARCH)
+    (tensors,) = list(model._tissue_loader(adata, None, None)[2])
+    x = tensors[X_KEY]
+    for mine, users in [
+        (x.values(), adata.X.data),
+        (x.col_indices(), adata.X.indices),
+        (x.crow_indices(), adata.X.indptr),
+    ]:
+        assert not np.shares_memory(mine.numpy(), users)
+
+
 @pytest.mark.parametrize("layout", ["as_simulated", "tissues_contiguous"])
 def test_tissue_loader_reads_exact_rows_from_backed_h5ad(csr_model, tmp_path, layout):
     model, adata = csr_model

@@ -66,7 +66,10 @@ class TissueDataset(Dataset):
         rows = np.sort(np.asarray(rows, dtype=np.int64))
         out = {k: torch.as_tensor(v) for k, v in self.other[rows].items()}
         contiguous = len(rows) > 0 and rows[-1] - rows[0] + 1 == len(rows)  # rows are unique
-        out[X_KEY] = _to_csr_tensor(self.x[slice(rows[0], rows[-1] + 1) if contiguous else rows])
+        x = self.x[slice(rows[0], rows[-1] + 1) if contiguous else rows]
+        if sp.issparse(x) and sp.issparse(self.x) and np.may_share_memory(x.data, self.x.data):
+            x = x.copy()  # a slice may be a view: the model never gets the user's own buffers
+        out[X_KEY] = _to_csr_tensor(x)
         return out
 
 
