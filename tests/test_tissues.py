@@ -326,3 +326,27 @@ def test_chunks_without_coordinates_do_not_depend_on_row_order():
 
     assert tissue_sets(adata) == tissue_sets(shuffled)
     assert len(tissue_sets(adata)) >= 6
+
+
+def test_squidpys_graph_log_line_is_not_shown():
+    """squidpy logs "Creating graph using ..." (through spatialdata's logger) on every graph;
+    inside assign_tissues that graph is an internal step, so the line is hidden there, and the
+    logger's level is restored afterwards."""
+    import logging
+
+    logger = logging.getLogger("spatialdata._logging")
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    level = logger.level
+    try:
+        adata = _adata()
+        _sym_graph(adata, "slide")  # squidpy called directly: the line is logged
+        assert any("Creating graph" in r.getMessage() for r in records)
+        records.clear()
+        assign_tissues(adata, spatial_key="spatial", library_key="slide", max_cells=500)
+        assert not [r.getMessage() for r in records if r.levelno < logging.WARNING]
+        assert logger.level == level
+    finally:
+        logger.removeHandler(handler)

@@ -7,7 +7,9 @@ coordinates it is a random chunk of one sample.
 
 from __future__ import annotations
 
+import logging
 import warnings
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -253,6 +255,22 @@ def _coordinates(adata: AnnData, spatial_key: str) -> np.ndarray:
     return xy
 
 
+@contextmanager
+def _without_info(logger_name: str):
+    """Hide a dependency's INFO lines about a call the user did not make (warnings still show).
+
+    squidpy logs "Creating graph using ... transform" through spatialdata's logger on every
+    graph it builds; here that graph is an internal step of :func:`assign_tissues`.
+    """
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _spatial_graph(xy: np.ndarray, strata: np.ndarray, n_neighs: int) -> sp.csr_matrix:
     """Symmetric binary kNN graph without self loops and without edges across strata."""
     import anndata as ad
@@ -270,21 +288,22 @@ def _spatial_graph(xy: np.ndarray, strata: np.ndarray, n_neighs: int) -> sp.csr_
             ),
             obsm={"spatial": xy[idx]},
         )
-        if hasattr(sq.gr, "spatial_neighbors_knn"):
-            res = sq.gr.spatial_neighbors_knn(
-                tmp, spatial_key="spatial", library_key="lib", n_neighs=n_neighs, copy=True
-            )
-        else:  # squidpy < 1.7
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                res = sq.gr.spatial_neighbors(
-                    tmp,
-                    spatial_key="spatial",
-                    library_key="lib",
-                    coord_type="generic",
-                    n_neighs=n_neighs,
-                    copy=True,
+        with _without_info("spatialdata._logging"):
+            if hasattr(sq.gr, "spatial_neighbors_knn"):
+                res = sq.gr.spatial_neighbors_knn(
+                    tmp, spatial_key="spatial", library_key="lib", n_neighs=n_neighs, copy=True
                 )
+            else:  # squidpy < 1.7
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", FutureWarning)
+                    res = sq.gr.spatial_neighbors(
+                        tmp,
+                        spatial_key="spatial",
+                        library_key="lib",
+                        coord_type="generic",
+                        n_neighs=n_neighs,
+                        copy=True,
+                    )
         knn = sp.coo_matrix(res[0])
         rows.append(idx[knn.row])
         cols.append(idx[knn.col])
