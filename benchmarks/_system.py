@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import gc
+import logging
 import os
 import platform
 
@@ -73,6 +75,30 @@ def machine_info() -> str:
         f"{torch.get_num_threads()} threads | load average {load[0]:.2f} {load[1]:.2f} "
         f"{load[2]:.2f}"
     )
+
+
+# ------------------------------------------------------------------------------ start-up
+def add_common_options(parser: argparse.ArgumentParser) -> None:
+    """``--threads`` and ``--seed``, taken by every performance script."""
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def start(args: argparse.Namespace) -> None:
+    """Apply ``--threads``, print the machine line and keep scvi-tools / cellplm_scvi at WARNING.
+
+    ``cellplm_scvi`` (and with it scvi-tools, which sets its logger level when imported) is
+    imported here, before the levels are set, so that they stick.
+    """
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(machine_info())
+    import cellplm_scvi  # noqa: F401
+
+    for name in ("cellplm_scvi", "scvi"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 # ------------------------------------------------------------------------------ data

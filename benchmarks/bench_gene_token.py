@@ -30,7 +30,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import tempfile
@@ -41,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _system import machine_info, make_counts
+from _system import add_common_options, make_counts, start
 
 warnings.filterwarnings("ignore")
 
@@ -124,21 +123,14 @@ def main() -> None:
         default=None,
         help="also time this feed-forward width (default 2048 if given)",
     )
-    parser.add_argument("--threads", type=int, default=None, help="torch threads")
-    parser.add_argument("--seed", type=int, default=0)
+    add_common_options(parser)
     args = parser.parse_args()
 
     import anndata as ad
-    import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(machine_info())
+    start(args)
     import cellplm_scvi as cp
     from cellplm_scvi._genes import official_config
-
-    logging.getLogger("cellplm_scvi").setLevel(logging.WARNING)
-    logging.getLogger("scvi").setLevel(logging.WARNING)
 
     # ------------------------------------------------------------------ CellPLM
     genes = list(official_config()["gene_list"])

@@ -31,7 +31,6 @@ import argparse
 import contextlib
 import gc
 import io
-import logging
 import os
 import sys
 import tempfile
@@ -40,7 +39,7 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _system import machine_info, make_counts, peak_mb, reset_peak, rss_mb, trim_heap
+from _system import add_common_options, make_counts, peak_mb, reset_peak, rss_mb, start, trim_heap
 
 warnings.filterwarnings("ignore")
 
@@ -68,20 +67,13 @@ def main() -> None:
     parser.add_argument("--density", type=float, default=0.05)
     parser.add_argument("--official", action="store_true", help="also run the official pipeline")
     parser.add_argument("--official-n-cells", type=int, default=10_000)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads")
-    parser.add_argument("--seed", type=int, default=0)
+    add_common_options(parser)
     args = parser.parse_args()
 
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(machine_info())
+    start(args)
     import cellplm_scvi as cp
     from cellplm_scvi._genes import official_config
 
-    logging.getLogger("cellplm_scvi").setLevel(logging.WARNING)
-    logging.getLogger("scvi").setLevel(logging.WARNING)
     genes = list(official_config()["gene_list"])
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import statistics
 import sys
@@ -47,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _system import machine_info, make_counts, peak_mb, reset_peak, rss_mb, trim_heap
+from _system import add_common_options, make_counts, peak_mb, reset_peak, rss_mb, start, trim_heap
 
 warnings.filterwarnings("ignore")
 
@@ -65,23 +64,17 @@ def main() -> None:
         help="official in-model node drop (ours: none in this benchmark)",
     )
     parser.add_argument("--profile", action="store_true", help="print top operators")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads")
-    parser.add_argument("--seed", type=int, default=0)
+    add_common_options(parser)
     args = parser.parse_args()
 
     import anndata as ad
     import torch
     from CellPLM.model import OmicsFormer
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(machine_info())
+    start(args)
     import cellplm_scvi as cp
     from cellplm_scvi._genes import official_config
     from cellplm_scvi.data import TissueDataLoader
-
-    logging.getLogger("cellplm_scvi").setLevel(logging.WARNING)
-    logging.getLogger("scvi").setLevel(logging.WARNING)
 
     config = official_config()
     genes = list(config["gene_list"])

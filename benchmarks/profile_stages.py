@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import statistics
 import sys
@@ -49,7 +48,7 @@ import numpy as np
 import scipy.sparse as sp
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _system import machine_info, make_counts
+from _system import add_common_options, make_counts, start
 
 warnings.filterwarnings("ignore")
 
@@ -251,17 +250,12 @@ def main() -> None:
     parser.add_argument("--n-cells", type=int, default=2000)
     parser.add_argument("--density", type=float, default=0.1)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads")
-    parser.add_argument("--seed", type=int, default=0)
+    add_common_options(parser)
     args = parser.parse_args()
 
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(machine_info())
-    logging.getLogger("cellplm_scvi").setLevel(logging.WARNING)
-    logging.getLogger("scvi").setLevel(logging.WARNING)
+    start(args)
 
     from cellplm_scvi._genes import official_config
 
