@@ -42,7 +42,7 @@ import scipy.sparse as sp
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _system import cpu_model, peak_mb, reset_peak, rss_mb, trim_heap
+from _system import cpu_model, make_counts, peak_mb, reset_peak, rss_mb, trim_heap
 
 warnings.filterwarnings("ignore")
 
@@ -63,19 +63,6 @@ def measure(fn, inference_mode: bool = True):
 
 
 # ------------------------------------------------------------------------------------ data
-
-
-def make_counts(n_cells: int, n_genes: int, density: float, seed: int = 0) -> sp.csr_matrix:
-    rng = np.random.default_rng(seed)
-    return sp.random(
-        n_cells,
-        n_genes,
-        density=density,
-        format="csr",
-        dtype=np.float32,
-        random_state=rng,
-        data_rvs=lambda k: rng.poisson(2.0, k).astype(np.float32) + 1,
-    )
 
 
 def make_adata(X: sp.csr_matrix, genes: list[str]) -> ad.AnnData:
