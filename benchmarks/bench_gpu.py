@@ -79,8 +79,10 @@ def reset_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def peak_memory_gb(device: torch.device) -> float:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+def peak_memory(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "peak memory n/a"
+    return f"peak memory {torch.cuda.max_memory_allocated(device) / 2**30:5.2f} GiB"
 
 
 def encoder_flops(n_cells: int, n_hidden: int, n_layers: int, n_heads: int) -> float:
@@ -167,7 +169,7 @@ def main() -> None:
             rel = np.linalg.norm(z - reference) / np.linalg.norm(reference)
             print(
                 f"  precision {precision:>4}: {dt:7.2f}s  {n_cells / dt:10,.0f} cells/s  "
-                f"peak memory {peak_memory_gb(device):5.2f} GiB  vs float32: max |diff| "
+                f"{peak_memory(device)}  vs float32: max |diff| "
                 f"{diff:.2e}, relative {rel:.2e}"
             )
 
