@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import scipy.sparse as sp
-from _system import cpu_model
+from _system import add_common_options, machine_info
 
 QUIET_TRAIN = {"enable_progress_bar": False, "enable_model_summary": False}
 
@@ -21,13 +21,7 @@ def parser(description: str, epochs: int) -> argparse.ArgumentParser:
     """Argument parser with the options every benchmark takes."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--epochs", type=int, default=epochs, help="CellPLM training epochs")
-    p.add_argument("--seed", type=int, default=0, help="seed of splits, models and baselines")
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch threads (default: torch's choice, i.e. OMP_NUM_THREADS or all cores)",
-    )
+    add_common_options(p)  # --threads, --seed (of splits, models and baselines)
     return p
 
 
@@ -52,17 +46,12 @@ def print_machine(args: argparse.Namespace) -> None:
 
     import cellplm_scvi
 
-    load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
-    cpu = cpu_model(fallback=platform.machine())
-    print(f"# machine: {cpu}, {os.cpu_count()} logical cores, load {load[0]:.2f}")
+    print(f"# {machine_info()}")
     print(
-        f"# torch {torch.__version__}: {torch.get_num_threads()} threads "
-        f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}), "
-        f"CUDA {'yes' if torch.cuda.is_available() else 'no'}"
-    )
-    print(
-        f"# scvi-tools {scvi.__version__}, cellplm_scvi "
-        f"{getattr(cellplm_scvi, '__version__', '?')}, python {platform.python_version()}"
+        f"# OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
+        f"CUDA {'yes' if torch.cuda.is_available() else 'no'}, scvi-tools {scvi.__version__}, "
+        f"cellplm_scvi {getattr(cellplm_scvi, '__version__', '?')}, "
+        f"python {platform.python_version()}"
     )
     print(f"# args: {vars(args)}")
 

@@ -102,10 +102,13 @@ def start(args: argparse.Namespace) -> None:
 
 
 # ------------------------------------------------------------------------------ data
-def make_counts(n_cells: int, n_genes: int, density: float, seed: int) -> sp.csr_matrix:
+def make_counts(
+    n_cells: int, n_genes: int, density: float, seed: int | np.random.Generator
+) -> sp.csr_matrix:
     """Random raw counts, float32 CSR: i.i.d. Bernoulli(density) positions, Poisson(2) + 1 values.
 
-    Built in row blocks (a dense float32 uniform block of about 16 MB at a time).
+    Built in row blocks (a dense float32 uniform block of about 16 MB at a time). ``seed`` may
+    be a Generator, to draw successive chunks of one stream.
     """
     rng = np.random.default_rng(seed)
     parts = []
@@ -116,3 +119,17 @@ def make_counts(n_cells: int, n_genes: int, density: float, seed: int) -> sp.csr
         m.data = (rng.poisson(2.0, m.nnz) + 1).astype(np.float32)
         parts.append(m)
     return sp.vstack(parts, format="csr")
+
+
+def to_torch_coo(x: sp.csr_matrix):
+    """Coalesced torch COO tensor of a scipy matrix: the official model's input format."""
+    import torch
+
+    coo = x.tocoo()
+    idx = torch.from_numpy(np.vstack([coo.row, coo.col]).astype(np.int64))
+    return torch.sparse_coo_tensor(idx, torch.from_numpy(coo.data), coo.shape).coalesce()
+
+
+def load_line(when: str = "at end") -> str:
+    """``load average <when> 1-min 5-min 15-min``."""
+    return f"load average {when} {' '.join(f'{x:.2f}' for x in os.getloadavg())}"

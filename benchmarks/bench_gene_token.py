@@ -30,7 +30,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -40,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _system import add_common_options, make_counts, start
+from _system import add_common_options, load_line, make_counts, start
 
 warnings.filterwarnings("ignore")
 
@@ -186,7 +185,7 @@ def main() -> None:
             f"  ratio CellPLM / gene-token (d_hid {d_hid}): x{cellplm_cps / cps:.0f} cells/s "
             f"(multiply-add ratio x{macs / cellplm_macs:.0f}; paper: ~100x)"
         )
-    print(f"load average at end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(load_line())
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ import argparse
 import contextlib
 import gc
 import io
-import os
 import sys
 import tempfile
 import time
@@ -39,7 +38,16 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _system import add_common_options, make_counts, peak_mb, reset_peak, rss_mb, start, trim_heap
+from _system import (
+    add_common_options,
+    load_line,
+    make_counts,
+    peak_mb,
+    reset_peak,
+    rss_mb,
+    start,
+    trim_heap,
+)
 
 warnings.filterwarnings("ignore")
 
@@ -172,7 +180,7 @@ def main() -> None:
                 f"our model freed): {dt:.2f}s ({n / dt:.0f} cells/s) | RSS before {base:.0f} MB "
                 f"| extra +{extra:.0f} MB | emb {tuple(emb.shape)}"
             )
-    print(f"load average at end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(load_line())
 
 
 if __name__ == "__main__":

@@ -89,55 +89,35 @@ def main() -> None:
     model_kwargs = {"n_hidden": args.n_hidden, "n_layers": args.n_layers, "n_latent": 32}
     train_kwargs = {"max_epochs": args.epochs, "lr": args.lr, "train_size": 1.0, **QUIET_TRAIN}
 
+    def cellplm(name: str, a, setup: dict, **model_extra):
+        """Set up ``a`` (a copy of the data), train CellPLM on it and embed; timed as ``name``."""
+        with timer(times, name):
+            cp.CellPLM.setup_anndata(a, layer="counts", spatial_key="spatial", **setup)
+            model = cp.CellPLM(a, **model_kwargs, **model_extra)
+            model.train(**train_kwargs)
+            reps[name] = model.get_latent_representation()
+        return a
+
     # --- CellPLM, squidpy tissues
-    name = f"CellPLM squidpy tissues ({args.epochs} ep)"
-    with timer(times, name):
-        a = adata.copy()
-        cp.CellPLM.setup_anndata(
-            a,
-            layer="counts",
-            spatial_key="spatial",
-            library_key="slide",
-            max_cells=args.max_cells,
-        )
-        tissues = a.obs["cellplm_tissue"].astype(str).to_numpy()
-        model = cp.CellPLM(a, **model_kwargs)
-        model.train(**train_kwargs)
-        reps[name] = model.get_latent_representation()
+    squidpy_tissues = {"library_key": "slide", "max_cells": args.max_cells}
+    a = cellplm(f"CellPLM squidpy tissues ({args.epochs} ep)", adata.copy(), squidpy_tissues)
+    tissues = a.obs["cellplm_tissue"].astype(str).to_numpy()
     sizes = np.bincount(np.unique(tissues, return_inverse=True)[1].ravel())
     print(f"# squidpy tissues: {len(sizes)}, sizes {sorted(sizes.tolist(), reverse=True)}")
 
     # --- CellPLM, random tissues of the same sizes (within each slide)
-    name = f"CellPLM random tissues ({args.epochs} ep)"
-    with timer(times, name):
-        rng = np.random.default_rng(args.seed)
-        random_tissues = tissues.copy()
-        for s in np.unique(slides):
-            idx = np.flatnonzero(slides == s)
-            random_tissues[idx] = tissues[rng.permutation(idx)]
-        a = adata.copy()
-        a.obs["random_tissue"] = random_tissues
-        cp.CellPLM.setup_anndata(
-            a, layer="counts", spatial_key="spatial", tissue_key="random_tissue"
-        )
-        model = cp.CellPLM(a, **model_kwargs)
-        model.train(**train_kwargs)
-        reps[name] = model.get_latent_representation()
+    rng = np.random.default_rng(args.seed)
+    random_tissues = tissues.copy()
+    for s in np.unique(slides):
+        idx = np.flatnonzero(slides == s)
+        random_tissues[idx] = tissues[rng.permutation(idx)]
+    a = adata.copy()
+    a.obs["random_tissue"] = random_tissues
+    cellplm(f"CellPLM random tissues ({args.epochs} ep)", a, {"tissue_key": "random_tissue"})
 
     if not args.skip_no_pe:
         name = f"CellPLM squidpy tissues, no spatial PE ({args.epochs} ep)"
-        with timer(times, name):
-            a = adata.copy()
-            cp.CellPLM.setup_anndata(
-                a,
-                layer="counts",
-                spatial_key="spatial",
-                library_key="slide",
-                max_cells=args.max_cells,
-            )
-            model = cp.CellPLM(a, spatial_pe=False, **model_kwargs)
-            model.train(**train_kwargs)
-            reps[name] = model.get_latent_representation()
+        cellplm(name, adata.copy(), squidpy_tissues, spatial_pe=False)
 
     # --- PCA baselines
     with timer(times, "PCA (50)"):

@@ -29,7 +29,6 @@ import contextlib
 import gc
 import io
 import json
-import logging
 import sys
 import tempfile
 import time
@@ -42,7 +41,17 @@ import scipy.sparse as sp
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _system import cpu_model, make_counts, peak_mb, reset_peak, rss_mb, trim_heap
+from _system import (
+    add_common_options,
+    load_line,
+    make_counts,
+    peak_mb,
+    reset_peak,
+    rss_mb,
+    start,
+    to_torch_coo,
+    trim_heap,
+)
 
 warnings.filterwarnings("ignore")
 
@@ -88,31 +97,18 @@ def write_checkpoint(directory: Path, name: str, seed: int = 0) -> tuple[str, in
     return str(directory / name), n_params
 
 
-def to_torch_csr(X: sp.csr_matrix) -> torch.Tensor:
-    return torch.sparse_csr_tensor(
-        torch.from_numpy(X.indptr.astype(np.int64)),
-        torch.from_numpy(X.indices.astype(np.int64)),
-        torch.from_numpy(X.data),
-        X.shape,
-    )
-
-
-def to_torch_coo(X: sp.csr_matrix) -> torch.Tensor:
-    coo = X.tocoo()
-    idx = torch.from_numpy(np.vstack([coo.row, coo.col]).astype(np.int64))
-    return torch.sparse_coo_tensor(idx, torch.from_numpy(coo.data), coo.shape).coalesce()
-
-
 # ------------------------------------------------------------------------------------ stages
 
 
 def our_stages(module, X: sp.csr_matrix) -> dict[str, float]:
     """Seconds per stage of our module on one tissue (inference mode, eval)."""
+    from cellplm_scvi.data._tissue_loader import _to_csr_tensor
+
     times = {}
     module.eval()
     with torch.inference_mode():
         t0 = time.perf_counter()
-        x = to_torch_csr(X)
+        x = _to_csr_tensor(X)  # what the tissue loader hands the module
         times["scipy->torch CSR"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         h = module.embedder(x, module.embed_index, None)  # as in module.inference
@@ -168,17 +164,15 @@ def main() -> None:
     parser.add_argument("--n-cells", type=int, default=2000)
     parser.add_argument("--density", type=float, default=0.1)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
+    add_common_options(parser)
     args = parser.parse_args()
-    logging.getLogger("cellplm_scvi").setLevel(logging.WARNING)
-    logging.getLogger("scvi").setLevel(logging.WARNING)
+    start(args)
 
     from CellPLM.pipeline.cell_embedding import CellEmbeddingPipeline
     from CellPLM.utils import set_seed
 
     import cellplm_scvi as cp
 
-    print(f"CPU: {cpu_model()}  torch {torch.__version__}  threads={torch.get_num_threads()}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
@@ -275,6 +269,7 @@ def main() -> None:
         print()
         print_stages("ours, per stage", our_stages(model.module, X))
         print_stages("official, per stage", official_stages(pipe.model, X, genes))
+    print(load_line())
 
 
 if __name__ == "__main__":

@@ -44,10 +44,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _system import machine_info, peak_mb, reset_peak, rss_mb, trim_heap
+from _system import load_line, machine_info, make_counts, peak_mb, reset_peak, rss_mb, trim_heap
 
 warnings.filterwarnings("ignore")
 
@@ -88,24 +87,6 @@ def slide_layout(
         coords.append(xy[_spatial_sort(xy, leaf)])
         slides.append(np.full(n, s, dtype=np.int64))
     return np.concatenate(slides), np.concatenate(coords)
-
-
-def count_chunk(
-    n_rows: int, n_genes: int, density: float, rng: np.random.Generator
-) -> sp.csr_matrix:
-    """Random raw counts: i.i.d. Bernoulli(density) non-zero positions, values Poisson(2) + 1.
-
-    Drawn per block of rows through a dense float32 uniform block (bounded: about 16 MB).
-    """
-    parts = []
-    block = max(1, 4_000_000 // n_genes)
-    for start in range(0, n_rows, block):
-        b = min(block, n_rows - start)
-        mask = rng.random((b, n_genes), dtype=np.float32) < density
-        m = sp.csr_matrix(mask, dtype=np.float32)
-        m.data = (rng.poisson(2.0, m.nnz) + 1).astype(np.float32)
-        parts.append(m)
-    return sp.vstack(parts, format="csr")
 
 
 def generate(
@@ -149,7 +130,7 @@ def generate(
     nnz = 0
     with h5py.File(path, "a") as f:
         for start in range(0, n_cells, chunk):
-            x = count_chunk(min(chunk, n_cells - start), n_genes, density, rng)
+            x = make_counts(min(chunk, n_cells - start), n_genes, density, rng)
             nnz += x.nnz
             if start == 0:
                 ad.io.write_elem(f, "X", x)  # anndata makes the datasets resizable
@@ -297,7 +278,7 @@ def main() -> None:
         f"{peaks[worst]:.0f} MB ({worst}); requirement < 4096 MB: "
         f"{'met' if peaks[worst] < 4096 else 'NOT met'}"
     )
-    print(f"load average at end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(load_line())
     adata.file.close()
     if tmpdir is not None and not args.keep:
         tmpdir.cleanup()

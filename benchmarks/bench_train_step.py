@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -46,7 +45,17 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _system import add_common_options, make_counts, peak_mb, reset_peak, rss_mb, start, trim_heap
+from _system import (
+    add_common_options,
+    load_line,
+    make_counts,
+    peak_mb,
+    reset_peak,
+    rss_mb,
+    start,
+    to_torch_coo,
+    trim_heap,
+)
 
 warnings.filterwarnings("ignore")
 
@@ -92,12 +101,7 @@ def main() -> None:
         model = cp.CellPLM.load_official(prefix, adata)
     module = model.module
     tensors = next(iter(TissueDataLoader(model.adata_manager, batch_size=None)))
-    coo = X.tocoo()
-    x_seq = torch.sparse_coo_tensor(
-        torch.from_numpy(np.vstack([coo.row, coo.col]).astype(np.int64)),
-        torch.from_numpy(coo.data),
-        coo.shape,
-    ).coalesce()
+    x_seq = to_torch_coo(X)
     n_ours = sum(p.numel() for p in module.parameters() if p.requires_grad)
     n_off = sum(p.numel() for p in official.parameters() if p.requires_grad)
     print(
@@ -176,7 +180,7 @@ def main() -> None:
                 fn(99)
             print(f"\n{name}: top operators of one step by self CPU time")
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
-    print(f"load average at end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(load_line())
 
 
 if __name__ == "__main__":

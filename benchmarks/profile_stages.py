@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -48,7 +47,7 @@ import numpy as np
 import scipy.sparse as sp
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _system import add_common_options, make_counts, start
+from _system import add_common_options, load_line, make_counts, start, to_torch_coo
 
 warnings.filterwarnings("ignore")
 
@@ -92,18 +91,20 @@ class Timer:
         return out
 
 
-def run_flowformer_parts(layers, h, t: Timer, attn_of, ff_of, norm1_of, norm2_of, batched):
-    """Run encoder layers as attention / feed-forward parts, timing each part."""
+def run_flowformer_parts(layers, h, t: Timer, batched: bool):
+    """Run encoder layers as attention / feed-forward parts, timing each part. Both
+    implementations' layers have ``norm1``, ``self_attn``, ``dropout1``, ``norm2`` and
+    ``_ff_block``; the official layer takes a leading batch axis (``batched``)."""
     for layer in layers:
         x = h[None] if batched else h
 
         def attn(x=x, layer=layer):
-            return x + attn_of(layer)(norm1_of(layer)(x))
+            return x + layer.dropout1(layer.self_attn(layer.norm1(x)))
 
         x = t("  encoder: flow attention (+LN, residual)", attn)
 
         def ff(x=x, layer=layer):
-            return ff_of(layer)(x)
+            return x + layer._ff_block(layer.norm2(x))
 
         x = t("  encoder: feed-forward (+LN, residual)", ff)
         h = x[0] if batched else x
@@ -135,7 +136,7 @@ def timed_embedder(embedder, call, t: Timer):
     return h
 
 
-def profile_ours(model, adata, t: Timer) -> None:
+def profile_ours(model, t: Timer) -> None:
     import torch
 
     from cellplm_scvi.data import TissueDataLoader
@@ -158,10 +159,6 @@ def profile_ours(model, adata, t: Timer) -> None:
                 module.encoder.layers,
                 h,
                 t,
-                attn_of=lambda lyr: lambda y: lyr.dropout1(lyr.self_attn(y)),
-                ff_of=lambda lyr: lambda y: y + lyr._ff_block(lyr.norm2(y)),
-                norm1_of=lambda lyr: lyr.norm1,
-                norm2_of=lambda lyr: lyr.norm2,
                 batched=False,
             )
 
@@ -178,13 +175,8 @@ def profile_ours(model, adata, t: Timer) -> None:
 def profile_official(model, X: sp.csr_matrix, genes: list[str], t: Timer) -> None:
     import torch
 
-    def to_coo():
-        coo = X.tocoo()
-        idx = torch.from_numpy(np.vstack([coo.row, coo.col]).astype(np.int64))
-        return torch.sparse_coo_tensor(idx, torch.from_numpy(coo.data), coo.shape).coalesce()
-
     with torch.inference_mode():
-        x_seq = t("input: scipy CSR -> torch COO", to_coo)
+        x_seq = t("input: scipy CSR -> torch COO", lambda: to_torch_coo(X))
         # gene_mask: genes in the loss (pretraining: all); the objective needs it
         xd = {
             "x_seq": x_seq,
@@ -203,10 +195,6 @@ def profile_official(model, X: sp.csr_matrix, genes: list[str], t: Timer) -> Non
                 model.encoder.layers,
                 xd["h"],
                 t,
-                attn_of=lambda lyr: lambda y: lyr.dropout1(lyr.self_attn(y)),
-                ff_of=lambda lyr: lambda y: y + lyr._ff_block(lyr.norm2(y)),
-                norm1_of=lambda lyr: lyr.norm1,
-                norm2_of=lambda lyr: lyr.norm2,
                 batched=True,
             )
 
@@ -274,12 +262,12 @@ def main() -> None:
     )
 
     # warm-up both (thread pools, first-call allocations), then alternate runs
-    profile_ours(ours, adata, Timer())
+    profile_ours(ours, Timer())
     profile_official(official, X, genes, Timer())
     runs_ours, runs_off = [], []
     for _ in range(args.repeats):
         runs_ours.append(Timer())
-        profile_ours(ours, adata, runs_ours[-1])
+        profile_ours(ours, runs_ours[-1])
         runs_off.append(Timer())
         profile_official(official, X, genes, runs_off[-1])
 
@@ -290,11 +278,7 @@ def main() -> None:
     with torch.inference_mode():
         t0 = time.perf_counter()
         xd = {
-            "x_seq": torch.sparse_coo_tensor(
-                torch.from_numpy(np.vstack(X.nonzero()).astype(np.int64)),
-                torch.from_numpy(X.data),
-                X.shape,
-            ).coalesce(),
+            "x_seq": to_torch_coo(X),
             "coord": -torch.ones(X.shape[0], 2),
             "gene_mask": torch.arange(X.shape[1]),
         }
@@ -330,7 +314,7 @@ def main() -> None:
         f"({args.n_cells / t_e2e_ours:.0f} cells/s); official full forward in eval "
         f"(with decoder + objective) {t_e2e_off:.3f}s"
     )
-    print(f"load average at end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(load_line())
 
 
 if __name__ == "__main__":
