@@ -159,7 +159,7 @@ def _manual_embed(embedder: CellEmbedder, x_dense, gene_index, pe=None) -> torch
 
 @pytest.fixture
 def embedder():
-    emb = CellEmbedder(n_vocab=40, n_hidden=16, dropout=0.5)
+    emb = CellEmbedder(n_vocab=40, n_hidden=72, dropout=0.5)  # > 2 gather blocks, one partial
     with torch.no_grad():  # non-trivial affine and gene table
         emb.feat_enc.emb.normal_()
         emb.extra_linear[3].weight.uniform_(0.5, 2.0)
@@ -180,14 +180,16 @@ def _csr(x: torch.Tensor, index_dtype: torch.dtype = torch.int64) -> torch.Tenso
 
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("grad", [False, True])  # one embedding_bag call vs column blocks
-def test_embedder_csr_matches_dense_formula(embedder, index_dtype, grad):
-    x = _random_counts(12, 25, empty_rows=[3])
-    gene_index = torch.randperm(40)[:25]
+@pytest.mark.parametrize("vocabulary_columns", [False, True])  # gene_index None: no remapping
+def test_embedder_csr_matches_dense_formula(embedder, index_dtype, grad, vocabulary_columns):
+    n_genes = 40 if vocabulary_columns else 25
+    x = _random_counts(12, n_genes, empty_rows=[3])
+    gene_index = None if vocabulary_columns else torch.randperm(40)[:25]
     with torch.set_grad_enabled(grad):
         got = embedder(_csr(x, index_dtype), gene_index)
     with torch.no_grad():
         expected = _manual_embed(embedder, x, gene_index)
-    assert got.shape == (12, 16)
+    assert got.shape == (12, 72)
     torch.testing.assert_close(got.detach(), expected, atol=1e-5, rtol=1e-5)
 
 
@@ -226,7 +228,7 @@ def test_embedder_gradient_reaches_gene_table_through_csr(embedder):
     x = _random_counts(20, 25)
     x[:, 0] = 0.0  # a gene never expressed
     gene_index = torch.randperm(40)[:25]
-    weights = torch.randn(20, 16)
+    weights = torch.randn(20, 72)
 
     def grad(inp):
         embedder.zero_grad()
@@ -667,6 +669,7 @@ def test_apply_mask_csr_equals_dense(masked_tissue, index_dtype):
     assert torch.equal(csr.crow_indices(), crow) and torch.equal(csr.col_indices(), col)
     # same sparsity structure, masked stored values set to 0
     assert out.layout == torch.sparse_csr and out.shape == x.shape
+    assert out.crow_indices().dtype == out.col_indices().dtype == index_dtype
     assert torch.equal(out.crow_indices(), crow) and torch.equal(out.col_indices(), col)
     assert out.values().shape == values.shape
     assert (out.values() == 0).sum() > 0 and torch.all(

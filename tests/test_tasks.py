@@ -179,7 +179,7 @@ def test_predict_single_class_raises(pbmc):
     adata.obs["label"] = np.where(np.arange(adata.n_obs) % 2, "T", UNKNOWN)
     cp.CellPLM.setup_anndata(adata, layer="counts", labels_key="label")
     model = cp.CellPLM(adata, **TINY)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="no classification head.*at least two cell types"):
         model.predict()
 
 

@@ -91,16 +91,8 @@ def test_notebooks_found():
 def test_tutorial_runs(path, tmp_path):
     pytest.importorskip("nbclient", reason="nbclient is needed to execute the tutorials")
     pytest.importorskip("ipykernel", reason="ipykernel is needed to execute the tutorials")
-    nb, seconds = execute(path, tmp_path)
+    nb, seconds = execute(path, tmp_path)  # an error in any cell raises CellExecutionError
     print(f"{path.name}: {seconds:.1f} s")
-    errors = [
-        out
-        for cell in nb.cells
-        if cell.cell_type == "code"
-        for out in cell.get("outputs", [])
-        if out.get("output_type") == "error"
-    ]
-    assert not errors
     # every plotting notebook produced figures
     n_figures = sum(
         "image/png" in out.get("data", {})

@@ -31,7 +31,7 @@ def main(out: str, devices: int) -> None:
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
         loss = model.history["train_loss"]["train_loss"].astype(float).tolist()
         with open(out, "w") as f:
-            json.dump({"train_loss": loss, "devices": devices}, f)
+            json.dump({"train_loss": loss, "world_size": model.trainer.world_size}, f)
 
 
 if __name__ == "__main__":
