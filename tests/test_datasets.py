@@ -10,6 +10,7 @@ from anndata import AnnData
 from scipy.spatial import cKDTree
 
 from cellplm_scvi.datasets import _pbmc, pbmc68k_counts, simulate_tissue
+from tests._anndata_checks import dense
 
 OBS_COLUMNS = ["slide", "niche", "cell_type", "responder", "source_cell"]
 MONOCYTE = "CD14+ Monocyte"
@@ -23,10 +24,6 @@ def cells() -> AnnData:
 @pytest.fixture(scope="module")
 def tissue(cells: AnnData) -> AnnData:
     return simulate_tissue(cells, seed=0)
-
-
-def _dense(x) -> np.ndarray:
-    return x.toarray() if sp.issparse(x) else np.asarray(x)
 
 
 def _is_integer_counts(x) -> bool:
@@ -45,8 +42,8 @@ def test_pbmc_counts_are_integers_and_reproduce_raw(cells: AnnData) -> None:
     assert list(cells.obs_names) == list(reference.obs_names)
 
     n_counts = cells.obs["n_counts"].to_numpy(dtype=np.float64)[:, None]
-    renormalised = np.log1p(_dense(cells.X) / n_counts * 1e4)
-    np.testing.assert_allclose(renormalised, _dense(reference.raw.X), atol=2e-3)
+    renormalised = np.log1p(dense(cells.X) / n_counts * 1e4)
+    np.testing.assert_allclose(renormalised, dense(reference.raw.X), atol=2e-3)
 
 
 def test_pbmc_labels(cells: AnnData) -> None:

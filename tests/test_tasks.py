@@ -16,6 +16,7 @@ from sklearn.metrics import balanced_accuracy_score
 import cellplm_scvi as cp
 from cellplm_scvi._constants import BATCH_KEY, LABELS_KEY, X_KEY
 from cellplm_scvi.module._loss import masked_nb_loss
+from tests._anndata_checks import dense
 
 TINY = {"n_hidden": 32, "n_layers": 1, "n_heads": 4, "n_latent": 8, "dropout": 0.1}
 QUIET = {"enable_progress_bar": False, "enable_model_summary": False}
@@ -70,10 +71,6 @@ def panel(pbmc):
     model = cp.CellPLM(adata, **TINY)
     model.train(max_epochs=2, train_size=1.0, **QUIET)
     return adata, model, measured, is_spatial
-
-
-def _dense(x):
-    return x.toarray() if hasattr(x, "toarray") else np.asarray(x)
 
 
 def _tissue_with_batch(model, adata, batch_name):
@@ -334,7 +331,7 @@ def test_normalized_expression_unknown_gene(labelled):
 def test_observed_library_matches_measured_counts(panel):
     adata, model, measured, is_spatial = panel
     expr = model.get_normalized_expression(library_size="observed").to_numpy()
-    x = _dense(adata.layers["counts"])
+    x = dense(adata.layers["counts"])
     # spatial cells: their 300 measured genes add up to their observed counts
     np.testing.assert_allclose(
         expr[is_spatial][:, measured].sum(1), x[is_spatial][:, measured].sum(1), rtol=1e-4
@@ -356,7 +353,7 @@ def test_impute_genes(panel):
     np.testing.assert_allclose(imputed.to_numpy(), observed[genes].to_numpy(), rtol=1e-5)
     # counts scale: per-cell totals are the cell's counts, not frequencies
     freq = model.get_normalized_expression(gene_list=genes)
-    lib = _dense(adata.layers["counts"])[:, measured].sum(1)
+    lib = dense(adata.layers["counts"])[:, measured].sum(1)
     assert np.median(imputed.to_numpy().sum(1)) > 10 * np.median(freq.to_numpy().sum(1))
     assert np.median(lib) > 100
     # subset of cells in the requested order
