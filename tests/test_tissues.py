@@ -220,6 +220,106 @@ def test_no_coordinates_no_batch():
     assert list(adata.obs[KEY].cat.categories) == ["all/0", "all/1", "all/2"]
 
 
+def _samples_adata(n_per_sample: dict[str, int], seed: int = 0) -> ad.AnnData:
+    """Cells of several samples, interleaved, on two slides (``"lib"``: every other cell)."""
+    batch = np.concatenate([[k] * v for k, v in n_per_sample.items()])
+    batch = np.random.default_rng(seed).permutation(batch)
+    obs = pd.DataFrame(
+        {"sample": pd.Categorical(batch), "lib": np.where(np.arange(batch.size) % 2, "L2", "L1")},
+        index=[f"c{i}" for i in range(batch.size)],
+    )
+    return ad.AnnData(obs=obs)
+
+
+def test_no_coordinates_default_is_whole_samples():
+    """Without coordinates and without max_cells, each sample is one tissue, however large
+    (the official zero-shot pipeline embeds each obs["batch"] value in one pass)."""
+    sizes = {"A": 2500, "B": 1001, "C": 3}
+    adata = _samples_adata(sizes)
+    assign_tissues(adata, spatial_key=None, batch_key="sample")
+    lab = adata.obs[KEY]
+    assert list(lab.cat.categories) == ["A/0", "B/0", "C/0"]
+    pd.testing.assert_series_equal(
+        lab.astype(str), (adata.obs["sample"].astype(str) + "/0"), check_names=False
+    )
+    assert lab.value_counts().to_dict() == {"A/0": 2500, "B/0": 1001, "C/0": 3}
+    params = adata.uns[KEY]["params"]
+    assert params["max_cells"] is None and params["method"] == "whole_samples"
+    # deterministic: the seed and the row order play no part
+    again = assign_tissues(adata, spatial_key=None, batch_key="sample", seed=7, copy=True)
+    pd.testing.assert_series_equal(again.obs[KEY], lab)
+    shuffled = adata[np.random.default_rng(1).permutation(adata.n_obs)].copy()
+    assign_tissues(shuffled, spatial_key=None, batch_key="sample")
+    pd.testing.assert_series_equal(shuffled.obs[KEY], lab.loc[shuffled.obs_names])
+
+
+def test_no_coordinates_default_per_library_and_batch():
+    adata = _samples_adata({"A": 1500, "B": 700})
+    assign_tissues(adata, spatial_key=None, library_key="lib")
+    assert adata.obs[KEY].value_counts().sort_index().to_dict() == {"L1/0": 1100, "L2/0": 1100}
+    pd.testing.assert_series_equal(
+        adata.obs[KEY].astype(str), adata.obs["lib"] + "/0", check_names=False
+    )
+    assign_tissues(adata, spatial_key=None, library_key="lib", batch_key="sample")
+    expected = adata.obs.groupby(["lib", "sample"], observed=True).size()
+    got = adata.obs[KEY].value_counts()
+    assert len(got) == 4
+    for (lib, sample), n in expected.items():
+        assert got[f"{lib}/{sample}/0"] == n
+    assert (adata.obs.groupby(KEY, observed=True)[["lib", "sample"]].nunique() == 1).all().all()
+
+
+def test_no_coordinates_no_keys_default_is_one_tissue():
+    adata = ad.AnnData(obs=pd.DataFrame(index=[f"c{i}" for i in range(2001)]))
+    assign_tissues(adata, spatial_key=None)
+    assert adata.obs[KEY].astype(str).unique().tolist() == ["all/0"]
+
+
+def test_no_coordinates_cap_still_cuts_large_samples():
+    adata = _samples_adata({"A": 2500, "B": 1001, "C": 3})
+    assign_tissues(adata, spatial_key=None, batch_key="sample", max_cells=1000)
+    sizes = adata.obs[KEY].value_counts()
+    assert sizes.max() <= 1000 and len(sizes) == 3 + 2 + 1
+    assert (adata.obs.groupby(KEY, observed=True)["sample"].nunique() == 1).all()
+    params = adata.uns[KEY]["params"]
+    assert params["max_cells"] == 1000 and params["method"] == "random_chunks"
+
+
+def test_spatial_default_is_still_1000():
+    adata = _adata()  # slides of 2000-3000 cells
+    assign_tissues(adata, library_key="slide")
+    explicit = assign_tissues(adata, library_key="slide", max_cells=1000, copy=True)
+    pd.testing.assert_series_equal(adata.obs[KEY], explicit.obs[KEY])
+    assert adata.obs[KEY].value_counts().max() <= 1000
+    assert adata.obs[KEY].nunique() > adata.obs["slide"].nunique()
+    assert adata.uns[KEY]["params"]["max_cells"] == 1000
+
+
+@pytest.mark.parametrize(
+    ("max_cells", "exc"),
+    [("100", TypeError), (True, TypeError), (2.5, TypeError), (1, ValueError)],
+)
+@pytest.mark.parametrize("spatial_key", ["spatial", None])
+def test_max_cells_validation(max_cells, exc, spatial_key):
+    adata = ad.AnnData(
+        obs=pd.DataFrame(index=[f"c{i}" for i in range(20)]),
+        obsm={"spatial": np.random.default_rng(0).uniform(size=(20, 2))},
+    )
+    with pytest.raises(exc, match="max_cells"):
+        assign_tissues(adata, spatial_key=spatial_key, max_cells=max_cells)
+    assert KEY not in adata.obs and KEY not in adata.uns
+
+
+def test_whole_samples_roundtrip_h5ad(tmp_path):
+    adata = _samples_adata({"A": 30, "B": 20})
+    assign_tissues(adata, spatial_key=None, batch_key="sample")
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    back = ad.read_h5ad(tmp_path / "a.h5ad")
+    pd.testing.assert_series_equal(back.obs[KEY], adata.obs[KEY])
+    assert back.uns[KEY]["params"]["method"] == "whole_samples"
+    assert back.uns[KEY]["params"].get("max_cells") is None
+
+
 def test_random_chunks():
     groups = np.array([2] * 7 + [0] * 3 + [5] * 10)
     ids = random_chunks(groups, 4, seed=0)

@@ -1,8 +1,9 @@
 """Cut cells into tissue-sized groups ("sentences") for CellPLM.
 
-A CellPLM minibatch is one tissue: a group of at most ``max_cells`` cells that attend to each
-other. With spatial coordinates a tissue is a spatially contiguous patch of one slide; without
-coordinates it is a random chunk of one sample.
+A CellPLM minibatch is one tissue: a group of cells that attend to each other. With spatial
+coordinates a tissue is a spatially contiguous patch of at most ``max_cells`` cells of one slide;
+without coordinates it is a whole sample (as in the official zero-shot pipeline) or, with a cap,
+a random chunk of one sample.
 """
 
 from __future__ import annotations
@@ -78,13 +79,13 @@ def assign_tissues(
     spatial_key: str | None = "spatial",
     library_key: str | None = None,
     batch_key: str | None = None,
-    max_cells: int = 1000,
+    max_cells: int | None = None,
     n_neighs: int = 6,
     key_added: str = "cellplm_tissue",
     seed: int = 0,
     copy: bool = False,
 ) -> AnnData | None:
-    """Assign every cell to one tissue (a group of at most ``max_cells`` cells).
+    """Assign every cell to one tissue (a group of cells that attend to each other).
 
     **With coordinates** (``adata.obsm[spatial_key]``; the first two columns are used), each
     slide is cut into spatially contiguous groups:
@@ -104,9 +105,14 @@ def assign_tissues(
     take it. Slides with at most ``n_neighs`` cells use the complete graph (kNN with
     ``k = n_cells - 1``). The result does not depend on ``seed``.
 
-    **Without coordinates** (``spatial_key=None``), the cells of each sample (``batch_key``)
-    are cut into random chunks of nearly equal size (see :func:`random_chunks`), seeded by
-    ``seed``.
+    **Without coordinates** (``spatial_key=None``), each sample (each ``batch_key`` value, within
+    each ``library_key`` value; all cells when neither is given) is one tissue, as in the official
+    ``CellEmbeddingPipeline``, which embeds each ``obs["batch"]`` value in one pass. Training
+    subsamples tissues larger than ``max_cells_per_step`` (see :meth:`CellPLM.train`), so a
+    large sample costs no more memory per step. With an integer ``max_cells``, samples larger
+    than it are cut into random chunks of nearly equal size (see :func:`random_chunks`), seeded
+    by ``seed``: a cap for samples too large to embed in one pass (the memory of a forward pass
+    grows linearly with the cells of a tissue).
 
     In both modes, a group never spans two values of ``library_key`` or of ``batch_key`` (when
     given). So if slides are identified by ``batch_key`` only, pass it: coordinates of different
@@ -126,13 +132,15 @@ def assign_tissues(
         Column of ``adata.obs`` with the sample of each cell; used to group cells when there
         are no coordinates, and never crossed by a group. ``None``: all cells are one sample.
     max_cells
-        Largest allowed number of cells in a tissue (at least 2).
+        Largest allowed number of cells in a tissue (an integer, at least 2). ``None`` (the
+        default): 1000 with coordinates; no limit without, so each sample is one tissue.
     n_neighs
         Number of neighbours of the squidpy kNN spatial graph.
     key_added
         Name of the ``adata.obs`` column and ``adata.uns`` entry written.
     seed
-        Random seed of the no-coordinate mode. The spatial mode is deterministic.
+        Random seed of the chunks of the no-coordinate mode with ``max_cells``. The spatial
+        and whole-sample modes are deterministic.
     copy
         Return a modified copy instead of writing to ``adata``.
 
@@ -142,7 +150,9 @@ def assign_tissues(
 
     - ``.obs[key_added]``: categorical tissue labels ``"<slide>/<k>"`` (``"<sample>/<k>"``;
       ``"<slide>/<sample>/<k>"`` when both keys are given; ``"all/<k>"`` when neither is);
-    - ``.uns[key_added]["params"]``: the parameters used.
+    - ``.uns[key_added]["params"]``: the parameters used (``max_cells`` as applied: 1000 for
+      the spatial default, ``None`` for whole samples) and the ``method``
+      (``"bisect+components"``, ``"whole_samples"`` or ``"random_chunks"``).
 
     Nothing else in ``adata`` is modified (the spatial graph is not stored).
 
@@ -152,12 +162,19 @@ def assign_tissues(
     >>> cellplm_scvi.pp.assign_tissues(adata, spatial_key="spatial", library_key="slide")
     >>> adata.obs["cellplm_tissue"].value_counts().max() <= 1000
     True
+    >>> cellplm_scvi.pp.assign_tissues(scrna, spatial_key=None, batch_key="sample")
+    >>> scrna.obs["cellplm_tissue"].nunique() == scrna.obs["sample"].nunique()
+    True
     """
     if adata.n_obs == 0:
         raise ValueError("`adata` has no cells; cannot assign tissues to an empty AnnData.")
-    if isinstance(max_cells, bool) or not isinstance(max_cells, int | np.integer):
+    if max_cells is None and spatial_key is not None:
+        max_cells = 1000
+    if max_cells is not None and (
+        isinstance(max_cells, bool) or not isinstance(max_cells, int | np.integer)
+    ):
         raise TypeError(f"`max_cells` must be an integer, got {max_cells!r}.")
-    if max_cells < 2:
+    if max_cells is not None and max_cells < 2:
         raise ValueError(
             f"`max_cells` must be >= 2 (a tissue needs at least two cells), got {max_cells}."
         )
@@ -169,6 +186,8 @@ def assign_tissues(
         xy = _coordinates(adata, spatial_key)
         groups = _spatial_groups(xy, strata, max_cells=int(max_cells), n_neighs=int(n_neighs))
         method = "bisect+components"
+    elif max_cells is None:
+        groups, method = strata.copy(), "whole_samples"  # one tissue per sample
     else:
         groups = random_chunks(strata, int(max_cells), seed=seed, keys=adata.obs_names.to_numpy())
         method = "random_chunks"
@@ -182,7 +201,7 @@ def assign_tissues(
             "spatial_key": spatial_key,
             "library_key": library_key,
             "batch_key": batch_key,
-            "max_cells": int(max_cells),
+            "max_cells": None if max_cells is None else int(max_cells),
             "n_neighs": int(n_neighs),
             "seed": int(seed),
             "method": method,
