@@ -24,9 +24,8 @@ def check_counts(adata: AnnData, layer: str | None) -> None:
     """
     where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
     if layer is not None and layer not in adata.layers:
-        raise KeyError(
-            f"layer={layer!r} is not in adata.layers (available: {list(adata.layers)})."
-        )
+        named = [key for key in adata.layers if key is not None]  # anndata >= 0.13 lists X as None
+        raise KeyError(f"layer={layer!r} is not in adata.layers (available: {named}).")
     x = adata.X if layer is None else adata.layers[layer]
     if x is None:
         raise ValueError(f"{where} is empty; pass the layer that holds raw counts.")

@@ -507,7 +507,7 @@ def _with_counts_in_x(adata: ad.AnnData, convert) -> ad.AnnData:
     counts = adata.layers["counts"] if "counts" in adata.layers else adata.X
     out = unregistered(adata)
     out.X = convert(sp.csr_matrix(counts))
-    for key in list(out.layers):
+    for key in [k for k in out.layers if k is not None]:  # anndata >= 0.13 lists X as None
         del out.layers[key]
     return out
 
