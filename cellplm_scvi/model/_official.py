@@ -1,0 +1,275 @@
+"""The authors' released weights: loading an official checkpoint into a :class:`CellPLM`."""
+
+from __future__ import annotations
+
+import logging
+import numbers
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from anndata import AnnData
+
+from .. import _checkpoint
+
+if TYPE_CHECKING:
+    from ._cellplm import CellPLM
+
+logger = logging.getLogger("cellplm_scvi")
+
+LATENTS = ("gmvae", "vae")  # latent layers of our module
+
+# overrides accepted by `load_official`: they change training or a fresh layer, never the shapes
+# of the pretrained weights
+OVERRIDES = (
+    "dropout",
+    "mask_cell_rate",
+    "mask_gene_rate",
+    "dae",
+    "latent",
+    "n_clusters",
+    "lamda",
+    "w_li",
+    "w_en",
+    "classification_ratio",
+    "classifier_dropout",
+)
+
+# official config names -> ours (the official pipelines' `overwrite_config`)
+_OFFICIAL_NAMES = {
+    "model_dropout": "dropout",
+    "mask_node_rate": "mask_cell_rate",
+    "mask_feature_rate": "mask_gene_rate",
+    "latent_mod": "latent",
+    "num_clusters": "n_clusters",
+}
+# official config names that are arguments of `CellPLM.train` here
+_TRAIN_ARGUMENTS = {"drop_node_rate": "drop_node_rate", "max_batch_size": "max_cells_per_step"}
+# arguments that the checkpoint's weights or the registered AnnData fix
+_FIXED = {
+    "n_hidden": "the checkpoint's weights fix it",
+    "n_layers": "the checkpoint's weights fix it",
+    "n_heads": "the checkpoint's config fixes it",
+    "n_latent": "the checkpoint's decoder fixes it",
+    "n_dec_hidden": "the checkpoint's weights fix it",
+    "n_dec_layers": "the checkpoint's weights fix it",
+    "vocabulary": "the checkpoint's gene list fixes it",
+    "n_vocab": "the checkpoint's gene list fixes it",
+    "gene_index": "it is computed from the AnnData's genes",
+    "decoder_covariates": "the checkpoint's decoder tables fix it",
+    "use_batch_covariate": (
+        "the checkpoint's batch table indexes pretraining samples, not this AnnData's batches"
+    ),
+    "n_labels": "it comes from setup_anndata(labels_key=...)",
+    "measured_genes": "it comes from setup_anndata(measured_genes_key=...)",
+    "latent_kwargs": "pass lamda, w_li or w_en by name",
+    "use_spatial_pe": "pass spatial_pe",
+}
+
+
+def _check_fraction(name: str, value: Any, closed_right: bool) -> float:
+    ok_type = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    ok = ok_type and (0.0 <= value <= 1.0 if closed_right else 0.0 <= value < 1.0)
+    if not ok:
+        interval = "[0, 1]" if closed_right else "[0, 1)"
+        raise ValueError(f"`{name}` must be a number in {interval}, got {value!r}.")
+    return float(value)
+
+
+def _check_non_negative(name: str, value: Any) -> float:
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not value >= 0:
+        raise ValueError(f"`{name}` must be a non-negative number, got {value!r}.")
+    return float(value)
+
+
+def check_overrides(overrides: dict[str, Any], config: dict) -> tuple[dict[str, Any], str]:
+    """Validate ``load_official`` overrides against an official config.
+
+    Parameters
+    ----------
+    overrides
+        The keyword arguments given to ``load_official`` beyond its named parameters.
+    config
+        The official config (as read by :func:`cellplm_scvi._checkpoint.read_config`).
+
+    Returns
+    -------
+    The :class:`CellPLM` constructor arguments replacing those of
+    :func:`~cellplm_scvi._checkpoint.model_kwargs`, and the latent type of the model (a latent
+    other than the config's is a fresh layer).
+
+    Raises
+    ------
+    TypeError
+        For an unknown name, or one that the checkpoint or the AnnData fixes.
+    ValueError
+        For a value out of range or a combination that has no meaning.
+    """
+    for name in overrides:
+        if name in OVERRIDES:
+            continue
+        allowed = ", ".join(OVERRIDES)
+        if name in _OFFICIAL_NAMES:
+            hint = f"use the name `{_OFFICIAL_NAMES[name]}` (the official config's `{name}`)"
+        elif name in _TRAIN_ARGUMENTS:
+            hint = f"pass `{_TRAIN_ARGUMENTS[name]}` to `model.train()` instead"
+        elif name in _FIXED:
+            hint = f"it cannot be overridden: {_FIXED[name]}"
+        else:
+            hint = "it is not an argument that can replace the checkpoint's"
+        raise TypeError(
+            f"load_official() got an unexpected argument `{name}`: {hint}. Allowed overrides: "
+            f"{allowed}."
+        )
+
+    config_latent = config.get("latent_mod", "vae")
+    latent = overrides.get("latent", config_latent)
+    if latent not in LATENTS:
+        extra = (
+            " The official annotation pipeline's deterministic 'ae' latent is not implemented."
+            if latent == "ae"
+            else ""
+        )
+        raise ValueError(f"`latent` must be one of {list(LATENTS)}, got {latent!r}.{extra}")
+    fresh_latent = latent != config_latent
+    kwargs: dict[str, Any] = {}
+    if fresh_latent:  # the constructor arguments of the official model with that latent_mod
+        fresh = _checkpoint.model_kwargs({**config, "latent_mod": latent})
+        kwargs.update(latent=latent, latent_kwargs=fresh["latent_kwargs"])
+
+    if "dropout" in overrides:
+        kwargs["dropout"] = _check_fraction("dropout", overrides["dropout"], closed_right=False)
+    for name in ("mask_cell_rate", "mask_gene_rate"):
+        if name in overrides:
+            kwargs[name] = _check_fraction(name, overrides[name], closed_right=True)
+    if "classifier_dropout" in overrides:
+        kwargs["classifier_dropout"] = _check_fraction(
+            "classifier_dropout", overrides["classifier_dropout"], closed_right=False
+        )
+    if "classification_ratio" in overrides:
+        kwargs["classification_ratio"] = _check_non_negative(
+            "classification_ratio", overrides["classification_ratio"]
+        )
+    if "dae" in overrides:
+        if not isinstance(overrides["dae"], bool):
+            raise ValueError(f"`dae` must be True or False, got {overrides['dae']!r}.")
+        kwargs["dae"] = overrides["dae"]
+
+    if "n_clusters" in overrides:
+        n_clusters = overrides["n_clusters"]
+        if latent != "gmvae":
+            raise ValueError("`n_clusters` applies to the 'gmvae' latent only.")
+        if isinstance(n_clusters, bool) or not isinstance(n_clusters, numbers.Integral):
+            raise ValueError(f"`n_clusters` must be an integer >= 2, got {n_clusters!r}.")
+        if n_clusters < 2:
+            raise ValueError(f"`n_clusters` must be an integer >= 2, got {n_clusters!r}.")
+        pretrained = config.get("num_clusters", 16)
+        if not fresh_latent and n_clusters != pretrained:
+            raise ValueError(
+                f"`n_clusters={n_clusters}` differs from the checkpoint's {pretrained} clusters, "
+                "whose weights it would not fit. Only a fresh latent layer (`latent` other than "
+                f"the checkpoint's {config_latent!r}) can have another number of clusters."
+            )
+        kwargs["n_clusters"] = int(n_clusters)
+
+    loss_weights = {k: overrides[k] for k in ("lamda", "w_li", "w_en") if k in overrides}
+    if latent == "vae" and set(loss_weights) - {"lamda"}:
+        raise ValueError(
+            f"{sorted(set(loss_weights) - {'lamda'})} apply to the 'gmvae' latent only (the "
+            "'vae' latent has one weight, `lamda`, its KL threshold)."
+        )
+    if loss_weights:
+        base = kwargs.get("latent_kwargs") or _checkpoint.model_kwargs(config)["latent_kwargs"]
+        checked = {k: _check_non_negative(k, v) for k, v in loss_weights.items()}
+        kwargs["latent_kwargs"] = {**base, **checked}
+    return kwargs, latent
+
+
+def load_official(
+    cls: type[CellPLM],
+    prefix: str | os.PathLike | Sequence[str],
+    adata: AnnData,
+    gene_key: str | None = None,
+    spatial_pe: bool = False,
+    trust_pickle: bool = False,
+    **overrides,
+) -> CellPLM:
+    """Build ``cls`` from an official config + checkpoint (see :meth:`CellPLM.load_official`).
+
+    Parameters
+    ----------
+    cls
+        The model class (:class:`~cellplm_scvi.CellPLM` or a subclass).
+    prefix
+        ``"<dir>/<name>"`` for ``<name>.config.json`` + ``<name>.best.ckpt``, or a
+        ``(config_path, checkpoint_path)`` pair.
+    adata
+        Raw counts registered with :meth:`CellPLM.setup_anndata`.
+    gene_key
+        ``adata.var`` column holding the gene IDs or symbols.
+    spatial_pe
+        Add the spatial encoding (the pretrained weights were trained without it).
+    trust_pickle
+        Allow a checkpoint that needs full unpickling (runs code from the file).
+    **overrides
+        Arguments that replace the config's, by our name (an official config name, e.g.
+        ``model_dropout``, is refused with the name to use). None of them changes the
+        pretrained weights or the zero-shot embedding of a kept latent; they act on training
+        (fine-tuning) or on a fresh layer:
+
+        - ``dropout``: dropout of the embedder, encoder and decoder, in [0, 1) (config:
+          ``model_dropout``; the official annotation pipeline uses 0.5). The attention output
+          keeps the official model's fixed 0.01.
+        - ``mask_cell_rate``: fraction of a tissue's cells masked per training step, in
+          [0, 1] (config: ``mask_node_rate``). The official code masks
+          ``int(rate * n_cells)`` cells; ours masks ``max(1, int(rate * n_cells))`` so that a
+          small tissue still has a reconstruction target. 0 (or ``mask_gene_rate=0``) turns
+          masking off, as the official ``NullMaskBuilder``.
+        - ``mask_gene_rate``: probability that an entry of a masked cell is hidden, in [0, 1]
+          (config: ``mask_feature_rate``).
+        - ``dae``: add the NB term of the hidden entries alone.
+        - ``latent``: ``"gmvae"`` or ``"vae"``. The checkpoint's own latent keeps its
+          pretrained weights; the other one is a **fresh, randomly initialised** latent layer
+          (the checkpoint's latent weights are dropped), built as the official model with
+          that ``latent_mod`` (a fresh ``"vae"`` has KL threshold 1, a fresh ``"gmvae"`` the
+          config's ``lamda``, ``w_li``, ``w_en`` and ``num_clusters``). The encoder and the
+          decoder keep their weights, so the model needs fine-tuning before its embedding
+          means anything. The official annotation pipeline's deterministic ``"ae"`` latent is
+          not implemented.
+        - ``n_clusters``: number of GMVAE components; only for a fresh ``"gmvae"`` latent (or
+          equal to the checkpoint's).
+        - ``lamda``: KL free-bits floor of the latent loss (``"gmvae"``: of both terms;
+          ``"vae"``: the KL counts only above it).
+        - ``w_li``, ``w_en``: weights of the Gaussian and categorical KL terms (``"gmvae"``).
+        - ``classification_ratio``, ``classifier_dropout``: weight of the cross-entropy and
+          dropout inside the fresh cell-type head (with ``setup_anndata(labels_key=...)``).
+
+        Unknown names raise :class:`TypeError` listing the allowed ones; bad values raise
+        :class:`ValueError`.
+
+    Returns
+    -------
+    The model holding the pretrained weights, in evaluation mode.
+    """
+    config_path, ckpt_path = _checkpoint.official_paths(prefix)
+    config = _checkpoint.read_config(config_path)
+    replaced, latent = check_overrides(overrides, config)  # before reading a large checkpoint
+    state = _checkpoint.read_state_dict(ckpt_path, trust_pickle=trust_pickle)
+    fresh_prefixes: tuple[str, ...] = ("classifier.",)
+    if latent != config.get("latent_mod", "vae"):
+        state = {k: v for k, v in state.items() if not k.startswith("latent.")}
+        fresh_prefixes += ("latent.",)
+        logger.info(
+            "The %r latent layer is freshly initialised (the checkpoint's is %r): fine-tune "
+            "before using the embedding.",
+            latent,
+            config.get("latent_mod", "vae"),
+        )
+    kwargs = {**_checkpoint.model_kwargs(config), **replaced}
+    model = cls(adata, spatial_pe=spatial_pe, gene_key=gene_key, **kwargs)
+    _checkpoint.load_strict(model.module, state, fresh_prefixes=fresh_prefixes)
+    model.module.eval()
+    model.is_trained_ = True
+    model.history_ = {}  # pretrained elsewhere: the first `train` call starts the history
+    model.official_config_ = {k: v for k, v in config.items() if k != "gene_list"}
+    return model
