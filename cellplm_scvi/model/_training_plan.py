@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
 from scvi.train import TrainingPlan
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -80,6 +82,37 @@ class CellPLMTrainingPlan(TrainingPlan):
             scheduler = LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
             config["lr_scheduler"] = {"scheduler": scheduler, "interval": "step"}
         return config
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip gradients, also for a fused optimizer under mixed precision.
+
+        scvi-tools >= 1.5 builds AdamW fused wherever torch allows it (CPU and CUDA). A fused
+        optimizer unscales fp16 gradients inside its step, so Lightning refuses to clip for it
+        under mixed precision. Clipping is still well defined: with bf16 there is no loss
+        scale, the gradients are the true ones; with fp16 the grad scaler unscales them here
+        first, and its step then passes the fused kernel no scale (it only skips the step on
+        inf/NaN, as usual). Every other case is Lightning's own.
+        """
+        precision = self.trainer.precision_plugin
+        fused = getattr(optimizer, "_step_supports_amp_scaling", False)
+        if not (gradient_clip_val and fused and isinstance(precision, MixedPrecision)):
+            super().configure_gradient_clipping(
+                optimizer, gradient_clip_val, gradient_clip_algorithm
+            )
+            return
+        if precision.scaler is not None:  # fp16: true gradients before clipping
+            precision.scaler.unscale_(optimizer)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        algorithm = gradient_clip_algorithm or self.trainer.gradient_clip_algorithm or "norm"
+        if str(getattr(algorithm, "value", algorithm)).lower() == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
     def compute_and_log_metrics(self, loss_output, metrics, mode):
         """Log scvi's metrics; under DDP the extra 0-d metrics (latent and classification loss)
