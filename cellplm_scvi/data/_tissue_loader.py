@@ -23,7 +23,7 @@ from lightning.pytorch import LightningDataModule
 from scvi import settings
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .._constants import TISSUE_KEY, X_KEY
+from .._constants import REQUESTED_KEY, TISSUE_KEY, X_KEY
 
 
 def _to_csr_tensor(x) -> torch.Tensor:
@@ -52,7 +52,8 @@ class TissueDataset(Dataset):
     faster than a fancy index on a backed ``.h5ad``); ``ind_x`` says which rows came.
     """
 
-    def __init__(self, adata_manager):
+    def __init__(self, adata_manager, requested: np.ndarray | None = None):
+        self.requested = requested  # (n_obs,) bool: rows the caller asked for (context mode)
         self.x = adata_manager.get_from_registry(X_KEY)
         if sp.issparse(self.x) and self.x.format not in ("csr", "csc"):
             self.x = sp.csr_matrix(self.x)  # e.g. COO cannot be row-indexed
@@ -70,6 +71,8 @@ class TissueDataset(Dataset):
         if sp.issparse(x) and sp.issparse(self.x) and np.may_share_memory(x.data, self.x.data):
             x = x.copy()  # a slice may be a view: the model never gets the user's own buffers
         out[X_KEY] = _to_csr_tensor(x)
+        if self.requested is not None:
+            out[REQUESTED_KEY] = torch.from_numpy(self.requested[rows])
         return out
 
 
@@ -94,6 +97,8 @@ class TissueBatchSampler(Sampler):
         Base seed; combined with the epoch set by Lightning.
     num_replicas, rank
         DDP: every rank gets the same number of steps (tissues are repeated to pad).
+    requested
+        (n_obs,) bool. Context mode (inference): steps holding no requested row are skipped.
     """
 
     def __init__(
@@ -106,8 +111,10 @@ class TissueBatchSampler(Sampler):
         seed: int = 0,
         num_replicas: int = 1,
         rank: int = 0,
+        requested: np.ndarray | None = None,
     ):
         indices = np.asarray(indices, dtype=np.int64)
+        self.requested = requested
         codes = np.asarray(tissue_codes).reshape(-1)
         order = np.argsort(codes, kind="stable")
         bounds = np.flatnonzero(np.diff(codes[order])) + 1
@@ -135,6 +142,8 @@ class TissueBatchSampler(Sampler):
                 steps.extend(np.array_split(rng.permutation(cells), n_chunks))
             else:
                 steps.append(cells)
+        if self.requested is not None:
+            steps = [cells for cells in steps if self.requested[cells].any()]
         return steps
 
     def __iter__(self):
@@ -147,6 +156,13 @@ class TissueBatchSampler(Sampler):
         for i in order:
             yield steps[i].tolist()
 
+    def emission_order(self) -> np.ndarray:
+        """Context mode: the requested rows in the order the model returns them (per step,
+        sorted rows, as :class:`TissueDataset` reads them)."""
+        steps = self._steps(np.random.default_rng([self.seed, self.epoch]))
+        rows = [np.sort(cells)[self.requested[np.sort(cells)]] for cells in steps]
+        return np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+
     def __len__(self) -> int:
         n = len(self._steps(np.random.default_rng(0)))  # chunking is size-determined
         return math.ceil(n / self.num_replicas)
@@ -157,6 +173,11 @@ class TissueDataLoader(DataLoader):
 
     Accepts the keyword arguments scvi-tools passes to a data loader; ``batch_size`` is the
     cap on cells per step (``None``: whole tissues).
+
+    With ``context=True`` (inference), every tissue holding one of ``indices`` is read whole, so
+    that each cell is encoded with the cells of its tissue as registered, and a ``"requested"``
+    mask marks the rows asked for: the module returns those rows only, in the order given by
+    :meth:`emission_order`.
     """
 
     def __init__(
@@ -172,14 +193,21 @@ class TissueDataLoader(DataLoader):
         load_sparse_tensor: bool = False,
         pin_memory: bool = False,
         data_and_attributes=None,
+        context: bool = False,
         **kwargs,
     ):
         n_obs = adata_manager.adata.n_obs
         indices = np.arange(n_obs) if indices is None else np.asarray(indices)
         if indices.dtype == bool:
             indices = np.flatnonzero(indices)
-        codes = adata_manager.get_from_registry(TISSUE_KEY)
-        codes = np.asarray(codes).reshape(-1)[indices]
+        all_codes = np.asarray(adata_manager.get_from_registry(TISSUE_KEY)).reshape(-1)
+        requested = None
+        self.requested_indices = indices  # the caller's order (context mode)
+        if context:
+            requested = np.zeros(n_obs, dtype=bool)
+            requested[indices] = True
+            indices = np.flatnonzero(np.isin(all_codes, np.unique(all_codes[indices])))
+        codes = all_codes[indices]
         num_replicas, rank = 1, 0
         if distributed_sampler and torch.distributed.is_initialized():
             num_replicas = torch.distributed.get_world_size()
@@ -193,15 +221,20 @@ class TissueDataLoader(DataLoader):
             seed=(settings.seed or 0) if seed is None else seed,
             num_replicas=num_replicas,
             rank=rank,
+            requested=requested,
         )
         kwargs.pop("iter_ndarray", None)
         super().__init__(
-            TissueDataset(adata_manager),
+            TissueDataset(adata_manager, requested),
             sampler=sampler,
             batch_size=None,
             pin_memory=pin_memory,
             **kwargs,
         )
+
+    def emission_order(self) -> np.ndarray:
+        """Rows in the order the model's outputs come (context mode)."""
+        return self.sampler.emission_order()
 
 
 class TissueDataSplitter(LightningDataModule):

@@ -13,7 +13,9 @@ import pandas as pd
 import torch
 from anndata import AnnData
 from scvi.data import AnnDataManager
+from scvi.data._constants import _ADATA_MINIFY_TYPE_UNS_KEY
 from scvi.data.fields import (
+    CategoricalJointObsField,
     CategoricalObsField,
     LabelsWithUnlabeledObsField,
     LayerField,
@@ -21,18 +23,19 @@ from scvi.data.fields import (
     ObsmField,
 )
 from scvi.model._utils import get_max_epochs_heuristic, use_distributed_sampler
-from scvi.model.base import BaseModelClass
+from scvi.model.base import BaseMinifiedModeModelClass, RNASeqMixin, VAEMixin
 from scvi.train import TrainRunner
+from scvi.train._config import merge_kwargs
 from scvi.utils import setup_anndata_dsp
-from tqdm import tqdm
 
-from .. import _checkpoint
 from .._constants import (
     BATCH_KEY,
+    CAT_COVS_KEY,
     DEFAULT_TISSUE_OBS,
     INDICES_KEY,
     INDICES_OBS,
     LABELS_KEY,
+    SIZE_FACTOR_KEY,
     SPATIAL_KEY,
     TISSUE_CODE_OBS,
     TISSUE_KEY,
@@ -43,15 +46,16 @@ from .._validation import check_counts, check_obs_key, check_spatial
 from ..data import TissueDataLoader, TissueDataSplitter
 from ..module import CellPLMModule
 from ..pp import assign_tissues
-from ._save_load import public_attributes, read_model_file, write_model_file
+from . import _query
+from ._official import load_official
+from ._save_load import read_model_file, write_model_file
+from ._tissue_context import TissueContextMixin, _autocast
 from ._training_plan import CellPLMTrainingPlan
 
 logger = logging.getLogger("cellplm_scvi")
 
-_AUTOCAST = {"32": torch.float32, "bf16": torch.bfloat16, "16": torch.float16}
 
-
-class CellPLM(BaseModelClass):
+class CellPLM(TissueContextMixin, RNASeqMixin, VAEMixin, BaseMinifiedModeModelClass):
     """CellPLM: cells are tokens, tissues are sentences (:cite:p:`Wen2024`).
 
     Each cell's token is the sum of learned gene embeddings weighted by ``log1p`` of its raw
@@ -110,6 +114,8 @@ class CellPLM(BaseModelClass):
     _data_splitter_cls = TissueDataSplitter
     _training_plan_cls = CellPLMTrainingPlan
     _train_runner_cls = TrainRunner
+    _LATENT_QZM_KEY = "cellplm_latent_qzm"
+    _LATENT_QZV_KEY = "cellplm_latent_qzv"
 
     def __init__(
         self,
@@ -142,11 +148,15 @@ class CellPLM(BaseModelClass):
             vocabulary = list(vocabulary)
         gene_index = self._gene_index(self.adata, vocabulary, gene_key)
         n_batch = self.summary_stats.n_batch
+        covariates = self._categorical_covariates()
         derived = {  # from the registered data; explicit module_kwargs win
             "decoder_covariates": {"batch": n_batch} if n_batch > 1 else {},
             "n_labels": len(self._label_names()),
             "measured_genes": self._measured_genes(self.adata),
         }
+        if covariates:
+            derived["decoder_covariates"].update(covariates)
+            derived["categorical_covariates"] = tuple(covariates)
         self.module = self._module_cls(
             n_vocab=self.adata.n_vars if vocabulary is None else len(vocabulary),
             gene_index=gene_index,
@@ -163,6 +173,7 @@ class CellPLM(BaseModelClass):
             dae=dae,
             **{**derived, **module_kwargs},
         )
+        self.module.minified_data_type = self.minified_data_type
         n_params = sum(p.numel() for p in self.module.parameters())
         self._model_summary_string = (
             f"CellPLM: n_hidden={n_hidden}, n_layers={n_layers}, n_latent={n_latent}, "
@@ -197,13 +208,37 @@ class CellPLM(BaseModelClass):
         state = self.adata_manager.get_state_registry(LABELS_KEY)
         return [c for c in state.categorical_mapping if c != state.unlabeled_category]
 
+    def _categorical_covariates(self) -> dict[str, int]:
+        """Decoder table name -> levels, one per ``categorical_covariate_keys`` column."""
+        if CAT_COVS_KEY not in self.adata_manager.data_registry:
+            return {}
+        state = self.adata_manager.get_state_registry(CAT_COVS_KEY)
+        return {
+            f"cov_{key}".replace(".", "_"): len(state.mappings[key]) for key in state.field_keys
+        }
+
     def _measured_genes(self, adata: AnnData) -> np.ndarray | None:
-        """(n_batch, n_genes) bool from ``adata.varm[measured_genes_key]``, or ``None``."""
+        """(n_batch, n_genes) bool from ``adata.varm[measured_genes_key]`` and the genes
+        :meth:`prepare_query_anndata` padded (unmeasured in this AnnData's batches), or
+        ``None`` when every batch measured every gene."""
         key = self.adata_manager.registry["setup_args"].get("measured_genes_key")
-        if key is None:
+        padded = _query.padded_genes(adata)
+        if key is None and padded is None:
             return None
-        table = adata.varm[key]
         batches = list(self.adata_manager.get_state_registry(BATCH_KEY).categorical_mapping)
+        measured = np.ones((len(batches), adata.n_vars), dtype=bool)
+        if key is not None:
+            measured &= self._measured_table(adata, key, batches)
+        if padded is not None:
+            codes = self.get_anndata_manager(adata, required=True).get_from_registry(BATCH_KEY)
+            present = np.unique(np.asarray(codes).reshape(-1))
+            measured[np.ix_(present, padded)] = False
+        return measured
+
+    @staticmethod
+    def _measured_table(adata: AnnData, key: str, batches: list) -> np.ndarray:
+        """(n_batch, n_genes) bool from ``adata.varm[key]`` (columns: batch categories)."""
+        table = adata.varm[key]
         if not isinstance(table, pd.DataFrame):
             table = pd.DataFrame(np.asarray(table), index=adata.var_names, columns=batches)
         if len(table) != adata.n_vars:
@@ -227,11 +262,12 @@ class CellPLM(BaseModelClass):
     @classmethod
     def load_official(
         cls,
-        prefix: str | Sequence[str],
+        prefix: str | os.PathLike | Sequence[str],
         adata: AnnData,
         gene_key: str | None = None,
         spatial_pe: bool = False,
         trust_pickle: bool = False,
+        **overrides,
     ) -> CellPLM:
         """Load an official pretrained CellPLM release (e.g. ``20231027_85M``).
 
@@ -255,6 +291,8 @@ class CellPLM(BaseModelClass):
             were not trained with it: for experiments only.
         trust_pickle
             Allow a checkpoint that needs full unpickling (runs code from the file).
+        **overrides
+            Model arguments that replace the config's (e.g. ``dropout``, ``mask_cell_rate``).
 
         Returns
         -------
@@ -268,18 +306,7 @@ class CellPLM(BaseModelClass):
         >>> model = cp.CellPLM.load_official("ckpt/20231027_85M", adata)
         >>> adata.obsm["X_cellplm"] = model.get_latent_representation()
         """
-        config_path, ckpt_path = _checkpoint.official_paths(prefix)
-        config = _checkpoint.read_config(config_path)
-        state = _checkpoint.read_state_dict(ckpt_path, trust_pickle=trust_pickle)
-        model = cls(
-            adata, spatial_pe=spatial_pe, gene_key=gene_key, **_checkpoint.model_kwargs(config)
-        )
-        _checkpoint.load_strict(model.module, state, fresh_prefixes=("classifier.",))
-        model.module.eval()
-        model.is_trained_ = True
-        model.history_ = {}  # pretrained elsewhere: the first `train` call starts the history
-        model.official_config_ = {k: v for k, v in config.items() if k != "gene_list"}
-        return model
+        return load_official(cls, prefix, adata, gene_key, spatial_pe, trust_pickle, **overrides)
 
     # ------------------------------------------------------------------ setup
     @classmethod
@@ -290,10 +317,13 @@ class CellPLM(BaseModelClass):
         layer: str | None = None,
         batch_key: str | None = None,
         labels_key: str | None = None,
+        size_factor_key: str | None = None,
+        categorical_covariate_keys: list[str] | None = None,
+        continuous_covariate_keys: list[str] | None = None,
         spatial_key: str | None = None,
         tissue_key: str | None = None,
         library_key: str | None = None,
-        max_cells: int = 1000,
+        max_cells: int | None = None,
         unlabeled_category: str = "Unknown",
         measured_genes_key: str | None = None,
         **kwargs,
@@ -315,6 +345,14 @@ class CellPLM(BaseModelClass):
         %(param_layer)s
         %(param_batch_key)s
         %(param_labels_key)s
+        size_factor_key
+            ``adata.obs`` column of positive library sizes: the NB mean of each cell is rescaled
+            to it instead of to the cell's observed count total.
+        categorical_covariate_keys
+            ``adata.obs`` columns of extra categorical covariates: each gets a decoder embedding
+            table (like the official model's ``dataset`` table). The encoder never sees them.
+        continuous_covariate_keys
+            Not supported (the CellPLM decoder has no continuous covariates); raises.
         spatial_key
             ``adata.obsm`` key of (n_cells, 2) spatial coordinates, or ``None``.
         tissue_key
@@ -323,7 +361,9 @@ class CellPLM(BaseModelClass):
         library_key
             ``adata.obs`` column of slides; computed tissues never span two slides.
         max_cells
-            Maximum cells per computed tissue.
+            Maximum cells per computed tissue. ``None``: 1000 for spatial data; whole samples
+            (one tissue per ``batch_key`` value, or all cells) without coordinates, as the
+            official zero-shot pipeline (see :func:`cellplm_scvi.pp.assign_tissues`).
         unlabeled_category
             Value of ``labels_key`` marking cells without a label (they still train the
             reconstruction objective and receive a prediction).
@@ -334,6 +374,17 @@ class CellPLM(BaseModelClass):
             column measured every gene.
         """
         setup_method_args = cls._get_setup_method_args(**locals())
+        if adata.is_view:
+            raise ValueError(
+                "adata is a view; CellPLM writes bookkeeping columns into obs. Pass a copy: "
+                "adata = adata.copy()."
+            )
+        if continuous_covariate_keys:
+            raise ValueError(
+                "continuous_covariate_keys is not supported: the CellPLM decoder conditions on "
+                "categorical covariates only. Bin the covariate and pass it in "
+                "categorical_covariate_keys, or leave it out."
+            )
         if adata.n_obs == 0:
             raise ValueError("adata has no cells; nothing to set up.")
         if adata.n_vars == 0:
@@ -343,14 +394,31 @@ class CellPLM(BaseModelClass):
             (batch_key, "batch_key"),
             (labels_key, "labels_key"),
             (library_key, "library_key"),
+            (size_factor_key, "size_factor_key"),
+            *((k, "categorical_covariate_keys") for k in categorical_covariate_keys or []),
         ]:
             check_obs_key(adata, key, argument)
+        if size_factor_key is not None:
+            factors = pd.to_numeric(adata.obs[size_factor_key], errors="coerce").to_numpy()
+            if not (np.isfinite(factors) & (factors > 0)).all():
+                raise ValueError(
+                    f"adata.obs[{size_factor_key!r}] (size_factor_key) must hold finite positive "
+                    "numbers (library sizes)."
+                )
         if spatial_key is not None:
             check_spatial(adata, spatial_key)
         if measured_genes_key is not None and measured_genes_key not in adata.varm:
             raise KeyError(
                 f"measured_genes_key={measured_genes_key!r} is not in adata.varm "
                 f"(available: {list(adata.varm)})."
+            )
+        fresh = "source_registry" not in kwargs and not _is_minified(adata)
+        if fresh and tissue_key is None and DEFAULT_TISSUE_OBS in adata.obs:
+            logger.warning(
+                "adata.obs[%r] exists (an earlier setup_anndata or assign_tissues) and is "
+                "recomputed now; pass tissue_key=%r to keep it instead.",
+                DEFAULT_TISSUE_OBS,
+                DEFAULT_TISSUE_OBS,
             )
         cls._write_tissue_columns(
             adata, spatial_key, tissue_key, library_key, batch_key, max_cells
@@ -366,6 +434,13 @@ class CellPLM(BaseModelClass):
         ]
         if spatial_key is not None:
             fields.append(ObsmField(SPATIAL_KEY, spatial_key))
+        if size_factor_key is not None:
+            fields.append(NumericalObsField(SIZE_FACTOR_KEY, size_factor_key))
+        if categorical_covariate_keys:
+            fields.append(CategoricalJointObsField(CAT_COVS_KEY, categorical_covariate_keys))
+        minify_type = adata.uns.get(_ADATA_MINIFY_TYPE_UNS_KEY)
+        if minify_type is not None:
+            fields += cls._get_fields_for_adata_minification(minify_type)
         manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
         manager.register_fields(adata, **kwargs)
         cls.register_manager(manager)
@@ -377,7 +452,7 @@ class CellPLM(BaseModelClass):
         tissue_key: str | None,
         library_key: str | None,
         batch_key: str | None,
-        max_cells: int,
+        max_cells: int | None,
     ) -> None:
         """Write the tissue code and row-index bookkeeping columns."""
         if tissue_key is not None:
@@ -445,12 +520,51 @@ class CellPLM(BaseModelClass):
             adata.obs[INDICES_OBS] = rows
         return adata
 
+    # ------------------------------------------------------------------ query mapping
+    @classmethod
+    def prepare_query_anndata(
+        cls,
+        adata: AnnData,
+        reference_model: str | os.PathLike | CellPLM,
+        return_reference_var_names: bool = False,
+        inplace: bool = True,
+    ) -> AnnData | list[str] | None:
+        """Align a query's genes to a reference model (scvi-tools' ``ArchesMixin`` recipe).
+
+        Genes are reordered as the reference's; reference genes the query lacks are added as
+        zero counts and marked unmeasured (``adata.var["_cellplm_padded"]``), so they enter
+        neither the loss nor the library size of the query's cells; query genes the reference
+        lacks are dropped. The numbers of padded and dropped genes are logged.
+
+        Parameters
+        ----------
+        adata
+            Query AnnData (raw counts).
+        reference_model
+            A :class:`CellPLM`, or the directory it was saved to.
+        return_reference_var_names
+            Only return the reference's gene names.
+        inplace
+            Modify ``adata`` (default), or return the aligned copy.
+        """
+        reference = _query.reference_of(cls, reference_model)
+        return _query.prepare_query_anndata(
+            adata, reference.var_names, return_reference_var_names, inplace
+        )
+
     @classmethod
     def load_query_data(
         cls,
         adata: AnnData,
-        reference_model: CellPLM,
+        reference_model: str | os.PathLike | CellPLM,
+        inplace_subset_query_vars: bool = False,
+        accelerator: str = "auto",
+        device: int | str = "auto",
+        unfrozen: bool = False,
+        freeze_dropout: bool = False,
+        freeze_classifier: bool = True,
         train_decoder: bool = False,
+        **kwargs,
     ) -> CellPLM:
         """Map a query dataset onto a trained reference model (scArches-style).
 
@@ -465,60 +579,36 @@ class CellPLM(BaseModelClass):
         Parameters
         ----------
         adata
-            Query AnnData with the reference's genes (raw counts in the same layer).
+            Query AnnData with the reference's genes (see :meth:`prepare_query_anndata`).
         reference_model
-            A trained :class:`CellPLM`.
+            A trained :class:`CellPLM`, or the directory it was saved to.
+        inplace_subset_query_vars
+            Subset ``adata`` to the reference's genes in place when it has more/reordered genes.
+        accelerator, device
+            Where to put the query model.
+        unfrozen
+            Train every parameter.
+        freeze_dropout
+            Switch dropout off while the query trains.
+        freeze_classifier
+            Keep the classification head frozen (``False``: fine-tune it too).
         train_decoder
             Also fine-tune the decoder weights shared by all batches.
+        **kwargs
+            scVI's ``freeze_expression``, ``freeze_decoder_first_layer``,
+            ``freeze_batchnorm_encoder``, ``freeze_batchnorm_decoder`` name layers CellPLM has
+            not: passing one raises a ``ValueError`` saying what to use.
 
         Returns
         -------
         CellPLM
             A new model for the query; call :meth:`train` to fit the new batches.
         """
-        if not isinstance(reference_model, cls):
-            raise ValueError(f"reference_model must be a {cls.__name__}.")
-        registry = reference_model.adata_manager.registry
-        setup_args = dict(registry["setup_args"])
-        cls.setup_anndata(
-            adata,
-            source_registry=registry,
-            extend_categories=True,
-            allow_missing_labels=True,
-            **setup_args,
-        )
-        params = reference_model.init_params_
-        kwargs = {k: v for group in params["kwargs"].values() for k, v in group.items()}
-        reference_state = reference_model.module.state_dict()
-        query = cls(adata, **params["non_kwargs"], **kwargs)
-        state = query.module.state_dict()
-        unknown = sorted(set(state) - set(reference_state))
-        if unknown:
-            raise ValueError(
-                "The reference model has no decoder batch table (it was trained on a single "
-                f"batch; new parameters: {unknown[:3]}), so query batches cannot be added. Embed "
-                "the query with reference_model.get_latent_representation(adata) instead."
-            )
-        grown = {}  # covariate tables with new rows: reference rows are copied and frozen
-        for key, value in reference_state.items():
-            if state[key].shape == value.shape:
-                state[key] = value
-            else:
-                state[key][: value.shape[0]] = value
-                grown[key] = value.shape[0]
-        query.module.load_state_dict(state)
-        query.module.requires_grad_(False)
-        for name, param in query.module.named_parameters():
-            if train_decoder and name.startswith("decoder."):
-                param.requires_grad_(True)
-            elif name in grown:
-                param.requires_grad_(True)
-                n_old = grown[name]
-                param.register_hook(lambda g, n=n_old: torch.cat([torch.zeros_like(g[:n]), g[n:]]))
-                param.no_weight_decay = True  # decoupled decay would still shrink frozen rows
-        query.is_trained_ = reference_model.is_trained_
-        query.history_ = {k: v.copy() for k, v in (reference_model.history_ or {}).items()}
-        return query
+        reference = _query.reference_of(cls, reference_model)
+        return _query.load_query_data(
+            cls, adata, reference, inplace_subset_query_vars, accelerator, device, unfrozen,
+            freeze_dropout, freeze_classifier, train_decoder, **kwargs,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ save / load
     def save(
@@ -527,12 +617,16 @@ class CellPLM(BaseModelClass):
         prefix: str | None = None,
         overwrite: bool = False,
         save_anndata: bool = False,
+        save_kwargs: dict | None = None,
         **anndata_write_kwargs,
     ) -> None:
         """Save the model to ``dir_path`` (``<prefix>model.pt``, optionally the AnnData).
 
-        The file holds tensors, the gene names and a JSON description (setup, init arguments
-        incl. the vocabulary, history), so it loads with ``torch.load(weights_only=True)``.
+        ``model.pt`` has scvi-tools' layout (``model_state_dict``, ``var_names``, ``attr_dict``
+        with ``registry_``, ``init_params_``, ``history_``, ...), holding only tensors, lists,
+        dicts, strings and numbers: it loads with ``torch.load(weights_only=True)`` and
+        scvi-tools' readers (``CellPLM.view_setup_args``, ``CellPLM.load_registry``,
+        :class:`scvi.hub.HubMetadata`) read it. The file is written atomically.
 
         Parameters
         ----------
@@ -544,6 +638,8 @@ class CellPLM(BaseModelClass):
             Overwrite an existing directory.
         save_anndata
             Also write the AnnData as ``<prefix>adata.h5ad``.
+        save_kwargs
+            Passed to :func:`torch.save`.
         **anndata_write_kwargs
             Passed to :meth:`anndata.AnnData.write_h5ad`.
         """
@@ -554,11 +650,15 @@ class CellPLM(BaseModelClass):
         prefix = prefix or ""
         if save_anndata:
             self.adata.write_h5ad(dir_path / f"{prefix}adata.h5ad", **anndata_write_kwargs)
+        attributes = {
+            k: v for k, v in vars(self).items() if k.endswith("_") and not k.startswith("_")
+        }
         write_model_file(
             dir_path / f"{prefix}model.pt",
             self.module.state_dict(),
             self.adata.var_names,
-            public_attributes(self),
+            attributes,
+            save_kwargs,
         )
 
     @classmethod
@@ -569,6 +669,7 @@ class CellPLM(BaseModelClass):
         accelerator: str = "auto",
         device: int | str = "auto",
         prefix: str | None = None,
+        backup_url: str | None = None,
     ) -> CellPLM:
         """Load a model saved with :meth:`save` (``weights_only=True``; pickles are refused).
 
@@ -582,10 +683,14 @@ class CellPLM(BaseModelClass):
             Where to put the model (Lightning-style, as in scvi-tools).
         prefix
             File name prefix used when saving.
+        backup_url
+            Not supported (nothing is downloaded); raises if given.
         """
         from scvi.model._utils import parse_device_args
         from scvi.model.base._save_load import _initialize_model
 
+        if backup_url is not None:
+            raise ValueError("backup_url is not supported: copy the files to dir_path first.")
         dir_path, prefix = Path(dir_path), prefix or ""
         state, var_names, attributes = read_model_file(dir_path / f"{prefix}model.pt")
         registry = attributes.pop("registry_")
@@ -603,7 +708,8 @@ class CellPLM(BaseModelClass):
         if list(adata.var_names) != list(var_names):
             raise ValueError(
                 f"adata's genes differ from the saved model's ({adata.n_vars} vs "
-                f"{len(var_names)} genes, or another order): use adata[:, saved_var_names]."
+                f"{len(var_names)} genes, or another order): use adata[:, saved_var_names], or "
+                "CellPLM.prepare_query_anndata(adata, dir_path) to pad missing genes."
             )
         cls.setup_anndata(adata, source_registry=registry, **registry["setup_args"])
         model = _initialize_model(cls, adata, registry, attributes, None)
@@ -619,79 +725,119 @@ class CellPLM(BaseModelClass):
     def train(
         self,
         max_epochs: int | None = None,
-        lr: float = 5e-4,
         accelerator: str = "auto",
         devices: int | list[int] | str = "auto",
         train_size: float | None = None,
         validation_size: float | None = None,
-        max_cells_per_step: int | None = 4000,
-        drop_node_rate: float = 0.3,
+        shuffle_set_split: bool = True,
+        load_sparse_tensor: bool = False,
+        batch_size: int | None = 4000,
         early_stopping: bool = False,
-        gradient_clip_val: float | None = 2.0,
-        plan_kwargs: dict | None = None,
         datasplitter_kwargs: dict | None = None,
+        plan_config=None,
+        plan_kwargs: dict | None = None,
+        datamodule=None,
+        trainer_config=None,
+        lr: float = 5e-4,
+        drop_node_rate: float = 0.3,
+        gradient_clip_val: float | None = 2.0,
+        max_cells_per_step: int | None = None,
         **trainer_kwargs,
     ):
         """Train on tissue minibatches with scvi-tools' Lightning trainer.
+
+        The arguments are scvi-tools' (:meth:`scvi.model.SCVI.train`), with CellPLM's meaning
+        where a minibatch is a tissue.
 
         Parameters
         ----------
         max_epochs
             Passes over the training tissues (default: scvi-tools' heuristic on ``n_obs``).
-        lr
-            AdamW learning rate (linear warm-up, see :class:`CellPLMTrainingPlan`).
         accelerator, devices
             Lightning device selection (``"auto"`` uses one GPU when there is one).
         train_size, validation_size
             Fractions of *tissues* for training and validation.
-        max_cells_per_step
-            Tissues larger than this are subsampled at each step (official ``max_batch_size``).
-        drop_node_rate
-            Fraction of a tissue's cells dropped at each step (official node drop).
+        shuffle_set_split
+            Shuffle tissues before splitting them (``False``: in tissue-code order).
+        load_sparse_tensor
+            Accepted for scvi-tools compatibility: CellPLM always loads counts as sparse CSR
+            tensors.
+        batch_size
+            Cap on cells per training step: larger tissues are subsampled at each step
+            (official ``max_batch_size``). ``None``: whole tissues.
         early_stopping
             Stop on the validation loss (needs validation tissues).
-        gradient_clip_val
-            Gradient norm clipping (official fine-tuning: 2.0).
-        plan_kwargs
-            Passed to :class:`CellPLMTrainingPlan` (e.g. ``weight_decay``, ``n_steps_lr_warmup``).
         datasplitter_kwargs
             Passed to :class:`~cellplm_scvi.data.TissueDataSplitter`.
+        plan_config, plan_kwargs
+            Passed (merged) to :class:`CellPLMTrainingPlan`, e.g. ``weight_decay``,
+            ``n_steps_lr_warmup``, ``reduce_lr_on_plateau``.
+        datamodule
+            A Lightning data module yielding tissue minibatches, used instead of the AnnData's
+            splitter.
+        trainer_config
+            Passed (merged) to :class:`scvi.train.Trainer`, like ``**trainer_kwargs``.
+        lr
+            AdamW learning rate (linear warm-up, see :class:`CellPLMTrainingPlan`).
+        drop_node_rate
+            Fraction of a tissue's cells dropped at each step (official node drop).
+        gradient_clip_val
+            Gradient norm clipping (official fine-tuning: 2.0).
+        max_cells_per_step
+            Alias of ``batch_size``.
         **trainer_kwargs
             Passed to :class:`scvi.train.Trainer` (e.g. ``strategy="ddp"``,
             ``check_val_every_n_epoch``).
         """
+        if max_cells_per_step is not None:
+            if batch_size not in (None, 4000, max_cells_per_step):
+                raise ValueError("Pass batch_size or its alias max_cells_per_step, not both.")
+            batch_size = max_cells_per_step
         if max_epochs is None:
-            max_epochs = get_max_epochs_heuristic(self.adata.n_obs)
+            n_obs = getattr(datamodule, "n_obs", None) if datamodule is not None else None
+            n_obs = self.adata.n_obs if datamodule is None else n_obs
+            if n_obs is None:
+                raise ValueError("Pass max_epochs with a datamodule that has no n_obs.")
+            max_epochs = get_max_epochs_heuristic(n_obs)
+        trainer_kwargs = merge_kwargs(trainer_config, trainer_kwargs, name="trainer")
         distributed = use_distributed_sampler(trainer_kwargs.get("strategy"))
         if distributed:  # our tissue sampler shards across ranks itself
             trainer_kwargs.setdefault("use_distributed_sampler", False)
-        splitter = self._data_splitter_cls(
-            self.adata_manager,
-            train_size=train_size,
-            validation_size=validation_size,
-            max_cells_per_step=max_cells_per_step,
-            drop_node_rate=drop_node_rate,
-            distributed_sampler=distributed,
-            **(datasplitter_kwargs or {}),
-        )
-        plan_kwargs = {"lr": lr, **(plan_kwargs or {})}
+        if datamodule is None:
+            datamodule = self._data_splitter_cls(
+                self.adata_manager,
+                train_size=train_size,
+                validation_size=validation_size,
+                shuffle_set_split=shuffle_set_split,
+                max_cells_per_step=batch_size,
+                drop_node_rate=drop_node_rate,
+                distributed_sampler=distributed,
+                **(datasplitter_kwargs or {}),
+            )
+        plan_kwargs = {"lr": lr, **merge_kwargs(plan_config, plan_kwargs, name="plan")}
         plan = self._training_plan_cls(self.module, **plan_kwargs)
         if gradient_clip_val is not None:
             trainer_kwargs.setdefault("gradient_clip_val", gradient_clip_val)
         if early_stopping:
             trainer_kwargs.setdefault("early_stopping_monitor", "validation_loss")
-        wants_validation = early_stopping or trainer_kwargs.get("check_val_every_n_epoch")
-        if wants_validation and splitter.n_val == 0:
+        needs_validation = (
+            early_stopping
+            or trainer_kwargs.get("check_val_every_n_epoch")
+            or plan_kwargs.get("reduce_lr_on_plateau")
+        )
+        if needs_validation and getattr(datamodule, "n_val", 1) == 0:
             raise ValueError(
-                "Validation was requested (early_stopping or check_val_every_n_epoch) but no "
-                "tissue is left for validation: lower train_size, or use more/smaller tissues "
-                "(setup_anndata(max_cells=...))."
+                "Validation was requested (early_stopping, check_val_every_n_epoch or "
+                "reduce_lr_on_plateau) but no tissue is left for validation: lower train_size, "
+                "or use more/smaller tissues (setup_anndata(max_cells=...))."
             )
+        if plan_kwargs.get("reduce_lr_on_plateau"):
+            trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
         self.module.train()  # inference calls leave the module in eval mode
         runner = self._train_runner_cls(
             self,
             training_plan=plan,
-            data_splitter=splitter,
+            data_splitter=datamodule,
             max_epochs=max_epochs,
             accelerator=accelerator,
             devices=devices,
@@ -708,127 +854,41 @@ class CellPLM(BaseModelClass):
         finally:
             self.is_trained_ = self.is_trained_ or starts_history
 
-    # ------------------------------------------------------------------ inference
-    def _tissue_loader(
-        self, adata: AnnData | None, indices: Sequence[int] | None, batch_size: int | None
-    ) -> tuple[AnnData, np.ndarray, TissueDataLoader]:
-        adata = self._validate_anndata(adata)
-        indices = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
-        if indices.dtype == bool:
-            indices = np.flatnonzero(indices)
-        if len(np.unique(indices)) != len(indices):
-            raise ValueError("indices contains duplicates; pass each cell once.")
-        loader = TissueDataLoader(
-            self.get_anndata_manager(adata, required=True),
-            indices=indices,
-            batch_size=batch_size,
-            shuffle=False,
-        )
-        return adata, indices, loader
-
+    # ------------------------------------------------------------------ CellPLM-specific
     @torch.inference_mode()
-    def _collect(
-        self,
-        adata: AnnData | None,
-        indices: Sequence[int] | None,
-        batch_size: int | None,
-        step,
-        progress_bar: bool = False,
-        precision: Literal["32", "bf16", "16"] = "32",
-    ) -> dict[str, np.ndarray]:
-        """Run ``step(tensors) -> dict of (n, ...) arrays`` per tissue, in ``indices`` order."""
-        if precision not in _AUTOCAST:
-            raise ValueError(f"precision must be one of {list(_AUTOCAST)}, got {precision!r}.")
-        adata, indices, loader = self._tissue_loader(adata, indices, batch_size)
-        self.module.eval()
-        autocast = torch.autocast(
-            self.device.type, dtype=_AUTOCAST[precision], enabled=precision != "32"
-        )
-        position = np.full(adata.n_obs, -1, dtype=np.int64)
-        position[indices] = np.arange(len(indices))
-        results: dict[str, np.ndarray] = {}
-        for tensors in tqdm(loader, desc="tissues", disable=not progress_bar):
-            rows = position[tensors[INDICES_KEY].view(-1).numpy()]
-            with autocast:
-                out = step(tensors)
-            for key, value in out.items():
-                value = value.float().cpu().numpy() if torch.is_tensor(value) else value
-                if key not in results:
-                    results[key] = np.zeros((len(indices), *value.shape[1:]), dtype=value.dtype)
-                results[key][rows] = value
-        return results
-
-    def get_latent_representation(
-        self,
-        adata: AnnData | None = None,
-        indices: Sequence[int] | None = None,
-        batch_size: int | None = None,
-        give_mean: bool = True,
-        return_dist: bool = False,
-        progress_bar: bool = False,
-        precision: Literal["32", "bf16", "16"] = "32",
-    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-        """Cell embeddings, (n_cells, n_latent), in the order of ``adata`` (or ``indices``).
-
-        Every tissue is encoded as one set, so a cell's embedding depends on the other cells of
-        its tissue but not on the row order of ``adata``. For ``"gmvae"`` the cluster is
-        ``argmax q(y|h)`` and the embedding is the posterior mean of ``q(z|h, y)``
-        (deterministic, unlike the official code's Gumbel sample).
-
-        Parameters
-        ----------
-        adata
-            AnnData set up like the training data (default: the model's).
-        indices
-            Cells to embed (default: all). Tissues are formed from these cells only.
-        batch_size
-            Maximum cells per forward pass; larger tissues are cut into random chunks (which
-            changes their context). ``None``: whole tissues.
-        give_mean
-            Return the posterior mean (``False``: one sample).
-        return_dist
-            Return the posterior mean and variance instead.
-        progress_bar
-            Show a progress bar over tissues.
-        precision
-            ``"bf16"`` or ``"16"`` runs the network under :func:`torch.autocast` (GPU speed-up;
-            the sparse gene-embedding product stays in float32). Results are returned as
-            float32; expect differences of about 1e-2 relative to ``"32"``.
-        """
-
-        def step(tensors):
-            out = self.module.inference(**self.module._get_inference_input(tensors))
-            if return_dist:
-                return {"qz_m": out["qz_m"], "qz_v": out["qz_v"]}
-            z = out["qz_m"]
-            if not give_mean:
-                z = z + out["qz_v"].sqrt() * torch.randn_like(z)
-            return {"z": z}  # collect only what is returned (1M cells x 512 = 2 GB each)
-
-        res = self._collect(adata, indices, batch_size, step, progress_bar, precision)
-        if return_dist:
-            return res["qz_m"], res["qz_v"]
-        return res["z"]
-
     def predict(
         self,
         adata: AnnData | None = None,
         indices: Sequence[int] | None = None,
         soft: bool = False,
         batch_size: int | None = None,
+        use_posterior_mean: bool = True,
+        ig_interpretability: bool = False,
+        ig_args: dict | None = None,
+        dataloader=None,
+        precision: Literal["32", "bf16", "16"] = "32",
     ) -> np.ndarray | pd.DataFrame:
-        """Predict cell types with the classification head (like ``SCANVI.predict``).
+        """Predict cell types with the classification head (``SCANVI.predict``'s signature).
 
         Parameters
         ----------
         adata
             AnnData set up like the training data (default: the model's).
         indices
-            Cells to predict (default: all).
+            Cells to predict (default: all); each is computed in its whole tissue.
         soft
             Return a DataFrame of class probabilities (rows sum to one) instead of names.
         batch_size
             Maximum cells per forward pass (``None``: whole tissues).
+        use_posterior_mean
+            The head reads the deterministic pre-latent state, so ``True`` is what it does;
+            ``False`` raises.
+        ig_interpretability, ig_args
+            Integrated gradients are not available for CellPLM; ``True`` raises.
+        dataloader
+            Not supported (predictions are put back in AnnData order per tissue); raises.
+        precision
+            As in :meth:`get_latent_representation`.
 
         Returns
         -------
@@ -841,18 +901,36 @@ class CellPLM(BaseModelClass):
                 "This model has no classification head: call setup_anndata(labels_key=...) with "
                 "at least two cell types before creating the model."
             )
-
-        def step(tensors):
-            out = self.module.inference(**self.module._get_inference_input(tensors))
-            return {"probs": out["logits"].softmax(-1)}
-
-        probs = self._collect(adata, indices, batch_size, step)["probs"]
-        names = self._label_names()
-        adata = self._validate_anndata(adata)
+        if not use_posterior_mean:
+            raise ValueError(
+                "use_posterior_mean=False has no meaning here: CellPLM's head classifies the "
+                "deterministic pre-latent state, not a latent sample."
+            )
+        if ig_interpretability or ig_args:
+            raise ValueError("Integrated-gradient interpretability is not available for CellPLM.")
+        if dataloader is not None:
+            raise ValueError("Pass adata/indices instead of a dataloader.")
+        self._refuse_minified("predict")
+        adata, emitted, back = self._tissue_order(adata, indices, batch_size)
+        self.module.eval()
+        probs = []
+        with _autocast(self.device, precision):
+            for tensors in self._make_data_loader(adata, emitted, batch_size):
+                out = self.module.inference(**self.module._get_inference_input(tensors))
+                probs.append(out["logits"].float().softmax(-1).cpu())
+        probs = torch.cat(probs).numpy()[back]
         index = adata.obs_names if indices is None else adata.obs_names[np.asarray(indices)]
+        names = self._label_names()
         if soft:
             return pd.DataFrame(probs, index=index, columns=names)
         return np.asarray(names, dtype=object)[probs.argmax(1)]
+
+    def _refuse_minified(self, method: str) -> None:
+        if self.minified_data_type is not None:
+            raise ValueError(
+                f"{method} needs counts and the tissue context, which a minified AnnData has not. "
+                "Load the model with the full AnnData: CellPLM.load(dir_path, adata=full_adata)."
+            )
 
     @property
     def matched_genes(self) -> pd.Index:
@@ -864,64 +942,6 @@ class CellPLM(BaseModelClass):
         columns = self.module.matched_columns
         return adata.var_names if columns is None else adata.var_names[columns.cpu().numpy()]
 
-    def get_normalized_expression(
-        self,
-        adata: AnnData | None = None,
-        indices: Sequence[int] | None = None,
-        gene_list: Sequence[str] | None = None,
-        library_size: float | Literal["observed"] = 1.0,
-        batch_size: int | None = None,
-        return_numpy: bool = False,
-    ) -> pd.DataFrame | np.ndarray:
-        """Decoder's expected expression of each cell (denoised; also unmeasured genes).
-
-        Parameters
-        ----------
-        adata
-            AnnData set up like the training data (default: the model's).
-        indices
-            Cells (default: all).
-        gene_list
-            Genes to return (``var_names``; default: all genes the decoder knows).
-        library_size
-            A number: expression frequencies scaled to this total per cell (scvi-tools
-            semantics). ``"observed"``: the count scale, the mean rescaled so that each cell's
-            *measured* genes add up to its observed counts (official imputation).
-        batch_size
-            Maximum cells per forward pass (``None``: whole tissues).
-        return_numpy
-            Return an array instead of a DataFrame.
-        """
-        adata = self._validate_anndata(adata)
-        genes = self._decoded_genes(adata)
-        gene_list = genes if gene_list is None else pd.Index(gene_list)
-        missing = gene_list.difference(genes)
-        if len(missing):
-            raise KeyError(
-                f"gene_list has genes the model cannot decode: {list(missing)[:10]} (they must "
-                "be var_names of adata and in the model vocabulary)."
-            )
-        columns = torch.as_tensor(genes.get_indexer(gene_list))
-        module = self.module
-
-        def step(tensors):
-            inf = module.inference(**module._get_inference_input(tensors))
-            mean = module.generative(**module._get_generative_input(tensors, inf))["px_mean"]
-            if library_size == "observed":
-                x = module.observed_counts(tensors[X_KEY].to(mean.device))
-                w = module.measured_weights(tensors)
-                w = torch.ones_like(mean) if w is None else w.to(mean.device, mean.dtype)
-                scale = (x * w).sum(1, keepdim=True) / (mean * w).sum(1, keepdim=True)
-            else:
-                scale = float(library_size) / mean.sum(1, keepdim=True)
-            return {"expr": (mean * scale)[:, columns.to(mean.device)]}
-
-        expr = self._collect(adata, indices, batch_size, step)["expr"]
-        if return_numpy:
-            return expr
-        index = adata.obs_names if indices is None else adata.obs_names[np.asarray(indices)]
-        return pd.DataFrame(expr, index=index, columns=gene_list)
-
     def impute_genes(
         self,
         gene_list: Sequence[str],
@@ -931,9 +951,9 @@ class CellPLM(BaseModelClass):
     ) -> pd.DataFrame:
         """Count-scale predictions of ``gene_list`` (e.g. genes a spatial panel did not measure).
 
-        The size factor of each cell comes from the genes its batch measured (see
-        ``measured_genes_key`` in :meth:`setup_anndata`), as in the official imputation
-        pipeline.
+        Each cell is decoded from its posterior mean, and the size factor comes from the genes
+        its batch measured (see ``measured_genes_key`` in :meth:`setup_anndata`), as in the
+        official imputation pipeline.
 
         Parameters
         ----------
@@ -951,6 +971,48 @@ class CellPLM(BaseModelClass):
         pandas.DataFrame
             Cells x genes, on the count scale.
         """
+        self._refuse_minified("impute_genes")
         return self.get_normalized_expression(
-            adata, indices, gene_list, library_size="observed", batch_size=batch_size
+            adata, indices, gene_list=gene_list, library_size="observed", batch_size=batch_size
         )
+
+    def minify_adata(
+        self,
+        minified_data_type: str = "latent_posterior_parameters",
+        use_latent_qzm_key: str = "X_latent_qzm",
+        use_latent_qzv_key: str = "X_latent_qzv",
+    ) -> None:
+        """Replace the model's AnnData by a minified one (scvi-tools' recipe): the posterior of
+        each cell, computed in its whole tissue, and CellPLM's library size (observed counts of
+        its measured decoded genes) replace the counts.
+
+        If ``adata.obsm[use_latent_qzm_key]``/``[use_latent_qzv_key]`` are missing they are
+        computed with ``get_latent_representation(return_dist=True)`` and stored there. Then
+        ``get_normalized_expression``, ``differential_expression`` and
+        ``get_latent_representation`` work without counts; ``predict``, ``impute_genes``,
+        ``get_elbo`` and friends raise.
+        """
+        from scvi.data._constants import ADATA_MINIFY_TYPE
+        from scvi.model.utils import get_minified_adata_scrna
+
+        if minified_data_type not in ADATA_MINIFY_TYPE:
+            raise ValueError(f"minified_data_type must be one of {list(ADATA_MINIFY_TYPE)}.")
+        if self.minified_data_type is not None:
+            raise ValueError("The model's AnnData is already minified.")
+        if use_latent_qzm_key not in self.adata.obsm or use_latent_qzv_key not in self.adata.obsm:
+            qzm, qzv = self.get_latent_representation(return_dist=True)
+            self.adata.obsm[use_latent_qzm_key], self.adata.obsm[use_latent_qzv_key] = qzm, qzv
+        library = self.get_latent_library_size().reshape(-1)
+        keep_counts = minified_data_type == ADATA_MINIFY_TYPE.LATENT_POSTERIOR_WITH_COUNTS
+        mini = get_minified_adata_scrna(self.adata_manager, keep_count_data=keep_counts)
+        mini.uns.pop("_scvi_uuid", None)
+        mini.uns[_ADATA_MINIFY_TYPE_UNS_KEY] = minified_data_type
+        mini.obsm[self._LATENT_QZM_KEY] = self.adata.obsm[use_latent_qzm_key]
+        mini.obsm[self._LATENT_QZV_KEY] = self.adata.obsm[use_latent_qzv_key]
+        mini.obs[self._OBSERVED_LIB_SIZE_KEY] = library
+        self._update_adata_and_manager_post_minification(mini, minified_data_type)
+        self.module.minified_data_type = minified_data_type
+
+
+def _is_minified(adata: AnnData) -> bool:
+    return adata.uns.get(_ADATA_MINIFY_TYPE_UNS_KEY) is not None

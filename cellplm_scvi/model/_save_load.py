@@ -1,14 +1,19 @@
-"""Model files that load with ``torch.load(weights_only=True)``.
+"""Model files in scvi-tools' layout that load with ``torch.load(weights_only=True)``.
 
-scvi-tools pickles the model's attributes (registry, history, ...) into ``model.pt`` and loads it
-with ``weights_only=False``, so a tampered file can run code. We write the same content as
-tensors plus one JSON string, and refuse anything else on load.
+scvi-tools writes ``model.pt`` as ``{"model_state_dict", "var_names", "attr_dict"}`` and pickles
+whatever the attributes hold (numpy arrays, DataFrames), so loading it runs the unpickler on
+arbitrary objects. We write the same layout with plain values only: arrays become lists and
+DataFrames dicts of lists; ``attr_dict["cellplm_arrays_"]`` records where they were, so that
+:func:`read_model_file` gives back the original types. scvi-tools' readers
+(``view_setup_args``, ``load_registry``, ``scvi.hub.HubMetadata.from_dir``) read the file as is.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -16,67 +21,78 @@ import numpy as np
 import pandas as pd
 import torch
 
-FORMAT = "cellplm_scvi/1"
+FORMAT = "cellplm_scvi/2"
+_LEGACY_FORMAT = "cellplm_scvi/1"  # tensors + one JSON string (first release)
+_ARRAYS = "cellplm_arrays_"  # attr_dict entry: path -> how to restore a list / dict
 
 
-def _encode(obj):
+def _plain(obj, path: str, types: dict):
+    """``obj`` with arrays/DataFrames as lists/dicts; their paths and kinds go to ``types``."""
     if isinstance(obj, dict):
-        return {str(k): _encode(v) for k, v in obj.items()}
+        return {str(k): _plain(v, f"{path}/{k}", types) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_encode(v) for v in obj]
+        return [_plain(v, f"{path}/{i}", types) for i, v in enumerate(obj)]
     if isinstance(obj, np.ndarray):
-        return {"__ndarray__": _encode(obj.tolist()), "dtype": str(obj.dtype)}
-    if isinstance(obj, np.generic):
-        return obj.item()
+        types[path] = ["ndarray", str(obj.dtype)]
+        return _plain(obj.tolist(), path, {})
     if isinstance(obj, pd.DataFrame):
+        types[path] = ["dataframe", obj.index.name]
         return {
-            "__dataframe__": {
-                "index": _encode(obj.index.to_numpy()),
-                "index_name": obj.index.name,
-                "columns": [str(c) for c in obj.columns],
-                "data": {str(c): _encode(obj[c].to_numpy()) for c in obj.columns},
-            }
+            "index": _plain(obj.index.to_numpy().tolist(), path, {}),
+            "columns": {str(c): _plain(obj[c].to_numpy().tolist(), path, {}) for c in obj},
         }
     if isinstance(obj, pd.Index):
-        return _encode(obj.to_numpy())
+        types[path] = ["ndarray", str(obj.dtype)]
+        return _plain(obj.to_numpy().tolist(), path, {})
+    if isinstance(obj, np.generic):
+        return obj.item()
     if obj is None or isinstance(obj, bool | int | float | str):
         return obj
-    raise TypeError(f"Cannot store a {type(obj).__name__} in a CellPLM model file.")
+    raise TypeError(f"Cannot store a {type(obj).__name__} (at {path}) in a CellPLM model file.")
 
 
-def _decode(obj):
+def _restore(obj, path: str, types: dict):
+    kind = types.get(path)
+    if kind is not None and kind[0] == "ndarray":
+        return np.asarray(obj, dtype=None if kind[1] == "object" else kind[1])
+    if kind is not None and kind[0] == "dataframe":
+        index = pd.Index(obj["index"], name=kind[1])
+        return pd.DataFrame(dict(obj["columns"]), index=index)
+    if isinstance(obj, dict):
+        return {k: _restore(v, f"{path}/{k}", types) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_decode(v) for v in obj]
-    if not isinstance(obj, dict):
-        return obj
-    if "__ndarray__" in obj:
-        return np.asarray(obj["__ndarray__"], dtype=obj["dtype"])
-    if "__dataframe__" in obj:
-        frame = obj["__dataframe__"]
-        index = pd.Index(_decode(frame["index"]), name=frame["index_name"])
-        data = {c: _decode(frame["data"][c]) for c in frame["columns"]}
-        return pd.DataFrame(data, index=index, columns=frame["columns"])
-    return {k: _decode(v) for k, v in obj.items()}
+        return [_restore(v, f"{path}/{i}", types) for i, v in enumerate(obj)]
+    return obj
 
 
-def public_attributes(model) -> dict:
-    """The attributes scvi-tools saves: public names ending in ``_``."""
-    return {k: v for k, v in vars(model).items() if k.endswith("_") and not k.startswith("_")}
-
-
-def write_model_file(path: Path, state: dict, var_names, attributes: dict) -> None:
-    """Write tensors, var names and a JSON string of ``attributes``."""
+def write_model_file(
+    path: Path, state: dict, var_names, attributes: dict, save_kwargs: dict | None = None
+) -> None:
+    """Write ``model.pt`` atomically (a temporary file renamed over the old one)."""
+    types: dict = {}
+    attr_dict = _plain(attributes, "", types)
+    attr_dict[_ARRAYS] = types
+    attr_dict["cellplm_format_"] = FORMAT
     payload = {
-        "format": FORMAT,
         "model_state_dict": {k: v.detach().cpu() for k, v in state.items()},
         "var_names": [str(v) for v in var_names],
-        "attributes": json.dumps(_encode(attributes)),
+        "attr_dict": attr_dict,
     }
-    torch.save(payload, path)
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp, **(save_kwargs or {}))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def read_model_file(path: Path) -> tuple[dict, list[str], dict]:
-    """Read a file written by :func:`write_model_file` with ``weights_only=True``."""
+    """Read a file written by :func:`write_model_file` (or the first format) with
+    ``weights_only=True``: (state dict, var names, attributes)."""
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No model file at {path}.")
     if not zipfile.is_zipfile(path):
@@ -96,10 +112,30 @@ def read_model_file(path: Path) -> tuple[dict, list[str], dict]:
         ) from err
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
         raise ValueError(f"Could not read {path} (corrupt or truncated?): {err}") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+    if isinstance(payload, dict) and payload.get("format") == _LEGACY_FORMAT:
+        attributes = _decode_legacy(json.loads(payload["attributes"]))
+        return payload["model_state_dict"], payload["var_names"], attributes
+    attr_dict = payload.get("attr_dict") if isinstance(payload, dict) else None
+    if not isinstance(attr_dict, dict) or attr_dict.get("cellplm_format_") != FORMAT:
         raise ValueError(f"{path} is not a CellPLM model file (no '{FORMAT}' marker).")
-    return (
-        payload["model_state_dict"],
-        payload["var_names"],
-        _decode(json.loads(payload["attributes"])),
-    )
+    attr_dict = dict(attr_dict)
+    types = attr_dict.pop(_ARRAYS, {})
+    attr_dict.pop("cellplm_format_")
+    attributes = {k: _restore(v, f"/{k}", types) for k, v in attr_dict.items()}
+    return payload["model_state_dict"], payload["var_names"], attributes
+
+
+def _decode_legacy(obj):
+    """Attributes of a ``cellplm_scvi/1`` file (arrays and DataFrames tagged inline)."""
+    if isinstance(obj, list):
+        return [_decode_legacy(v) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if "__ndarray__" in obj:
+        return np.asarray(obj["__ndarray__"], dtype=obj["dtype"])
+    if "__dataframe__" in obj:
+        frame = obj["__dataframe__"]
+        index = pd.Index(_decode_legacy(frame["index"]), name=frame["index_name"])
+        data = {c: _decode_legacy(frame["data"][c]) for c in frame["columns"]}
+        return pd.DataFrame(data, index=index, columns=frame["columns"])
+    return {k: _decode_legacy(v) for k, v in obj.items()}

@@ -2,16 +2,31 @@
 
 from __future__ import annotations
 
+import math
+from contextlib import contextmanager
 from typing import Literal
 
 import numpy as np
 import torch
-from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
+from scvi.distributions import NegativeBinomial
+from scvi.module.base import BaseMinifiedModeModuleClass, LossOutput, auto_move_data
 from torch import nn
+from torch.distributions import Normal
 
-from .._constants import BATCH_KEY, LABELS_KEY, SPATIAL_KEY, X_KEY
+from .._constants import (
+    BATCH_KEY,
+    CAT_COVS_KEY,
+    LABELS_KEY,
+    LATENT_QZM_KEY,
+    LATENT_QZV_KEY,
+    OBSERVED_LIB_SIZE_KEY,
+    REQUESTED_KEY,
+    SIZE_FACTOR_KEY,
+    SPATIAL_KEY,
+    X_KEY,
+)
 from ..nn import CellEmbedder, FlowformerEncoder, GMVAELatent, LatentStack, NBDecoder, VAELatent
-from ._loss import masked_nb_loss
+from ._loss import masked_nb_loss, nb_nll
 from ._masking import TissueMask, apply_mask, sample_mask
 
 
@@ -34,7 +49,7 @@ def scale_coordinates(coords: torch.Tensor) -> torch.Tensor:
     return (coords - lo) / span
 
 
-class CellPLMModule(BaseModuleClass):
+class CellPLMModule(BaseMinifiedModeModuleClass):
     """Embedder -> Flowformer -> LayerNorm -> (GM)VAE latent -> NB decoder.
 
     Parameters
@@ -77,6 +92,9 @@ class CellPLMModule(BaseModuleClass):
     measured_genes
         (n_batch, G_in) bool: the genes each batch measured (e.g. a spatial panel). The NB loss
         and the library size use only a cell's measured genes. ``None``: all genes everywhere.
+    categorical_covariates
+        Names of the ``decoder_covariates`` tables fed, in this order, by the columns of the
+        registered extra categorical covariates (``setup_anndata(categorical_covariate_keys=)``).
     """
 
     def __init__(
@@ -103,6 +121,7 @@ class CellPLMModule(BaseModuleClass):
         classification_ratio: float = 50.0,
         classifier_dropout: float = 0.5,
         measured_genes: np.ndarray | None = None,
+        categorical_covariates: tuple[str, ...] = (),
     ):
         super().__init__()
         self.n_latent = n_latent
@@ -111,6 +130,9 @@ class CellPLMModule(BaseModuleClass):
         self.use_spatial_pe = use_spatial_pe
         self.mask_cell_rate, self.mask_gene_rate, self.dae = mask_cell_rate, mask_gene_rate, dae
         self._set_gene_index(n_vocab, gene_index)
+        self.categorical_covariates = tuple(categorical_covariates)
+        self.gene_likelihood = "nb"
+        self._sample_posterior = False
 
         self.embedder = CellEmbedder(n_vocab, n_hidden, dropout)
         self.encoder = FlowformerEncoder(n_hidden, n_layers, n_heads, dropout)
@@ -142,6 +164,7 @@ class CellPLMModule(BaseModuleClass):
     def _set_gene_index(self, n_vocab: int, gene_index: np.ndarray | None) -> None:
         """Store how input columns map to the vocabulary (non-persistent buffers)."""
         self.n_vocab = n_vocab
+        self.n_input_genes = n_vocab if gene_index is None else len(gene_index)
         if gene_index is None or np.array_equal(gene_index, np.arange(n_vocab)):
             self.register_buffer("embed_index", None, persistent=False)
             self.register_buffer("matched_columns", None, persistent=False)
@@ -157,22 +180,44 @@ class CellPLMModule(BaseModuleClass):
 
     # ------------------------------------------------------------------ scvi API
     def _get_inference_input(self, tensors: dict, **kwargs) -> dict:
-        return {"x": tensors[X_KEY], "coords": tensors.get(SPATIAL_KEY)}
+        if self.minified_data_type is not None and LATENT_QZM_KEY in tensors:
+            rows = _requested_rows(tensors)
+            return {"qzm": tensors[LATENT_QZM_KEY][rows], "qzv": tensors[LATENT_QZV_KEY][rows]}
+        return {
+            "x": tensors[X_KEY],
+            "coords": tensors.get(SPATIAL_KEY),
+            "requested": tensors.get(REQUESTED_KEY),
+        }
 
     def _get_generative_input(self, tensors: dict, inference_outputs: dict, **kwargs) -> dict:
+        rows = _requested_rows(tensors)
         batch = tensors.get(BATCH_KEY)
-        if batch is not None and self.use_batch_covariate:
-            batch = batch.view(-1).long()
-        else:
-            batch = None
-        return {"z": inference_outputs["z"], "batch_index": batch}
+        batch = batch.view(-1).long()[rows] if batch is not None else None
+        cat_covs = tensors.get(CAT_COVS_KEY)
+        size_factor = tensors.get(SIZE_FACTOR_KEY)
+        return {
+            "z": inference_outputs["z"],
+            "batch_index": batch if self.use_batch_covariate else None,
+            "cat_covs": None if cat_covs is None else cat_covs.long()[rows],
+            "library": self.library_counts(tensors),
+            "measured": self.measured_weights(tensors),
+            "size_factor": None if size_factor is None else size_factor.view(-1, 1)[rows],
+        }
 
     @auto_move_data
-    def inference(self, x: torch.Tensor, coords: torch.Tensor | None = None) -> dict:
-        """Encode one tissue of N cells.
+    def _regular_inference(
+        self,
+        x: torch.Tensor,
+        coords: torch.Tensor | None = None,
+        requested: torch.Tensor | None = None,
+        n_samples: int = 1,
+    ) -> dict:
+        """Encode one tissue of N cells; keep the ``requested`` rows (R of them) after the encoder.
 
-        Returns ``z``, ``qz_m``, ``qz_v``, the pre-latent state ``h`` (N, d), the latent loss and,
-        in training, the ``mask`` that was applied to the input.
+        Returns ``qz`` (a :class:`torch.distributions.Normal`, (R, L)), ``z`` ((R, L); in
+        evaluation the posterior mean for ``n_samples=1``, else ``n_samples`` draws,
+        (S, R, L)), ``qz_m``/``qz_v``, the pre-latent state ``h`` (R, d), the latent ``loss``,
+        per-cell ``kl``, class ``logits`` (with a head) and, in training, the input ``mask``.
         """
         if x.layout == torch.sparse_csc or x.layout == torch.sparse_coo:
             x = x.to_sparse_csr()
@@ -186,25 +231,119 @@ class CellPLMModule(BaseModuleClass):
         if self.use_spatial_pe and coords is not None:
             pe_coords = scale_coordinates(coords.float())
         h = self.embedder(x, self.embed_index, pe_coords)  # (N, d)
-        h = self.pre_latent_norm(self.encoder(h))  # (N, d)
+        h = self.pre_latent_norm(self.encoder(h))  # (N, d): cells saw their whole tissue
+        if requested is not None:
+            h = h[requested.view(-1).bool()]  # (R, d)
         out = self.latent(h)
         out["h"] = h
         out["mask"] = mask
         if self.classifier is not None:
             out["logits"] = self.classifier(h)
-        return out
+        return self._posterior(out, n_samples)
 
     @auto_move_data
-    def generative(self, z: torch.Tensor, batch_index: torch.Tensor | None = None) -> dict:
-        """Decode to the NB mean (N, G_matched) and inverse dispersion (G_matched,)."""
-        covariates = {"batch": batch_index} if batch_index is not None else None
-        mean, theta = self.decoder(z, covariates, self.decoder_index)
-        return {"px_mean": mean, "px_theta": theta}
+    def _cached_inference(self, qzm: torch.Tensor, qzv: torch.Tensor, n_samples: int = 1) -> dict:
+        """Minified data: the stored posterior of each cell replaces the encoder."""
+        return self._posterior({"qz_m": qzm, "qz_v": qzv, "z": qzm}, n_samples)
+
+    def _posterior(self, out: dict, n_samples: int) -> dict:
+        """Add ``qz``. Evaluation decodes the posterior mean (CellPLM's read-out) unless
+        ``n_samples > 1`` or :meth:`sampling_posterior` is active."""
+        out["qz"] = Normal(out["qz_m"], out["qz_v"].sqrt())
+        if not self.training and (n_samples > 1 or self._sample_posterior):
+            z = out["qz"].sample((n_samples,))  # (S, R, L)
+            out["z"] = z[0] if n_samples == 1 else z
+        return out
+
+    @contextmanager
+    def sampling_posterior(self):
+        """In evaluation, draw ``z ~ q(z|x)`` instead of using its mean (``give_mean=False``)."""
+        previous, self._sample_posterior = self._sample_posterior, True
+        try:
+            yield
+        finally:
+            self._sample_posterior = previous
+
+    @auto_move_data
+    def generative(
+        self,
+        z: torch.Tensor,
+        batch_index: torch.Tensor | None = None,
+        cat_covs: torch.Tensor | None = None,
+        library: torch.Tensor | None = None,
+        measured: torch.Tensor | None = None,
+        size_factor: torch.Tensor | None = None,
+        transform_batch: int | None = None,
+    ) -> dict:
+        """Decode ``z`` ((R, L) or (S, R, L)) to the NB of every input gene.
+
+        Returns ``px`` (:class:`scvi.distributions.NegativeBinomial` over the input columns:
+        ``scale`` sums to one over the decoded genes, ``mu = scale * library size``; genes
+        outside the vocabulary have ``mu = 0``), and the decoder's own ``px_mean``
+        (.., G_matched) and ``px_theta`` (G_matched,).
+        """
+        n_rows = z.shape[-2]
+        if transform_batch is not None:
+            if not self.use_batch_covariate:
+                raise ValueError(
+                    "transform_batch needs a decoder batch covariate; this model has none (one "
+                    "batch, or official weights whose batch table indexes pretraining samples)."
+                )
+            batch_index = torch.full((n_rows,), int(transform_batch), device=z.device)
+        covariates = {}
+        if batch_index is not None:
+            covariates["batch"] = batch_index
+        if cat_covs is not None:
+            covariates.update(
+                {k: cat_covs[:, i] for i, k in enumerate(self.categorical_covariates)}
+            )
+        if z.dim() == 3:  # posterior samples: decode (S * R, L), the decoder's norms are 2-D
+            n_samples = z.shape[0]
+            covariates = {k: v.repeat(n_samples) for k, v in covariates.items()}
+            mean, theta = self.decoder(z.reshape(-1, z.shape[-1]), covariates, self.decoder_index)
+            mean = mean.view(n_samples, n_rows, -1)
+        else:
+            mean, theta = self.decoder(z, covariates or None, self.decoder_index)
+        return {
+            "px": self._px(mean, theta, library, measured, size_factor),
+            "px_mean": mean,
+            "px_theta": theta,
+        }
+
+    def _px(self, mean, theta, library, measured, size_factor) -> NegativeBinomial:
+        """NB of the input columns, mean rescaled as in :func:`masked_nb_loss`."""
+        scale = mean / mean.sum(-1, keepdim=True)
+        if size_factor is not None:
+            lib = size_factor
+        elif library is None:
+            lib = torch.ones_like(scale[..., :1])
+        elif measured is None:
+            lib = library
+        else:  # the measured genes' share of the mean carries the observed total
+            lib = library / (scale * measured.to(scale.dtype)).sum(-1, keepdim=True).clamp_min(
+                1e-12
+            )
+        mu = scale * lib
+        if self.matched_columns is not None:  # back to the input columns, 0 outside the vocabulary
+            full = mean.new_zeros((*mean.shape[:-1], self.n_input_genes))
+            scale, mu = (full.index_copy(-1, self.matched_columns, t) for t in (scale, mu))
+            theta = theta.new_ones(self.n_input_genes).index_copy(0, self.matched_columns, theta)
+        return NegativeBinomial(mu=mu, theta=theta.expand_as(mu), scale=scale)
 
     def observed_counts(self, x: torch.Tensor) -> torch.Tensor:
         """Dense counts of the input columns that the decoder reconstructs."""
         x = x.to_dense() if x.is_sparse or x.layout != torch.strided else x
         return x if self.matched_columns is None else x[:, self.matched_columns]
+
+    def library_counts(self, tensors: dict) -> torch.Tensor:
+        """(R, 1) observed count total of each requested cell over its measured decoded genes."""
+        if OBSERVED_LIB_SIZE_KEY in tensors:  # minified data: stored by `minify_adata`
+            return tensors[OBSERVED_LIB_SIZE_KEY].view(-1, 1).float()[_requested_rows(tensors)]
+        x = self.observed_counts(tensors[X_KEY]).float()[_requested_rows(tensors)]
+        measured = self.measured_weights(tensors)
+        if measured is not None:
+            x = x * measured.to(x.device, x.dtype)
+        return x.sum(1, keepdim=True)
 
     def loss(
         self,
@@ -216,13 +355,16 @@ class CellPLMModule(BaseModuleClass):
         """Masked NB loss on masked cells (+ DAE term), latent loss and, with labels, the
         cross-entropy of labelled cells.
 
-        In evaluation (no mask) every cell enters the NB loss and there is no DAE term.
+        In evaluation (no mask) every requested cell enters the NB loss and there is no DAE term.
         """
+        rows = _requested_rows(tensors)
         # float32 even under autocast: bf16 holds integers exactly only up to 256
-        x = self.observed_counts(tensors[X_KEY]).float()
+        x = self.observed_counts(tensors[X_KEY]).float()[rows]
         mean, theta = generative_outputs["px_mean"].float(), generative_outputs["px_theta"].float()
-        measured = self.measured_weights(tensors)  # (N, G_matched) or None
-        mask: TissueMask | None = inference_outputs["mask"]
+        if mean.dim() == 3:
+            raise ValueError("loss() takes one posterior sample (n_samples=1).")
+        measured = self.measured_weights(tensors)  # (R, G_matched) or None
+        mask: TissueMask | None = inference_outputs.get("mask")
         cells = slice(None) if mask is None else mask.cells
         entries = None  # hidden entries of the masked cells, for the DAE term
         if mask is not None and self.dae:
@@ -234,7 +376,10 @@ class CellPLMModule(BaseModuleClass):
             entries = None if entries is None else entries & measured
         recon = masked_nb_loss(x[cells], mean[cells], theta, entries, measured)
         kl = inference_outputs.get("kl")
-        kl = torch.zeros_like(recon) if kl is None else kl[cells]
+        if kl is None:  # evaluation: one-sample estimate of KL(q(z|x) || p(z)) per cell
+            z = inference_outputs["qz"].sample()
+            kl = inference_outputs["qz"].log_prob(z).sum(-1) - self.log_prior(z)
+        kl = kl[cells]
         latent_loss = inference_outputs.get("loss", torch.zeros((), device=recon.device))
         loss = recon.mean() + kl_weight * latent_loss
         extra = {"latent_loss": latent_loss.detach()}
@@ -245,17 +390,18 @@ class CellPLMModule(BaseModuleClass):
         return LossOutput(loss=loss, reconstruction_loss=recon, kl_local=kl, extra_metrics=extra)
 
     def measured_weights(self, tensors: dict) -> torch.Tensor | None:
-        """(N, G_matched) bool: the genes each cell's batch measured, or ``None``."""
+        """(R, G_matched) bool: the genes each requested cell's batch measured, or ``None``."""
         if self.measured_genes is None:
             return None
-        rows = self.measured_genes[tensors[BATCH_KEY].view(-1).long()]
+        batch = tensors[BATCH_KEY].view(-1).long()[_requested_rows(tensors)]
+        rows = self.measured_genes[batch.to(self.measured_genes.device)]
         return rows if self.matched_columns is None else rows[:, self.matched_columns]
 
     def classification_loss(self, tensors: dict, inference_outputs: dict) -> torch.Tensor | None:
         """Mean cross-entropy over cells with a known label (code < n_labels), or ``None``."""
         if self.classifier is None or LABELS_KEY not in tensors:
             return None
-        labels = tensors[LABELS_KEY].view(-1).long()
+        labels = tensors[LABELS_KEY].view(-1).long()[_requested_rows(tensors)]
         known = labels < self.n_labels
         if not known.any():
             return None
@@ -263,11 +409,59 @@ class CellPLMModule(BaseModuleClass):
         return nn.functional.cross_entropy(logits, labels[known])
 
     @torch.inference_mode()
-    def sample(self, tensors: dict, n_samples: int = 1) -> torch.Tensor:
-        """Draw counts from the NB posterior predictive of one tissue, (n_samples, N, G)."""
-        from scvi.distributions import NegativeBinomial
+    def sample(
+        self, tensors: dict, n_samples: int = 1, generative_kwargs: dict | None = None
+    ) -> torch.Tensor:
+        """Posterior predictive counts of the requested cells at the library-rescaled NB mean:
+        (R, G) for ``n_samples=1``, else (R, G, n_samples) (scvi-tools' layout)."""
+        _, gen = self.forward(
+            tensors,
+            inference_kwargs={"n_samples": n_samples},
+            generative_kwargs=generative_kwargs,
+            compute_loss=False,
+        )
+        counts = gen["px"].sample().cpu()
+        return counts if n_samples == 1 else counts.permute(1, 2, 0)
 
-        inf = self.inference(**self._get_inference_input(tensors))
-        gen = self.generative(**self._get_generative_input(tensors, inf))
-        dist = NegativeBinomial(mu=gen["px_mean"], theta=gen["px_theta"].expand_as(gen["px_mean"]))
-        return dist.sample((n_samples,))
+    @torch.inference_mode()
+    def marginal_ll(
+        self, tensors: dict, n_mc_samples: int = 1000, return_mean: bool = False, **kwargs
+    ) -> torch.Tensor | float:
+        """Importance-sampled ``log p(x)`` of the requested cells, proposal ``q(z|x)`` (for the
+        GMVAE, the Gaussian of the most likely cluster) and the model's prior on ``z``."""
+        inf, _ = self.forward(tensors, compute_loss=False)
+        qz = inf["qz"]
+        gen_inputs = self._get_generative_input(tensors, inf)
+        x = self.observed_counts(tensors[X_KEY]).float()[_requested_rows(tensors)]
+        log_w = []
+        for _ in range(n_mc_samples):
+            z = qz.sample()
+            px = self.generative(**{**gen_inputs, "z": z})["px"]
+            cols = self.matched_columns
+            mu, theta = px.mu, px.theta
+            if cols is not None:
+                mu, theta = mu[:, cols], theta[:, cols]
+            log_px = -nb_nll(x, mu, theta)
+            measured = gen_inputs["measured"]
+            log_px = (log_px if measured is None else log_px * measured.to(x.dtype)).sum(-1)
+            log_w.append(log_px + self.log_prior(z) - qz.log_prob(z).sum(-1))
+        log_w = torch.stack(log_w)  # (n_mc, R)
+        ll = torch.logsumexp(log_w, 0) - math.log(n_mc_samples)
+        return ll.mean().item() if return_mean else ll.cpu()
+
+    def log_prior(self, z: torch.Tensor) -> torch.Tensor:
+        """(R, L) -> (R,) ``log p(z)``: N(0, I) for the VAE; for the GMVAE the uniform mixture
+        of the K cluster priors ``p(z|y=k)``."""
+        layer = self.latent.layers[1]
+        if self.latent_type == "vae":
+            return Normal(0.0, 1.0).log_prob(z).sum(-1)
+        onehot = torch.eye(layer.n_clusters, device=z.device, dtype=z.dtype)  # (K, K)
+        mu, var = layer.prior(onehot)  # (K, L) each
+        log_k = Normal(mu, var.sqrt()).log_prob(z[:, None, :]).sum(-1)  # (R, K)
+        return torch.logsumexp(log_k, 1) - math.log(layer.n_clusters)
+
+
+def _requested_rows(tensors: dict) -> torch.Tensor | slice:
+    """Rows of a minibatch that the caller asked for (all rows in training)."""
+    requested = tensors.get(REQUESTED_KEY)
+    return slice(None) if requested is None else requested.view(-1).bool()
