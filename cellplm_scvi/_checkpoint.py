@@ -3,7 +3,9 @@
 An official release is ``<prefix>.config.json`` (constructor arguments plus the gene vocabulary)
 and ``<prefix>.best.ckpt`` (``{"model_state_dict": ...}``). Our module keeps the official
 state-dict names, so loading is strict: every key must exist with the same shape, except the
-two parameters of a normalisation layer the official forward never calls (``DEAD_KEYS``).
+two parameters of a normalisation layer the official forward never calls (``DEAD_KEYS``) and
+training counters the official files do not hold (a layer's ``training_state`` buffers, e.g. the
+VAE's KL warm-up step, which then start at 0 as in the official code).
 """
 
 from __future__ import annotations
@@ -165,6 +167,14 @@ def load_strict(
     """
     state = {k: v for k, v in state.items() if k not in DEAD_KEYS}
     expected = module.state_dict()
+    # training counters (e.g. the VAE's KL warm-up step) that official files cannot hold: a
+    # missing one keeps the module's initial value, as a fresh official model would
+    counters = {
+        f"{name}.{key}" if name else key: expected[f"{name}.{key}" if name else key]
+        for name, sub in module.named_modules()
+        for key in getattr(sub, "training_state", ())
+    }
+    state = {**{k: v for k, v in counters.items() if k not in state}, **state}
     fresh = {k: v for k, v in expected.items() if k.startswith(fresh_prefixes)}
     if fresh_prefixes and any(k.startswith(fresh_prefixes) for k in state):
         fresh = {}
