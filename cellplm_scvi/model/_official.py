@@ -255,19 +255,20 @@ def load_official(
     config = _checkpoint.read_config(config_path)
     replaced, latent = check_overrides(overrides, config)  # before reading a large checkpoint
     state = _checkpoint.read_state_dict(ckpt_path, trust_pickle=trust_pickle)
-    fresh_prefixes: tuple[str, ...] = ("classifier.",)
+    kwargs = {**_checkpoint.model_kwargs(config), **replaced}
+    model = cls(adata, spatial_pe=spatial_pe, gene_key=gene_key, **kwargs)
     if latent != config.get("latent_mod", "vae"):
+        # a fresh latent layer: the checkpoint's latent weights give way to the new layer's
         state = {k: v for k, v in state.items() if not k.startswith("latent.")}
-        fresh_prefixes += ("latent.",)
+        fresh = model.module.state_dict()
+        state.update({k: v for k, v in fresh.items() if k.startswith("latent.")})
         logger.info(
             "The %r latent layer is freshly initialised (the checkpoint's is %r): fine-tune "
             "before using the embedding.",
             latent,
             config.get("latent_mod", "vae"),
         )
-    kwargs = {**_checkpoint.model_kwargs(config), **replaced}
-    model = cls(adata, spatial_pe=spatial_pe, gene_key=gene_key, **kwargs)
-    _checkpoint.load_strict(model.module, state, fresh_prefixes=fresh_prefixes)
+    _checkpoint.load_strict(model.module, state, fresh_prefixes=("classifier.",))
     model.module.eval()
     model.is_trained_ = True
     model.history_ = {}  # pretrained elsewhere: the first `train` call starts the history
