@@ -298,9 +298,15 @@ def test_fresh_gmvae_on_a_vae_checkpoint(small_adata, tmp_path):
     # the official model with latent_mod="gmvae" takes these loss weights from the config
     assert (layer.lamda, layer.w_li, layer.w_en) == (config["lamda"], config["w_li"], 2.0)
     # keeping the checkpoint's own latent is not a replacement
-    same = cp.CellPLM.load_official(prefix, small_adata, latent="vae", lamda=3.0)
+    same = cp.CellPLM.load_official(
+        prefix, small_adata, latent="vae", lamda=3.0, kl_warmup_steps=0, max_kl_weight=0.5
+    )
     assert_same_weights(same, off)
-    assert same.module.latent.layers[1].lamda == 3.0
+    layer = same.module.latent.layers[1]
+    assert (layer.lamda, layer.kl_warmup_steps, layer.max_kl_weight) == (3.0, 0, 0.5)
+    assert float(layer.kl_weight()) == 0.5  # no warm-up: the final weight from the first step
+    default = cp.CellPLM.load_official(prefix, small_adata).module.latent.layers[1]
+    assert (default.kl_warmup_steps, float(default.kl_weight())) == (10_000, 0.0)
 
 
 @pytest.mark.parametrize(
@@ -336,7 +342,11 @@ def test_unknown_or_fixed_overrides_are_refused(gmvae_checkpoint, small_adata, o
         ({"latent": "split"}, r"`latent` must be one of \['gmvae', 'vae'\]"),
         ({"n_clusters": 5}, r"differs from the checkpoint's 4 clusters"),
         ({"latent": "vae", "n_clusters": 5}, r"`n_clusters` applies to the 'gmvae' latent only"),
-        ({"latent": "vae", "w_li": 1.0}, r"\['w_li'\] apply to the 'gmvae' latent only"),
+        ({"latent": "vae", "w_li": 1.0}, r"\['w_li'\] do not apply to the 'vae' latent"),
+        ({"kl_warmup_steps": 100}, r"\['kl_warmup_steps'\] do not apply to the 'gmvae'"),
+        ({"latent": "vae", "kl_warmup_steps": -1}, r"`kl_warmup_steps` must be an integer"),
+        ({"latent": "vae", "kl_warmup_steps": 1}, r"kl_warmup_steps must be 0"),
+        ({"latent": "vae", "max_kl_weight": -2.0}, r"`max_kl_weight` must be a non-negative"),
         ({"lamda": -1}, r"`lamda` must be a non-negative number"),
         ({"classifier_dropout": 2}, r"`classifier_dropout`"),
     ],

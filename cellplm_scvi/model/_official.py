@@ -18,6 +18,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger("cellplm_scvi")
 
 LATENTS = ("gmvae", "vae")  # latent layers of our module
+# loss options of each latent layer (its constructor arguments besides the widths)
+_LATENT_OPTIONS = {
+    "gmvae": ("lamda", "w_li", "w_en"),
+    "vae": ("lamda", "kl_warmup_steps", "max_kl_weight"),
+}
 
 # overrides accepted by `load_official`: they change training or a fresh layer, never the shapes
 # of the pretrained weights
@@ -31,6 +36,8 @@ OVERRIDES = (
     "lamda",
     "w_li",
     "w_en",
+    "kl_warmup_steps",
+    "max_kl_weight",
     "classification_ratio",
     "classifier_dropout",
 )
@@ -172,16 +179,24 @@ def check_overrides(overrides: dict[str, Any], config: dict) -> tuple[dict[str, 
             )
         kwargs["n_clusters"] = int(n_clusters)
 
-    loss_weights = {k: overrides[k] for k in ("lamda", "w_li", "w_en") if k in overrides}
-    if latent == "vae" and set(loss_weights) - {"lamda"}:
+    all_options = {name for names in _LATENT_OPTIONS.values() for name in names}
+    options = {k: v for k, v in overrides.items() if k in all_options}
+    foreign = sorted(set(options) - set(_LATENT_OPTIONS[latent]))
+    if foreign:
         raise ValueError(
-            f"{sorted(set(loss_weights) - {'lamda'})} apply to the 'gmvae' latent only (the "
-            "'vae' latent has one weight, `lamda`, its KL threshold)."
+            f"{foreign} do not apply to the {latent!r} latent (its options: "
+            f"{list(_LATENT_OPTIONS[latent])})."
         )
-    if loss_weights:
+    if "kl_warmup_steps" in options:
+        steps = options["kl_warmup_steps"]
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
+            raise ValueError(f"`kl_warmup_steps` must be an integer >= 0, got {steps!r}.")
+        options["kl_warmup_steps"] = int(steps)
+    for name in set(options) - {"kl_warmup_steps"}:
+        options[name] = _check_non_negative(name, options[name])
+    if options:
         base = kwargs.get("latent_kwargs") or _checkpoint.model_kwargs(config)["latent_kwargs"]
-        checked = {k: _check_non_negative(k, v) for k, v in loss_weights.items()}
-        kwargs["latent_kwargs"] = {**base, **checked}
+        kwargs["latent_kwargs"] = {**base, **options}
     return kwargs, latent
 
 
@@ -239,8 +254,12 @@ def load_official(
         - ``n_clusters``: number of GMVAE components; only for a fresh ``"gmvae"`` latent (or
           equal to the checkpoint's).
         - ``lamda``: KL free-bits floor of the latent loss (``"gmvae"``: of both terms;
-          ``"vae"``: the KL counts only above it).
-        - ``w_li``, ``w_en``: weights of the Gaussian and categorical KL terms (``"gmvae"``).
+          ``"vae"``: the weighted KL counts only above it).
+        - ``w_li``, ``w_en``: weights of the Gaussian and categorical KL terms (``"gmvae"``
+          only).
+        - ``kl_warmup_steps``, ``max_kl_weight``: the official linear KL warm-up of the
+          ``"vae"`` latent (steps, 0 for none; final weight), which restarts at 0 for a
+          loaded checkpoint as in the official fine-tuning (``"vae"`` only).
         - ``classification_ratio``, ``classifier_dropout``: weight of the cross-entropy and
           dropout inside the fresh cell-type head (with ``setup_anndata(labels_key=...)``).
 
