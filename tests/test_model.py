@@ -208,10 +208,11 @@ def test_indices_follow_the_given_order(fitted):
     np.testing.assert_allclose(model.get_latent_representation(indices=mask), z_sorted, atol=1e-5)
 
 
-def test_duplicated_indices_are_rejected(fitted):
+def test_duplicated_indices_repeat_rows(fitted):
+    """scvi-tools' DE may ask for a cell twice: each request gets that cell's row."""
     model, _ = fitted
-    with pytest.raises(ValueError, match="duplicates"):
-        model.get_latent_representation(indices=[5, 5, 6])
+    z = model.get_latent_representation(indices=[5, 6])
+    np.testing.assert_array_equal(model.get_latent_representation(indices=[5, 5, 6]), z[[0, 0, 1]])
 
 
 def test_row_order_invariance(fov_model):
@@ -241,12 +242,16 @@ def test_row_order_invariance_registered_copy(fov_model, kind):
 
 
 def test_subset_copy_of_registered_anndata(fov_model):
+    """A subset *copy* is a new AnnData: its tissues hold its own cells only (unlike
+    ``indices=``, which keeps the registered tissues as context)."""
     model, adata = fov_model
     rows = np.arange(100, 300)
-    expected = model.get_latent_representation(indices=rows)
+    expected = model.get_latent_representation(unregistered(adata[rows].copy()))
     np.testing.assert_allclose(
         model.get_latent_representation(adata[rows].copy()), expected, atol=1e-5
     )
+    in_context = model.get_latent_representation(indices=rows)
+    assert np.abs(in_context - expected).max() > 1e-3  # the context differs
 
 
 def test_transfer_to_new_anndata(fitted, simulated):
@@ -518,7 +523,9 @@ def csr_model(simulated):
     adata = _with_counts_in_x(simulated[:600], sp.csr_matrix)
     CellPLM.setup_anndata(adata, tissue_key="fov")
     scvi.settings.seed = 0
-    return CellPLM(adata, **ARCH), adata
+    model = CellPLM(adata, **ARCH)
+    model.is_trained_ = True  # random weights are enough here; scvi-tools refuses untrained
+    return model, adata
 
 
 @pytest.mark.parametrize("convert", FORMATS)
@@ -538,7 +545,7 @@ def _check_tissue_loader_rows(model: CellPLM, adata: ad.AnnData, counts: sp.csr_
     from cellplm_scvi._constants import INDICES_KEY, X_KEY
 
     seen = []
-    for tensors in model._tissue_loader(adata, None, None)[2]:
+    for tensors in model._make_data_loader(model._validate_anndata(adata)):
         x, rows = tensors[X_KEY], tensors[INDICES_KEY].view(-1).numpy()
         assert x.layout == torch.sparse_csr and x.dtype == torch.float32
         assert x.crow_indices().dtype == x.col_indices().dtype == torch.int32
@@ -578,7 +585,7 @@ def test_tissue_loader_never_shares_the_users_buffers():
     adata.obs["tissue"] = "one"
     CellPLM.setup_anndata(adata, tissue_key="tissue")
     model = CellPLM(adata, **ARCH)
-    loader = model._tissue_loader(adata, None, None)[2]
+    loader = model._make_data_loader(model._validate_anndata(adata))
     users = loader.dataset.x = _FullSliceIsSelf(loader.dataset.x)
     assert users[0 : adata.n_obs] is users  # the case guarded against
     (tensors,) = list(loader)

@@ -53,7 +53,7 @@ SETUP = {
     "tissue_key": "fov",
 }
 QUERY_SAMPLE = "slide1_R"  # the query batch of the query-mapping tests
-MODEL_FILE_FORMAT = "cellplm_scvi/1"
+MODEL_FILE_FORMAT = "cellplm_scvi/2"
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -529,6 +529,7 @@ def test_computed_tissues_do_not_depend_on_row_order(simulated):
     # so the embeddings of an (untrained, eval-mode) model agree cell by cell
     scvi.settings.seed = 0
     model = CellPLM(adata, **ARCH)
+    model.is_trained_ = True  # random weights suffice; scvi-tools refuses untrained models
     z = _by_name(model.get_latent_representation(), adata)
     transferred = unregistered(simulated[np.random.default_rng(5).permutation(simulated.n_obs)])
     got = _by_name(model.get_latent_representation(transferred), transferred)
@@ -550,9 +551,9 @@ def saved(trained, tmp_path):
 def test_saved_model_loads_with_weights_only(trained, saved):
     model, adata = trained
     payload = _payload(saved / "model.pt")
-    assert payload["format"] == MODEL_FILE_FORMAT
+    assert payload["attr_dict"]["cellplm_format_"] == MODEL_FILE_FORMAT
     assert list(payload["var_names"]) == list(adata.var_names)
-    assert json.loads(payload["attributes"])["registry_"]["model_name"] == "CellPLM"
+    assert payload["attr_dict"]["registry_"]["model_name"] == "CellPLM"
     loaded = CellPLM.load(saved, adata=unregistered(adata))
     np.testing.assert_array_equal(
         loaded.get_latent_representation(), model.get_latent_representation()
@@ -563,7 +564,7 @@ def test_saved_model_loads_with_weights_only(trained, saved):
 def test_tampered_model_file_is_refused_without_running_code(trained, saved, tmp_path, kind):
     _, adata = trained
     marker = tmp_path / "MARKER"
-    payload = {"format": MODEL_FILE_FORMAT, "x": _Marker(marker)}
+    payload = {"attr_dict": {"cellplm_format_": MODEL_FILE_FORMAT}, "x": _Marker(marker)}
     if kind == "torch_save":
         torch.save(payload, saved / "model.pt")
     else:
@@ -610,9 +611,7 @@ def test_scvi_model_directory_is_refused(simulated, tmp_path):
 def test_other_model_class_is_refused(trained, saved):
     _, adata = trained
     payload = _payload(saved / "model.pt")
-    attributes = json.loads(payload["attributes"])
-    attributes["registry_"]["model_name"] = "SCANVI"
-    payload["attributes"] = json.dumps(attributes)
+    payload["attr_dict"]["registry_"]["model_name"] = "SCANVI"
     torch.save(payload, saved / "model.pt")
     with pytest.raises(ValueError, match="holds a 'SCANVI' model, not a CellPLM"):
         CellPLM.load(saved, adata=unregistered(adata))
@@ -636,7 +635,7 @@ def test_save_does_not_overwrite(trained, saved):
         model.save(saved)
     assert (saved / "model.pt").read_bytes() == before
     model.save(saved, overwrite=True)
-    assert _payload(saved / "model.pt")["format"] == MODEL_FILE_FORMAT
+    assert _payload(saved / "model.pt")["attr_dict"]["cellplm_format_"] == MODEL_FILE_FORMAT
 
 
 def test_history_round_trips_exactly(trained, saved):
@@ -696,6 +695,7 @@ adata = ad.AnnData(sp.csr_matrix(rng.poisson(0.5, (120, 40)).astype(np.float32))
 adata.var_names = [f"g{i}" for i in range(40)]
 cp.CellPLM.setup_anndata(adata)
 model = cp.CellPLM(adata, n_hidden=16, n_layers=1, n_heads=2, n_latent=4)
+model.is_trained_ = True  # random weights suffice here
 print(model.get_latent_representation().shape)
 """
 
@@ -726,7 +726,7 @@ def test_mixed_precision_loss_stays_float32(trained):
 
     model, adata = trained
     module = model.module.eval()
-    tensors = next(iter(model._tissue_loader(adata, None, None)[2]))
+    tensors = next(iter(model._make_data_loader(model._validate_anndata(adata))))
     tensors[X_KEY] = tensors[X_KEY] * 300.0  # counts well above 256
     with torch.inference_mode():
         _, _, ref = module(tensors)

@@ -53,6 +53,11 @@ def reference_of(model_cls, reference_model) -> Reference:
     if isinstance(reference_model, str | os.PathLike):
         path = Path(reference_model)
         path = path / "model.pt" if path.is_dir() else path
+        if not path.is_file():
+            raise ValueError(
+                f"reference_model must be a {model_cls.__name__} or the directory of a saved "
+                f"one; {reference_model} is neither."
+            )
         state, var_names, attributes = read_model_file(path)
         registry = attributes["registry_"]
         if registry.get("model_name") != model_cls.__name__:
@@ -249,6 +254,7 @@ def load_query_data(
         accelerator, device, return_device="torch", validate_single_device=True
     )
     query.to_device(torch_device)
+    query.module.eval()
     return query
 
 

@@ -36,7 +36,8 @@ def _plain(obj, path: str, types: dict):
         types[path] = ["ndarray", str(obj.dtype)]
         return _plain(obj.tolist(), path, {})
     if isinstance(obj, pd.DataFrame):
-        types[path] = ["dataframe", obj.index.name]
+        dtypes = {str(c): str(obj[c].dtype) for c in obj}
+        types[path] = ["dataframe", obj.index.name, str(obj.index.dtype), dtypes]
         return {
             "index": _plain(obj.index.to_numpy().tolist(), path, {}),
             "columns": {str(c): _plain(obj[c].to_numpy().tolist(), path, {}) for c in obj},
@@ -54,15 +55,27 @@ def _plain(obj, path: str, types: dict):
 def _restore(obj, path: str, types: dict):
     kind = types.get(path)
     if kind is not None and kind[0] == "ndarray":
-        return np.asarray(obj, dtype=None if kind[1] == "object" else kind[1])
+        return np.asarray(obj, dtype=_numpy_dtype(kind[1]))
     if kind is not None and kind[0] == "dataframe":
-        index = pd.Index(obj["index"], name=kind[1])
-        return pd.DataFrame(dict(obj["columns"]), index=index)
+        _, name, index_dtype, dtypes = kind
+        index = pd.Index(np.asarray(obj["index"], dtype=_numpy_dtype(index_dtype)), name=name)
+        columns = {
+            c: np.asarray(v, dtype=_numpy_dtype(dtypes[c])) for c, v in obj["columns"].items()
+        }
+        return pd.DataFrame(columns, index=index)
     if isinstance(obj, dict):
         return {k: _restore(v, f"{path}/{k}", types) for k, v in obj.items()}
     if isinstance(obj, list):
         return [_restore(v, f"{path}/{i}", types) for i, v in enumerate(obj)]
     return obj
+
+
+def _numpy_dtype(name: str):
+    """numpy dtype for a stored dtype name (pandas' extension dtypes -> object)."""
+    try:
+        return np.dtype(name)
+    except TypeError:
+        return object
 
 
 def write_model_file(

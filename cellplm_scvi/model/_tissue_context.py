@@ -56,6 +56,7 @@ class TissueContextMixin:
             raise ValueError("Inference loaders keep tissue order (shuffle=False).")
         if data_loader_class not in (None, TissueDataLoader):
             raise ValueError("CellPLM reads tissues with its TissueDataLoader only.")
+        self.module.eval()  # inference: no masking, no dropout (`train` switches back)
         for key in ("data_and_attributes", "iter_ndarray", "load_sparse_tensor"):
             data_loader_kwargs.pop(key, None)  # scvi-tools' loader options; ours reads all keys
         return TissueDataLoader(

@@ -30,7 +30,10 @@ class CellPLMTrainingPlan(TrainingPlan):
     n_epochs_kl_warmup
         KL annealing (off by default: the official latent losses use free-bits floors).
     **kwargs
-        Passed to :class:`~scvi.train.TrainingPlan`.
+        Passed to :class:`~scvi.train.TrainingPlan`, e.g. ``reduce_lr_on_plateau=True`` with
+        ``lr_factor``, ``lr_patience``, ``lr_threshold``, ``lr_min`` and
+        ``lr_scheduler_metric`` (scvi-tools' plateau scheduler, stepped after each validation
+        epoch; the warm-up then runs before it, and the plateau scheduler owns the rate after).
     """
 
     def __init__(
@@ -77,11 +80,34 @@ class CellPLMTrainingPlan(TrainingPlan):
             groups.append({"params": no_decay, "weight_decay": 0.0})
         optimizer = self.get_optimizer_creator()(groups)
         config = {"optimizer": optimizer}
-        if self.n_steps_lr_warmup:
+        if self.reduce_lr_on_plateau:  # warm-up in `on_train_batch_start`, then the plateau
+            plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer,
+                patience=self.lr_patience,
+                factor=self.lr_factor,
+                threshold=self.lr_threshold,
+                min_lr=self.lr_min,
+                threshold_mode="abs",
+            )
+            config["lr_scheduler"] = {
+                "scheduler": plateau,
+                "monitor": self.lr_scheduler_metric,
+                "interval": "epoch",
+            }
+        elif self.n_steps_lr_warmup:
             warmup = max(1, self.n_steps_lr_warmup)
             scheduler = LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
             config["lr_scheduler"] = {"scheduler": scheduler, "interval": "step"}
         return config
+
+    def on_train_batch_start(self, batch, batch_idx):
+        """Linear warm-up by hand when a plateau scheduler owns the learning rate."""
+        if not self.reduce_lr_on_plateau or self.global_step > self.n_steps_lr_warmup:
+            return
+        for group in self.trainer.optimizers[0].param_groups:
+            group.setdefault("warmup_target_lr", group["lr"])
+            factor = min(1.0, (self.global_step + 1) / max(1, self.n_steps_lr_warmup))
+            group["lr"] = group["warmup_target_lr"] * factor
 
     def configure_gradient_clipping(
         self,

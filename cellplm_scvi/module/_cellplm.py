@@ -249,6 +249,9 @@ class CellPLMModule(BaseMinifiedModeModuleClass):
     def _posterior(self, out: dict, n_samples: int) -> dict:
         """Add ``qz``. Evaluation decodes the posterior mean (CellPLM's read-out) unless
         ``n_samples > 1`` or :meth:`sampling_posterior` is active."""
+        for key in ("qz_m", "qz_v", "z", "h", "logits"):  # float32 results under autocast
+            if key in out:
+                out[key] = out[key].float()
         out["qz"] = Normal(out["qz_m"], out["qz_v"].sqrt())
         if not self.training and (n_samples > 1 or self._sample_posterior):
             z = out["qz"].sample((n_samples,))  # (S, R, L)
@@ -304,6 +307,7 @@ class CellPLMModule(BaseMinifiedModeModuleClass):
             mean = mean.view(n_samples, n_rows, -1)
         else:
             mean, theta = self.decoder(z, covariates or None, self.decoder_index)
+        mean, theta = mean.float(), theta.float()  # NB arithmetic in float32 under autocast
         return {
             "px": self._px(mean, theta, library, measured, size_factor),
             "px_mean": mean,
