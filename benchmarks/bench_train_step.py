@@ -5,9 +5,9 @@ vendored ``20230926_85M`` config (GMVAE, 1024 hidden, 4 Flowformer layers, 19,37
 decoder with batch/dataset tables, ``model_dropout`` 0.2, ``mask_node_rate`` 0.75,
 ``mask_feature_rate`` 0.25, ``dae=True``) with ``torch.manual_seed(--seed)``; its state dict is
 saved in the official file format and loaded into ours with :meth:`CellPLM.load_official`.
-The official config's node drop (``drop_node_rate`` 0.3) is set to ``--drop-node-rate``
-(default 0) so that both process the same ``--n-cells`` cells; our node drop lives in the data
-loader and is not used here.
+The official config's node drop (``drop_node_rate`` 0.3) is off (the injected mask replaces the
+official mask builder, node drop included) so that both process the same ``--n-cells`` cells;
+our node drop lives in the data loader and is not used here.
 
 Input: one tissue of ``--n-cells`` cells x 19,374 genes with ``--density`` non-zeros
 (float32 CSR, Poisson(2) + 1).
@@ -19,11 +19,17 @@ Input: one tissue of ``--n-cells`` cells x 19,374 genes with ``--density`` non-z
   genes}`` (the pretraining layout, spec section 1.1/3.1); ``model.train()``;
   ``out_dict, loss = model(x_dict)``; ``loss.backward()``.
 
-Gradients are reset (``set_to_none``) before each step; the seed is reset to ``--seed + step``
-before each step of each model. One warm-up step each, then ``--steps`` steps alternating
-ours / official; reported: median seconds per step (forward, backward, total), the ratio, and
-the peak RSS above the RSS before the step (VmHWM reset before each step). ``--profile`` also
-prints the top operators of one step of each (``torch.profiler``, self CPU time).
+Both sides get **the same mask** at each step (drawn once per step with ``sample_mask``, handed to
+ours by replacing ``cellplm_scvi.module._cellplm.sample_mask`` and to the official model by
+replacing its mask builder's ``apply_mask``, which then applies it with the official
+``simple_mask``) and the same torch seed (``--seed + step``) just before the forward pass, so the
+dropout, Gumbel and reparameterisation draws agree too: the printed losses must agree (their
+largest relative difference is printed; ``tests/test_training_parity.py`` checks it). Gradients
+are reset (``set_to_none``) before each step. One warm-up step each, then ``--steps`` steps
+alternating ours / official; reported: median seconds per step (forward, backward, total), the
+ratio, and the peak RSS above the RSS before the step (VmHWM reset before each step).
+``--profile`` also prints the top operators of one step of each (``torch.profiler``, self CPU
+time).
 
 Usage::
 
@@ -66,12 +72,6 @@ def main() -> None:
     parser.add_argument("--n-cells", type=int, default=1000)
     parser.add_argument("--density", type=float, default=0.1)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per model")
-    parser.add_argument(
-        "--drop-node-rate",
-        type=float,
-        default=0.0,
-        help="official in-model node drop (ours: none in this benchmark)",
-    )
     parser.add_argument("--profile", action="store_true", help="print top operators")
     add_common_options(parser)
     args = parser.parse_args()
@@ -81,15 +81,19 @@ def main() -> None:
     from CellPLM.model import OmicsFormer
 
     start(args)
+    from CellPLM.utils.sparse import simple_mask
+
     import cellplm_scvi as cp
+    import cellplm_scvi.module._cellplm as module_impl
     from cellplm_scvi._genes import official_config
     from cellplm_scvi.data import TissueDataLoader
+    from cellplm_scvi.module._masking import sample_mask
 
     config = official_config()
     genes = list(config["gene_list"])
     X = make_counts(args.n_cells, len(genes), args.density, args.seed)
     torch.manual_seed(args.seed)
-    official = OmicsFormer(**{**config, "drop_node_rate": args.drop_node_rate})
+    official = OmicsFormer(**{**config, "drop_node_rate": 0.0})
     adata = ad.AnnData(X=X)
     adata.var_names = genes
     adata.obs["tissue"] = "all"
@@ -108,11 +112,29 @@ def main() -> None:
         f"input: one tissue of {args.n_cells:,} cells x {len(genes):,} genes, {X.nnz:,} "
         f"non-zeros ({X.nnz / np.prod(X.shape):.1%}); trainable parameters ours {n_ours:,}, "
         f"official {n_off:,}; mask_cell_rate {module.mask_cell_rate}, mask_gene_rate "
-        f"{module.mask_gene_rate}, dae {module.dae}; official drop_node_rate "
-        f"{args.drop_node_rate}"
+        f"{module.mask_gene_rate}, dae {module.dae}; node drop off on both sides; the same "
+        "mask and seed on both sides"
     )
 
+    masks = {}
+
+    def mask_of_step(i):
+        """The (cells x genes) mask of step ``i``, shared by both models."""
+        if i not in masks:
+            gen_state = torch.random.get_rng_state()
+            torch.manual_seed(10_000 + i)
+            mask = sample_mask(
+                args.n_cells, len(genes), module.mask_cell_rate, module.mask_gene_rate, "cpu"
+            )
+            torch.random.set_rng_state(gen_state)
+            dense = torch.zeros(args.n_cells, len(genes), dtype=torch.bool)
+            dense[mask.cells] = mask.entries
+            masks[i] = (mask, dense)
+        return masks[i]
+
     def step_ours(i):
+        mask, _ = mask_of_step(i)
+        module_impl.sample_mask = lambda *a, **k: mask  # the module's module-level name
         module.zero_grad(set_to_none=True)
         torch.manual_seed(args.seed + i)
         t0 = time.perf_counter()
@@ -122,9 +144,16 @@ def main() -> None:
         return t1 - t0, time.perf_counter() - t1, out.loss.item()
 
     def step_official(i):
+        _, dense = mask_of_step(i)
+
+        def apply_mask(x_dict):
+            x_dict["masked_x_seq"] = simple_mask(x_dict["x_seq"].coalesce(), dense)
+            x_dict["input_mask"] = dense.int()
+            return x_dict
+
+        official.mask_model.apply_mask = apply_mask
         official.zero_grad(set_to_none=True)
         torch.manual_seed(args.seed + i)
-        np.random.seed(args.seed + i)  # noqa: NPY002 (the official mask uses the global RNG)
         x_dict = {
             "x_seq": x_seq,
             "coord": -torch.ones(args.n_cells, 2),
@@ -165,6 +194,10 @@ def main() -> None:
             f"+{extra:.0f} MB over {base:.0f} MB | losses "
             f"{', '.join(f'{r[2]:.4g}' for r in runs[name])}"
         )
+    loss_diff = max(
+        abs(ours[2] / theirs[2] - 1) for ours, theirs in zip(runs["ours"], runs["official"])
+    )
+    print(f"same masks and seeds: largest relative loss difference {loss_diff:.1e}")
     ratio = med["official"] / med["ours"]
     print(
         f"speed-up ours vs official: x{ratio:.2f} per step (target >= 1.5: "
