@@ -292,7 +292,12 @@ class CellPLM(TissueContextMixin, RNASeqMixin, VAEMixin, BaseMinifiedModeModelCl
         trust_pickle
             Allow a checkpoint that needs full unpickling (runs code from the file).
         **overrides
-            Model arguments that replace the config's (e.g. ``dropout``, ``mask_cell_rate``).
+            Arguments that replace the config's, by our name, for fine-tuning: ``dropout``,
+            ``mask_cell_rate``, ``mask_gene_rate``, ``dae``, ``latent`` (the other latent type
+            is a fresh layer), ``n_clusters``, ``lamda``, ``w_li``, ``w_en``,
+            ``kl_warmup_steps``, ``max_kl_weight``, ``classification_ratio``,
+            ``classifier_dropout`` (details: :func:`cellplm_scvi.model._official.load_official`).
+            None changes the pretrained weights; unknown names raise ``TypeError``.
 
         Returns
         -------
@@ -333,7 +338,8 @@ class CellPLM(TissueContextMixin, RNASeqMixin, VAEMixin, BaseMinifiedModeModelCl
         Counts must be raw (finite, non-negative integers). Cells are grouped into tissues, the
         sets of cells that attend to each other: ``tissue_key`` if given, else
         :func:`cellplm_scvi.pp.assign_tissues` (spatially contiguous groups from a squidpy graph
-        when ``spatial_key`` is given, else chunks of each ``batch_key`` sample). This writes
+        when ``spatial_key`` is given, else whole samples: one tissue per ``batch_key`` /
+        ``library_key`` value, or chunks of at most ``max_cells``). This writes
         ``obs["cellplm_tissue"]`` (and ``uns["cellplm_tissue"]``), two bookkeeping columns,
         ``obs["_cellplm_tissue_code"]`` and ``obs["_cellplm_indices"]``, and scvi-tools' own
         ``obs["_scvi_batch"]``, ``obs["_scvi_labels"]`` and ``uns`` ids; counts, ``obsm`` and

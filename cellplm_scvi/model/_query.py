@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pandas as pd
 import torch
 from anndata import AnnData
 from scipy import sparse as sp
@@ -124,15 +125,18 @@ def prepare_query_anndata(
     )
     if len(missing) == 0 and n_dropped == 0 and query_genes.equals(reference_var_names):
         return None if inplace else adata.copy()
-    x_of = [adata.X] + [adata.layers[k] for k in adata.layers]
+    x_of = [adata.X] + [adata.layers[k] for k in adata.layers if k is not None]
     order = query_genes.get_indexer(reference)  # -1 for padded genes
-    padded = AnnData(obs=adata.obs.copy(), obsm=dict(adata.obsm), uns=dict(adata.uns))
-    padded.obsp = dict(adata.obsp)
     layers = [_reorder(x, order) for x in x_of]
-    padded.X = layers[0]
-    for key, x in zip(adata.layers, layers[1:]):
-        padded.layers[key] = x
-    padded.var_names = reference_var_names
+    padded = AnnData(
+        X=layers[0],
+        obs=adata.obs.copy(),
+        var=pd.DataFrame(index=pd.Index(reference_var_names)),
+        obsm=dict(adata.obsm),
+        obsp=dict(adata.obsp),
+        uns=dict(adata.uns),
+        layers=dict(zip([k for k in adata.layers if k is not None], layers[1:])),
+    )
     padded.var = adata.var.reindex(reference_var_names)  # padded genes: NaN annotations
     padded.var[PADDED_VAR] = order < 0
     for key, table in adata.varm.items():

@@ -307,9 +307,9 @@ class CellPLMModule(BaseMinifiedModeModuleClass):
             mean = mean.view(n_samples, n_rows, -1)
         else:
             mean, theta = self.decoder(z, covariates or None, self.decoder_index)
-        mean, theta = mean.float(), theta.float()  # NB arithmetic in float32 under autocast
+        px = self._px(mean.float(), theta.float(), library, measured, size_factor)  # float32
         return {
-            "px": self._px(mean, theta, library, measured, size_factor),
+            "px": px,
             "px_mean": mean,
             "px_theta": theta,
         }
