@@ -317,7 +317,7 @@ def test_vae_eval_returns_mu_deterministically():
 
 def test_vae_training_kl_and_floor():
     h = torch.randn(50, 16) * 3
-    vae = VAELatent(16, 8, lamda=0.0).train()
+    vae = VAELatent(16, 8, lamda=0.0, kl_warmup_steps=0).train()
     out = vae(h)
     mu, var = out["qz_m"], out["qz_v"]
     kl = -0.5 * (1 + var.log() - mu.pow(2) - var).sum(-1)
@@ -365,7 +365,7 @@ def test_gmvae_training_loss_floors(gmvae_input):
     gm = GMVAELatent(16, 8, n_clusters=16, lamda=5.0, w_li=5.0, w_en=5.0).train()
     out = gm(h)
     assert float(out["loss"]) >= 5.0 * 5.0 + 5.0 * 5.0 - 1e-4
-    assert out["loss"].requires_grad
+    assert out["loss"].requires_grad == (float(out["loss"]) > 50.0)  # floored terms: constants
     assert not torch.equal(gm(h)["z"], out["z"])  # sampled in training
     # the categorical term alone: KL(q(y|h) || U) <= log K < lamda = 5, so it sits on its floor
     gm.w_li, gm.w_en = 0.0, 1.0

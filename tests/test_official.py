@@ -235,8 +235,10 @@ def check_parity(model, off, X_ours, X_off, genes_off, vocab_cols, label=""):
 def assert_same_weights(model: cp.CellPLM, off: nn.Module) -> None:
     ours, theirs = model.module.state_dict(), off.state_dict()
     assert set(theirs) - set(ours) == {"embedder.norm0.weight", "embedder.norm0.bias"}
-    for key, value in ours.items():
-        assert torch.equal(value, theirs[key]), key
+    counters = set(ours) - set(theirs)  # training counters, which official files do not hold
+    assert counters <= {"latent.layers.1.kl_step_count"}
+    for key in set(ours) - counters:
+        assert torch.equal(ours[key], theirs[key]), key
 
 
 # ------------------------------------------------------------------------------------ fixtures
@@ -536,3 +538,23 @@ def test_fine_tuning_an_official_model_records_its_history(small_vae, counts):
     assert len(loss) == 2 and np.isfinite(loss).all()
     model.train(max_epochs=1, **quiet)
     assert len(model.history["train_loss"]) == 3
+
+
+def test_fine_tuning_freezes_what_the_forward_never_differentiates(small_vae, counts):
+    """The pretraining covariate tables (used through their detached mean) and the
+    missing-coordinate vector get no gradient; training freezes them (plain DDP refuses unused
+    parameters) and leaves them unchanged, while every other parameter learns."""
+    config, _, prefix = small_vae
+    model = cp.CellPLM.load_official(prefix, make_adata(counts, config["gene_list"]))
+    unused = set(model.module.unused_parameter_names())
+    assert "embedder.pe_enc.missing_pe" in unused
+    assert any(name.startswith("decoder.covariate_layers.") for name in unused)
+    before = {k: v.clone() for k, v in model.module.state_dict().items()}
+    quiet = {"enable_progress_bar": False, "enable_model_summary": False, "train_size": 1.0}
+    model.train(max_epochs=1, **quiet)
+    for name, param in model.module.named_parameters():
+        if name in unused:
+            assert not param.requires_grad and torch.equal(param.detach(), before[name]), name
+    changed = {k for k, v in model.module.state_dict().items() if not torch.equal(v, before[k])}
+    trainable = {n for n, p in model.module.named_parameters() if p.requires_grad}
+    assert trainable and trainable <= changed, sorted(trainable - changed)

@@ -3,12 +3,18 @@ smaller learning rate for the gene embedder (official fine-tuning recipe)."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
 from scvi.train import TrainingPlan
 from torch.optim.lr_scheduler import LambdaLR
+
+from .._constants import LABELS_KEY
+from ..nn import GMVAELatent
 
 
 class CellPLMTrainingPlan(TrainingPlan):
@@ -28,12 +34,38 @@ class CellPLMTrainingPlan(TrainingPlan):
     embedder_lr_factor
         Learning rate of the embedder relative to ``lr`` (official fine-tuning: 0.1).
     n_epochs_kl_warmup
-        KL annealing (off by default: the official latent losses use free-bits floors).
+        scvi-tools' KL annealing (off by default: the official latent losses use free-bits
+        floors). The VAE latent's own official warm-up (``kl_warmup_steps``) multiplies it.
     **kwargs
         Passed to :class:`~scvi.train.TrainingPlan`, e.g. ``reduce_lr_on_plateau=True`` with
         ``lr_factor``, ``lr_patience``, ``lr_threshold``, ``lr_min`` and
         ``lr_scheduler_metric`` (scvi-tools' plateau scheduler, stepped after each validation
         epoch; the warm-up then runs before it, and the plateau scheduler owns the rate after).
+
+    The official fine-tuning pipelines' optimisation (see
+    :func:`cellplm_scvi.model._official.annotation_recipe`) uses these, all off by default:
+
+    embedder_weight_decay
+        Weight decay of the embedder group (official annotation: 1e-10).
+    optimized_modules
+        Names of the module's children that the optimiser holds (official annotation:
+        embedder, encoder, latent and head; the pre-latent norm and decoder stay fixed).
+        ``None``: all trainable parameters.
+    n_epochs_lr_warmup, lr_warmup_groups
+        Official epoch-wise warm-up: at the start of epoch ``e < n_epochs_lr_warmup`` the
+        learning rate of the warmed groups is set to ``lr * (e + 1) / n_epochs_lr_warmup``
+        (``"rest"``: all groups but the embedder's, official annotation; ``"all"``: official
+        imputation).
+    plateau
+        The official ``torch.optim.lr_scheduler.ReduceLROnPlateau`` on the training loss:
+        ``{"factor": 0.95, "patience": 25, "interval": "step"}`` (annotation: stepped after
+        every optimiser step on its loss) or ``"interval": "epoch"`` (imputation: on the
+        epoch's mean training loss).
+    keep_best_state
+        ``"validation_f1"`` (macro-F1 of the head on the validation cells, highest) or
+        ``"validation_loss"`` (lowest): the module's state after the best validation epoch is
+        kept in memory and loaded at the end of training (a later tie replaces it, as in the
+        official loop). Needs validation every epoch.
     """
 
     def __init__(
@@ -45,6 +77,12 @@ class CellPLMTrainingPlan(TrainingPlan):
         n_steps_lr_warmup: int = 50,
         embedder_lr_factor: float = 1.0,
         n_epochs_kl_warmup: int | None = None,
+        embedder_weight_decay: float | None = None,
+        optimized_modules: Sequence[str] | None = None,
+        n_epochs_lr_warmup: int = 0,
+        lr_warmup_groups: Literal["all", "rest"] = "all",
+        plateau: dict | None = None,
+        keep_best_state: Literal["validation_f1", "validation_loss"] | None = None,
         **kwargs,
     ):
         kwargs.setdefault("optimizer", "AdamW")
@@ -58,13 +96,52 @@ class CellPLMTrainingPlan(TrainingPlan):
         )
         self.n_steps_lr_warmup = n_steps_lr_warmup
         self.embedder_lr_factor = embedder_lr_factor
+        self.embedder_weight_decay = embedder_weight_decay
+        self.optimized_modules = None if optimized_modules is None else tuple(optimized_modules)
+        if self.optimized_modules is not None:
+            children = dict(module.named_children())
+            unknown = [name for name in self.optimized_modules if name not in children]
+            if unknown:
+                raise ValueError(
+                    f"optimized_modules has names that are not parts of the module: {unknown}; "
+                    f"its parts are {list(children)}."
+                )
+        if lr_warmup_groups not in ("all", "rest"):
+            raise ValueError(
+                f"lr_warmup_groups must be 'all' or 'rest', got {lr_warmup_groups!r}."
+            )
+        self.n_epochs_lr_warmup, self.lr_warmup_groups = n_epochs_lr_warmup, lr_warmup_groups
+        self.plateau = None if plateau is None else {"interval": "step", **plateau}
+        if self.plateau is not None and self.plateau["interval"] not in ("step", "epoch"):
+            raise ValueError("plateau['interval'] must be 'step' or 'epoch'.")
+        if keep_best_state not in (None, "validation_f1", "validation_loss"):
+            raise ValueError(
+                "keep_best_state must be None, 'validation_f1' or 'validation_loss', got "
+                f"{keep_best_state!r}."
+            )
+        self.keep_best_state = keep_best_state
+        self.best_state, self.best_epoch, self.best_score = None, None, None
+        self._val_predictions: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._epoch_losses: list[float] = []
+        self._val_losses: list[float] = []
+        # parameters this run never differentiates (e.g. an official checkpoint's pretraining
+        # covariate tables): frozen, or plain `strategy="ddp"` stops on unused parameters
+        for name in module.unused_parameter_names():
+            module.get_parameter(name).requires_grad_(False)
 
     def configure_optimizers(self):
         """AdamW over trainable parameters (embedder at ``lr * embedder_lr_factor``) and a
         per-step linear warm-up."""
         embedder_ids = {id(p) for p in self.module.embedder.parameters()}
+        params = self.module.parameters()
+        if self.optimized_modules is not None:
+            params = [
+                p
+                for n in self.optimized_modules
+                for p in self.module.get_submodule(n).parameters()
+            ]
         rest, embedder, no_decay = [], [], []
-        for p in self.module.parameters():
+        for p in params:
             if not p.requires_grad:
                 continue
             if getattr(p, "no_weight_decay", False):  # query tables: frozen rows must not decay
@@ -75,11 +152,22 @@ class CellPLMTrainingPlan(TrainingPlan):
                 rest.append(p)
         groups = [{"params": rest}]
         if embedder:
-            groups.append({"params": embedder, "lr": self.lr * self.embedder_lr_factor})
+            group = {"params": embedder, "lr": self.lr * self.embedder_lr_factor}
+            if self.embedder_weight_decay is not None:
+                group["weight_decay"] = self.embedder_weight_decay
+            groups.append(group)
         if no_decay:
             groups.append({"params": no_decay, "weight_decay": 0.0})
         optimizer = self.get_optimizer_creator()(groups)
+        for group in optimizer.param_groups:
+            group["target_lr"] = group["lr"]  # the official warm-up ramps towards it
+            group["is_embedder"] = any(id(p) in embedder_ids for p in group["params"])
         config = {"optimizer": optimizer}
+        if self.plateau is not None:  # official: stepped by hand on the training loss
+            options = {k: v for k, v in self.plateau.items() if k != "interval"}
+            self.official_plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, "min", **options
+            )
         if self.reduce_lr_on_plateau:  # warm-up in `on_train_batch_start`, then the plateau
             plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
                 optimizer,
@@ -99,6 +187,95 @@ class CellPLMTrainingPlan(TrainingPlan):
             scheduler = LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
             config["lr_scheduler"] = {"scheduler": scheduler, "interval": "step"}
         return config
+
+    def on_before_optimizer_step(self, optimizer):
+        """Floored GMVAE prior nets: exactly-zero (all-reduced) gradients -> ``None``, so AdamW
+        neither moves nor decays them (as in the official code)."""
+        for layer in self.module.modules():
+            if isinstance(layer, GMVAELatent):
+                layer.drop_floored_gradients()
+
+    def on_train_epoch_start(self):
+        """Official epoch-wise warm-up (``n_epochs_lr_warmup``)."""
+        epoch = self.current_epoch
+        if epoch >= self.n_epochs_lr_warmup:
+            return
+        for group in self.trainer.optimizers[0].param_groups:
+            if self.lr_warmup_groups == "rest" and group["is_embedder"]:
+                continue
+            group["lr"] = group["target_lr"] * (epoch + 1) / self.n_epochs_lr_warmup
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        """Official plateau scheduler: stepped on each step's loss (or collected per epoch)."""
+        if self.plateau is None:
+            return
+        loss = float(outputs["loss"] if isinstance(outputs, dict) else outputs)
+        if self.plateau["interval"] == "step":
+            self.official_plateau.step(loss)
+        else:
+            self._epoch_losses.append(loss)
+
+    def on_train_epoch_end(self):
+        """Official per-epoch plateau step on the epoch's mean training loss."""
+        if self.plateau is not None and self.plateau["interval"] == "epoch" and self._epoch_losses:
+            self.official_plateau.step(sum(self._epoch_losses) / len(self._epoch_losses))
+        self._epoch_losses = []
+
+    def forward(self, *args, **kwargs):
+        """The module's forward; keeps the inference outputs of validation steps (head F1)."""
+        outputs = super().forward(*args, **kwargs)
+        self._last_inference, self._last_loss = outputs[0], outputs[2]
+        return outputs
+
+    def validation_step(self, batch, batch_idx):
+        """scvi-tools' validation step; with a head, also collects its predictions on the
+        validation cells (labelled rows inside the ``"loss_mask"``) for ``validation_f1``."""
+        super().validation_step(batch, batch_idx)
+        self._val_losses.append(float(self._last_loss.loss))
+        module = self.module
+        if module.classifier is None or LABELS_KEY not in batch:
+            return
+        labels = batch[LABELS_KEY].view(-1).long()
+        rows = labels < module.n_labels
+        in_loss = module.loss_rows(batch)
+        if in_loss is not None:
+            rows = rows & in_loss.to(rows.device)
+        logits = self._last_inference["logits"]
+        self._val_predictions.append((logits[rows].argmax(-1).cpu(), labels[rows].cpu()))
+
+    def on_validation_epoch_end(self):
+        """Log ``validation_f1`` (torchmetrics' macro-F1, the official metric) and keep the
+        best state."""
+        scores = {}
+        if self._val_losses:  # official: the mean over validation steps
+            scores["validation_loss"] = sum(self._val_losses) / len(self._val_losses)
+        if self._val_predictions:
+            from torchmetrics.functional.classification import multiclass_f1_score
+
+            pred, true = (torch.cat(t) for t in zip(*self._val_predictions))
+            if len(true):
+                f1 = multiclass_f1_score(pred, true, self.module.n_labels, average="macro")
+                scores["validation_f1"] = f1.item()
+                self.log("validation_f1", scores["validation_f1"], on_epoch=True, prog_bar=True)
+        self._val_losses, self._val_predictions = [], []
+        if self.keep_best_state is None or self.trainer.sanity_checking:
+            return
+        value = scores.get(self.keep_best_state)
+        if value is None:
+            raise ValueError(
+                f"keep_best_state={self.keep_best_state!r} but no such validation metric: it "
+                "needs validation cells (split_by='cells' or validation tissues) and, for "
+                "'validation_f1', a classification head."
+            )
+        score = float(value) if self.keep_best_state == "validation_f1" else -float(value)
+        if self.best_score is None or score >= self.best_score:  # official: ties replace
+            self.best_score, self.best_epoch = score, self.current_epoch
+            self.best_state = copy.deepcopy(self.module.state_dict())
+
+    def on_train_end(self):
+        """Load the best validation epoch's state (``keep_best_state``)."""
+        if self.best_state is not None:
+            self.module.load_state_dict(self.best_state)
 
     def on_train_batch_start(self, batch, batch_idx):
         """Linear warm-up by hand when a plateau scheduler owns the learning rate."""

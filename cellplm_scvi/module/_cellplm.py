@@ -29,6 +29,9 @@ from ..nn import CellEmbedder, FlowformerEncoder, GMVAELatent, LatentStack, NBDe
 from ._loss import masked_nb_loss, nb_nll
 from ._masking import TissueMask, apply_mask, sample_mask
 
+OBJECTIVES = ("pretrain", "imputation", "annotation")
+LOSS_MASK_KEY = "loss_mask"  # (N,) bool per minibatch row: the rows that enter the loss
+
 
 class _PreLatentNorm(nn.Module):
     def __init__(self, n_hidden: int):
@@ -95,6 +98,13 @@ class CellPLMModule(BaseMinifiedModeModuleClass):
     categorical_covariates
         Names of the ``decoder_covariates`` tables fed, in this order, by the columns of the
         registered extra categorical covariates (``setup_anndata(categorical_covariate_keys=)``).
+    objective
+        Training loss. ``"pretrain"``: NB loss of the masked cells (+ DAE), latent loss and
+        ``classification_ratio`` times the cross-entropy. ``"imputation"`` (official
+        ``NBImputationLoss``): NB loss of *all* cells on their measured genes, no DAE term,
+        plus the latent loss. ``"annotation"`` (official annotation head): the cross-entropy
+        alone. A minibatch's ``"loss_mask"`` (within-tissue split, see
+        :class:`~cellplm_scvi.data.TissueDataSplitter`) restricts every term to its rows.
     """
 
     def __init__(
@@ -122,8 +132,17 @@ class CellPLMModule(BaseMinifiedModeModuleClass):
         classifier_dropout: float = 0.5,
         measured_genes: np.ndarray | None = None,
         categorical_covariates: tuple[str, ...] = (),
+        objective: Literal["pretrain", "imputation", "annotation"] = "pretrain",
     ):
         super().__init__()
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}.")
+        if objective == "annotation" and n_labels < 2:
+            raise ValueError(
+                "objective='annotation' needs a classification head: "
+                "setup_anndata(labels_key=...) with at least two cell types."
+            )
+        self.objective = objective
         self.n_latent = n_latent
         self.latent_type = latent
         self.use_batch_covariate = use_batch_covariate
@@ -159,6 +178,18 @@ class CellPLMModule(BaseMinifiedModeModuleClass):
         if measured_genes is not None:
             measured_genes = torch.as_tensor(np.asarray(measured_genes, dtype=bool))
         self.register_buffer("measured_genes", measured_genes, persistent=False)
+
+    def unused_parameter_names(self) -> list[str]:
+        """Parameters the forward never differentiates: the missing-coordinate vector without
+        the spatial encoding, and the embedding tables of decoder covariates that are not fed
+        (official checkpoints' pretraining tables, used through their detached mean)."""
+        names = [] if self.use_spatial_pe else ["embedder.pe_enc.missing_pe"]
+        fed = set(self.categorical_covariates) | ({"batch"} if self.use_batch_covariate else set())
+        for i, tables in enumerate(self.decoder.covariate_layers):
+            names += [
+                f"decoder.covariate_layers.{i}.{key}.0.weight" for key in tables if key not in fed
+            ]
+        return names
 
     # ------------------------------------------------------------------ genes
     def _set_gene_index(self, n_vocab: int, gene_index: np.ndarray | None) -> None:
@@ -356,10 +387,12 @@ class CellPLMModule(BaseMinifiedModeModuleClass):
         generative_outputs: dict,
         kl_weight: float = 1.0,
     ) -> LossOutput:
-        """Masked NB loss on masked cells (+ DAE term), latent loss and, with labels, the
-        cross-entropy of labelled cells.
+        """The ``objective``'s loss (see the class docstring).
 
-        In evaluation (no mask) every requested cell enters the NB loss and there is no DAE term.
+        ``"pretrain"``: masked NB loss on masked cells (+ DAE term), latent loss and, with
+        labels, the cross-entropy of labelled cells. In evaluation (no mask) every requested
+        cell enters the NB loss and there is no DAE term. Rows outside a minibatch's
+        ``"loss_mask"`` enter no term.
         """
         rows = _requested_rows(tensors)
         # float32 even under autocast: bf16 holds integers exactly only up to 256
@@ -369,12 +402,20 @@ class CellPLMModule(BaseMinifiedModeModuleClass):
             raise ValueError("loss() takes one posterior sample (n_samples=1).")
         measured = self.measured_weights(tensors)  # (R, G_matched) or None
         mask: TissueMask | None = inference_outputs.get("mask")
-        cells = slice(None) if mask is None else mask.cells
+        in_loss = self.loss_rows(tensors)  # (R,) bool or None
+        cells = None  # rows in the NB loss (None: all)
+        if mask is not None and self.objective == "pretrain":
+            cells = mask.cells
+        if in_loss is not None:
+            cells = in_loss if cells is None else cells & in_loss
+        cells = slice(None) if cells is None else cells
         entries = None  # hidden entries of the masked cells, for the DAE term
-        if mask is not None and self.dae:
+        if mask is not None and self.dae and self.objective == "pretrain":
             entries = mask.entries
             if self.matched_columns is not None:
                 entries = entries[:, self.matched_columns]
+            if in_loss is not None:
+                entries = entries[in_loss[mask.cells]]
         if measured is not None:
             measured = measured[cells]
             entries = None if entries is None else entries & measured
@@ -385,13 +426,26 @@ class CellPLMModule(BaseMinifiedModeModuleClass):
             kl = inference_outputs["qz"].log_prob(z).sum(-1) - self.log_prior(z)
         kl = kl[cells]
         latent_loss = inference_outputs.get("loss", torch.zeros((), device=recon.device))
-        loss = recon.mean() + kl_weight * latent_loss
         extra = {"latent_loss": latent_loss.detach()}
         ce = self.classification_loss(tensors, inference_outputs)
+        if self.objective == "annotation":  # official head: its cross-entropy is the loss
+            logits = inference_outputs["logits"]
+            loss = logits.sum() * 0.0 if ce is None else ce  # no labelled row: no gradient
+            recon, kl = recon.detach(), kl.detach()
+        else:
+            loss = (recon.mean() if recon.numel() else recon.sum()) + kl_weight * latent_loss
+            if ce is not None:
+                loss = loss + self.classification_ratio * ce
         if ce is not None:
-            loss = loss + self.classification_ratio * ce
             extra["classification_loss"] = ce.detach()
         return LossOutput(loss=loss, reconstruction_loss=recon, kl_local=kl, extra_metrics=extra)
+
+    def loss_rows(self, tensors: dict) -> torch.Tensor | None:
+        """(R,) bool: the requested rows inside the minibatch's ``"loss_mask"``, or ``None``."""
+        loss_mask = tensors.get(LOSS_MASK_KEY)
+        if loss_mask is None:
+            return None
+        return loss_mask.view(-1).bool()[_requested_rows(tensors)]
 
     def measured_weights(self, tensors: dict) -> torch.Tensor | None:
         """(R, G_matched) bool: the genes each requested cell's batch measured, or ``None``."""
@@ -402,11 +456,15 @@ class CellPLMModule(BaseMinifiedModeModuleClass):
         return rows if self.matched_columns is None else rows[:, self.matched_columns]
 
     def classification_loss(self, tensors: dict, inference_outputs: dict) -> torch.Tensor | None:
-        """Mean cross-entropy over cells with a known label (code < n_labels), or ``None``."""
+        """Mean cross-entropy over cells with a known label (code < n_labels) inside the
+        ``"loss_mask"``, or ``None``."""
         if self.classifier is None or LABELS_KEY not in tensors:
             return None
         labels = tensors[LABELS_KEY].view(-1).long()[_requested_rows(tensors)]
         known = labels < self.n_labels
+        in_loss = self.loss_rows(tensors)
+        if in_loss is not None:
+            known = known & in_loss.to(known.device)
         if not known.any():
             return None
         logits = inference_outputs["logits"][known]
