@@ -6,7 +6,8 @@ come from the same tissue, because cells attend to each other. Three pieces do i
 - :class:`TissueBatchSampler` yields, per step, the row indices of one tissue (shuffled tissue
   order, node drop and a cell cap in training; one rank's share under DDP);
 - :class:`TissueDataLoader` reads those rows (counts as a sparse CSR tensor);
-- :class:`TissueDataSplitter` splits whole tissues into train / validation / test.
+- :class:`TissueDataSplitter` splits whole tissues (or, ``split_by="cells"``, the cells within
+  tissues) into train / validation / test.
 
 Results are put back in AnnData order through the registered row index ``ind_x``.
 """
@@ -24,6 +25,9 @@ from scvi import settings
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .._constants import REQUESTED_KEY, TISSUE_KEY, X_KEY
+from ..module._cellplm import LOSS_MASK_KEY
+
+SPLIT_NAMES = {"train": 0, "validation": 1, "valid": 1, "test": 2}  # `split_key` values
 
 
 def _to_csr_tensor(x) -> torch.Tensor:
@@ -52,8 +56,14 @@ class TissueDataset(Dataset):
     faster than a fancy index on a backed ``.h5ad``); ``ind_x`` says which rows came.
     """
 
-    def __init__(self, adata_manager, requested: np.ndarray | None = None):
+    def __init__(
+        self,
+        adata_manager,
+        requested: np.ndarray | None = None,
+        loss_rows: np.ndarray | None = None,
+    ):
         self.requested = requested  # (n_obs,) bool: rows the caller asked for (context mode)
+        self.loss_rows = loss_rows  # (n_obs,) bool: rows that enter the loss (cell split)
         self.x = adata_manager.get_from_registry(X_KEY)
         if sp.issparse(self.x) and self.x.format not in ("csr", "csc"):
             self.x = sp.csr_matrix(self.x)  # e.g. COO cannot be row-indexed
@@ -73,6 +83,8 @@ class TissueDataset(Dataset):
         out[X_KEY] = _to_csr_tensor(x)
         if self.requested is not None:
             out[REQUESTED_KEY] = torch.from_numpy(self.requested[rows])
+        if self.loss_rows is not None:
+            out[LOSS_MASK_KEY] = torch.from_numpy(self.loss_rows[rows])
         return out
 
 
@@ -178,6 +190,9 @@ class TissueDataLoader(DataLoader):
     that each cell is encoded with the cells of its tissue as registered, and a ``"requested"``
     mask marks the rows asked for: the module returns those rows only, in the order given by
     :meth:`emission_order`.
+
+    ``loss_rows`` ((n_obs,) bool) adds a ``"loss_mask"`` to each minibatch: the rows that enter
+    the loss (within-tissue split: the other cells are context only).
     """
 
     def __init__(
@@ -194,6 +209,7 @@ class TissueDataLoader(DataLoader):
         pin_memory: bool = False,
         data_and_attributes=None,
         context: bool = False,
+        loss_rows: np.ndarray | None = None,
         **kwargs,
     ):
         n_obs = adata_manager.adata.n_obs
@@ -225,7 +241,7 @@ class TissueDataLoader(DataLoader):
         )
         kwargs.pop("iter_ndarray", None)
         super().__init__(
-            TissueDataset(adata_manager, requested),
+            TissueDataset(adata_manager, requested, loss_rows),
             sampler=sampler,
             batch_size=None,
             pin_memory=pin_memory,
@@ -238,22 +254,32 @@ class TissueDataLoader(DataLoader):
 
 
 class TissueDataSplitter(LightningDataModule):
-    """Split whole tissues into train / validation / test and serve tissue loaders.
+    """Split tissues, or cells within tissues, into train / validation / test.
 
     Parameters
     ----------
     adata_manager
         The model's :class:`~scvi.data.AnnDataManager`.
     train_size
-        Fraction of tissues for training (``None``: 0.9, or all when there is one tissue).
+        Fraction of tissues (or cells) for training (``None``: 0.9, or all when there is one
+        tissue and ``split_by="tissues"``).
     validation_size
-        Fraction of tissues for validation (default: the rest).
+        Fraction of tissues (or cells) for validation (default: the rest).
     max_cells_per_step
         Cap on cells per training step (larger tissues are subsampled each step).
     drop_node_rate
         Official node drop: fraction of a tissue's cells left out at each training step.
     distributed_sampler
         Share tissues across DDP ranks.
+    split_by
+        ``"tissues"``: whole tissues go to one split. ``"cells"`` (the official fine-tuning
+        pipelines' ``split_field``): cells of one tissue go to different splits; every loader
+        reads its tissues whole and marks its own split's cells in a ``"loss_mask"``, so
+        validation cells are in the training forward pass (as attention context) but not in
+        the training loss. Random cells per tissue count, seeded by ``scvi.settings.seed``.
+    split_key
+        ``adata.obs`` column with the split of each cell (``"train"``, ``"validation"`` or
+        ``"valid"``, ``"test"``); implies ``split_by="cells"`` and replaces the sizes.
     """
 
     def __init__(
@@ -265,6 +291,8 @@ class TissueDataSplitter(LightningDataModule):
         max_cells_per_step: int | None = None,
         drop_node_rate: float = 0.0,
         distributed_sampler: bool = False,
+        split_by: str = "tissues",
+        split_key: str | None = None,
         **loader_kwargs,
     ):
         super().__init__()
@@ -275,7 +303,16 @@ class TissueDataSplitter(LightningDataModule):
         self.max_cells_per_step, self.drop_node_rate = max_cells_per_step, drop_node_rate
         self.distributed_sampler = distributed_sampler
 
+        if split_by not in ("tissues", "cells"):
+            raise ValueError(f"split_by must be 'tissues' or 'cells', got {split_by!r}.")
+        self.split_by = "cells" if split_key is not None else split_by
         codes = np.asarray(adata_manager.get_from_registry(TISSUE_KEY)).reshape(-1)
+        self._codes = codes
+        if self.split_by == "cells":
+            split = self._cell_split(adata_manager.adata, split_key, train_size, validation_size)
+            self.train_idx, self.val_idx, self.test_idx = split
+            self.n_train, self.n_val = len(self.train_idx), len(self.val_idx)
+            return
         tissues = np.unique(codes)
         n = len(tissues)
         if train_size is None:
@@ -295,15 +332,49 @@ class TissueDataSplitter(LightningDataModule):
         self.train_idx, self.val_idx, self.test_idx = (rows[np.isin(codes, t)] for t in split)
         self.n_train, self.n_val = len(self.train_idx), len(self.val_idx)
 
+    @staticmethod
+    def _cell_split(adata, split_key, train_size, validation_size) -> list[np.ndarray]:
+        """Row indices of the train / validation / test cells."""
+        n_obs = adata.n_obs
+        if split_key is not None:
+            if split_key not in adata.obs:
+                raise KeyError(f"split_key {split_key!r} is not a column of adata.obs.")
+            values = adata.obs[split_key].astype(str).to_numpy()
+            unknown = sorted(set(values) - set(SPLIT_NAMES))
+            if unknown:
+                raise ValueError(
+                    f"adata.obs[{split_key!r}] has values {unknown[:5]}; use 'train', "
+                    "'validation' (or 'valid') and 'test'."
+                )
+            code = np.array([SPLIT_NAMES[v] for v in values])
+            return [np.flatnonzero(code == k) for k in range(3)]
+        train_size = 0.9 if train_size is None else train_size
+        if not 0 < train_size <= 1:
+            raise ValueError(f"train_size must be in (0, 1], got {train_size}.")
+        val_size = 1 - train_size if validation_size is None else validation_size
+        if train_size + val_size > 1 + 1e-9:
+            raise ValueError("train_size + validation_size must not exceed 1.")
+        n_train = max(1, round(train_size * n_obs))
+        n_val = min(n_obs - n_train, round(val_size * n_obs))
+        order = np.random.RandomState(settings.seed).permutation(n_obs)
+        split = np.split(order, [n_train, n_train + n_val])
+        return [np.sort(rows) for rows in split]
+
     def setup(self, stage: str | None = None) -> None:
         """Splits are fixed at construction (``TrainRunner`` reads their sizes first)."""
 
     def _loader(self, indices: np.ndarray, train: bool) -> TissueDataLoader | None:
         if len(indices) == 0:
             return None
+        loss_rows = None
+        if self.split_by == "cells":  # whole tissues; this split's cells enter the loss
+            loss_rows = np.zeros(len(self._codes), dtype=bool)
+            loss_rows[indices] = True
+            indices = np.flatnonzero(np.isin(self._codes, np.unique(self._codes[indices])))
         return TissueDataLoader(
             self.adata_manager,
             indices=indices,
+            loss_rows=loss_rows,
             batch_size=self.max_cells_per_step if train else None,
             shuffle=train,
             drop_node_rate=self.drop_node_rate,

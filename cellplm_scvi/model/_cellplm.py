@@ -954,12 +954,11 @@ class CellPLM(TissueContextMixin, RNASeqMixin, VAEMixin, BaseMinifiedModeModelCl
         adata: AnnData | None = None,
         indices: Sequence[int] | None = None,
         batch_size: int | None = None,
+        library: Literal["measured", "all"] = "measured",
     ) -> pd.DataFrame:
         """Count-scale predictions of ``gene_list`` (e.g. genes a spatial panel did not measure).
 
-        Each cell is decoded from its posterior mean, and the size factor comes from the genes
-        its batch measured (see ``measured_genes_key`` in :meth:`setup_anndata`), as in the
-        official imputation pipeline.
+        Each cell is decoded from its posterior mean; ``library`` chooses its size factor.
 
         Parameters
         ----------
@@ -971,6 +970,15 @@ class CellPLM(TissueContextMixin, RNASeqMixin, VAEMixin, BaseMinifiedModeModelCl
             Cells (default: all).
         batch_size
             Maximum cells per forward pass (``None``: whole tissues).
+        library
+            ``"measured"`` (default): the decoded means of the genes the cell's batch measured
+            (``measured_genes_key`` in :meth:`setup_anndata`) add up to its observed counts,
+            the scale at which the imputation objective (official ``NBImputationLoss``) fits
+            the model, so predictions of unmeasured genes are on the same scale as the
+            measured counts. ``"all"``: the official pipeline's ``predict`` read-out, whose
+            size factor spreads the observed counts over *all* decoded genes, unmeasured ones
+            included; its predictions are smaller by each cell's share of the decoded mean on
+            its measured genes (a factor that varies between cells).
 
         Returns
         -------
@@ -978,9 +986,22 @@ class CellPLM(TissueContextMixin, RNASeqMixin, VAEMixin, BaseMinifiedModeModelCl
             Cells x genes, on the count scale.
         """
         self._refuse_minified("impute_genes")
-        return self.get_normalized_expression(
-            adata, indices, gene_list=gene_list, library_size="observed", batch_size=batch_size
-        )
+        if library not in ("measured", "all"):
+            raise ValueError(f"library must be 'measured' or 'all', got {library!r}.")
+        if library == "measured":
+            return self.get_normalized_expression(
+                adata, indices, gene_list=gene_list, library_size="observed", batch_size=batch_size
+            )
+        frequencies = self.get_normalized_expression(
+            adata, indices, gene_list=gene_list, library_size=1, batch_size=batch_size
+        )  # cells x genes, each cell's decoded genes summing to one
+        adata = self._validate_anndata(adata)
+        rows = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
+        x = self.get_from_registry(adata, X_KEY)
+        columns = self.module.matched_columns
+        x = x[rows] if columns is None else x[rows][:, columns.cpu().numpy()]
+        totals = np.asarray(x.sum(1)).reshape(-1, 1)  # observed counts over the decoded genes
+        return frequencies * totals
 
     def minify_adata(
         self,
