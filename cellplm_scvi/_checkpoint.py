@@ -16,6 +16,7 @@ import os
 import pickle
 import warnings
 import zipfile
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -192,3 +193,197 @@ def load_strict(
             f"shape mismatches: {mismatched}"
         )
     module.load_state_dict({**fresh, **state}, strict=True)
+
+
+# ------------------------------------------------------------------------------------ export
+
+OFFICIAL_COVARIATES = ("batch", "dataset", "platform")  # the official decoder's tables
+_OFFICIAL_QZ_HIDDEN = 512  # hidden width of the official GMVAE's q(z|h,y) (hard-coded there)
+_OFFICIAL_NB_HIDDEN = 128  # hidden width of the official NB head (hard-coded there)
+# official VAE layer settings that OmicsFormer never takes from its config
+_OFFICIAL_VAE = {"lamda": 1.0, "kl_warmup_steps": 10_000, "max_kl_weight": 1.0}
+
+
+def _decoder_tables(module: nn.Module) -> dict[str, int]:
+    """Decoder covariate table name -> levels (empty without covariates or hidden layers)."""
+    layers = module.decoder.covariate_layers
+    if len(layers) == 0:
+        return {}
+    return {name: int(block[0].num_embeddings) for name, block in layers[0].items()}
+
+
+def check_exportable(module: nn.Module) -> None:
+    """Raise a ``ValueError`` naming every part of ``module`` the official network lacks.
+
+    The official ``OmicsFormer`` cannot represent: the spatial positional encoding (its
+    embedder adds the constant 0 instead), decoder covariate tables other than ``batch``,
+    ``dataset`` and ``platform`` (e.g. those of ``categorical_covariate_keys``), and hidden
+    widths that it hard-codes (512 in the GMVAE's ``q(z|h,y)``, 128 in the NB head).
+    """
+    problems = []
+    if getattr(module, "use_spatial_pe", False):
+        problems.append(
+            "the spatial positional encoding (use_spatial_pe=True): the official embedder adds "
+            "0 instead, so the official model would embed the cells differently. Export a model "
+            "built with spatial_pe=False."
+        )
+    extra = sorted(set(_decoder_tables(module)) - set(OFFICIAL_COVARIATES))
+    if extra:
+        problems.append(
+            f"the decoder covariate tables {extra}: the official decoder has only the "
+            f"{list(OFFICIAL_COVARIATES)} tables. Train the model without "
+            "setup_anndata(categorical_covariate_keys=...) (a batch_key is fine)."
+        )
+    layer = module.latent.layers[1]
+    if module.latent_type == "gmvae":
+        width = layer.inference.inference_qzyx[0].out_features
+        if width != _OFFICIAL_QZ_HIDDEN:
+            problems.append(
+                f"the GMVAE's q(z|h,y) hidden width {width}: the official layer fixes it at "
+                f"{_OFFICIAL_QZ_HIDDEN}."
+            )
+    elif module.latent_type != "vae":
+        problems.append(f"the latent layer {module.latent_type!r}: only 'gmvae' and 'vae'.")
+    width = module.decoder.out_layer.dec_1.out_features
+    if width != _OFFICIAL_NB_HIDDEN:
+        problems.append(
+            f"the NB head's hidden width {width}: the official head fixes it at "
+            f"{_OFFICIAL_NB_HIDDEN}."
+        )
+    if problems:
+        raise ValueError(
+            "This model cannot be exported to the official CellPLM format; the official network "
+            "lacks " + "; ".join(problems)
+        )
+
+
+def official_config(module: nn.Module, vocabulary: list[str], extra: dict | None = None) -> dict:
+    """The official ``config.json`` of ``module``: the inverse of :func:`model_kwargs`.
+
+    Every argument that the official ``OmicsFormer(**config)`` needs to build the same network
+    is set explicitly (architecture, ``gene_list``, decoder tables ``batch_num`` /
+    ``dataset_num`` / ``platform_num``, latent settings, ``model_dropout``, mask rates,
+    ``dae``), together with the fixed choices our module implements (``_REQUIRED``,
+    ``pe_type="sin"``, ``mask_type="input"``, no head).
+
+    Parameters
+    ----------
+    module
+        A :class:`~cellplm_scvi.module.CellPLMModule`.
+    vocabulary
+        The gene of each row of the gene-embedding table (``module.n_vocab`` unique strings).
+    extra
+        Further config entries to keep (e.g. the pretraining settings of the release a model
+        was loaded from: ``name``, ``drop_node_rate``, ``max_batch_size``); the values computed
+        from ``module`` win.
+
+    Raises
+    ------
+    ValueError
+        For a part the official network cannot represent (see :func:`check_exportable`) or a
+        vocabulary that does not fit the module.
+    """
+    check_exportable(module)
+    vocabulary = [str(g) for g in vocabulary]
+    if len(vocabulary) != module.n_vocab:
+        raise ValueError(
+            f"`vocabulary` has {len(vocabulary)} genes but the model's gene-embedding table has "
+            f"{module.n_vocab} rows."
+        )
+    if len(set(vocabulary)) != len(vocabulary):
+        duplicated = sorted(g for g, n in Counter(vocabulary).items() if n > 1)[:5]
+        raise ValueError(
+            f"`vocabulary` has duplicated genes {duplicated}: the official embedder finds a "
+            "gene's row by its name, so every name must be unique (make the AnnData's "
+            "var_names unique before training)."
+        )
+    encoder_layers = module.encoder.layers
+    layer = module.latent.layers[1]
+    tables = _decoder_tables(module)
+    config = dict(extra or {})
+    config.update(
+        gene_list=vocabulary,
+        enc_hid=int(module.embedder.feat_enc.emb.shape[1]),
+        enc_layers=len(encoder_layers),
+        enc_head=int(encoder_layers[0].self_attn.n_heads) if len(encoder_layers) else 8,
+        post_latent_dim=int(module.n_latent),
+        dec_hid=int(module.decoder.out_layer.dec_1.in_features),
+        dec_layers=len(module.decoder.layers) + 1,
+        out_dim=len(vocabulary),
+        **{f"{name}_num": tables.get(name, 0) for name in OFFICIAL_COVARIATES},
+        latent_mod=module.latent_type,
+        model_dropout=float(module.embedder.extra_linear[2].p),
+        mask_type="input",
+        mask_node_rate=float(module.mask_cell_rate),
+        mask_feature_rate=float(module.mask_gene_rate),
+        dae=bool(module.dae),
+        pe_type="sin",
+        activation="gelu",
+        head_type=None,
+        **_REQUIRED,  # enc_mod, dec_mod, norm, cat_pe and the official options left off
+    )
+    if module.latent_type == "gmvae":
+        config.update(
+            num_clusters=int(layer.n_clusters),
+            lamda=float(layer.lamda),
+            w_li=float(layer.w_li),
+            w_en=float(layer.w_en),
+        )
+    else:
+        ours = {name: getattr(layer, name) for name in _OFFICIAL_VAE}
+        differ = {k: v for k, v in ours.items() if v != _OFFICIAL_VAE[k]}
+        if differ:
+            warnings.warn(
+                f"The VAE latent's training settings {differ} cannot be written: the official "
+                f"VAE layer always uses {_OFFICIAL_VAE}. The weights and embeddings are "
+                "exported unchanged; official fine-tuning would use its own settings.",
+                UserWarning,
+                stacklevel=3,
+            )
+    return config
+
+
+def official_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """``module``'s weights under the official ``OmicsFormer`` names (float32, CPU).
+
+    The names are ours already; the differences are:
+
+    - training counters (a layer's ``training_state`` buffers, e.g. the VAE's
+      ``latent.layers.1.kl_step_count``) are dropped: the official model has none and starts
+      its KL warm-up at 0, as :func:`load_strict` does when reading the file back;
+    - the cell-type head ``classifier.*`` is dropped with a warning: ``OmicsFormer`` has no
+      such head (the official annotation pipeline builds its own). This suits the
+      pretraining use case; the exported model embeds and reconstructs identically;
+    - the official embedder's never-called ``embedder.norm0`` GroupNorm (``DEAD_KEYS``) is
+      added with its initial values (weight 1, bias 0), which a strict load needs.
+
+    Raises
+    ------
+    ValueError
+        For a part the official network cannot represent (see :func:`check_exportable`).
+    """
+    check_exportable(module)
+    state = module.state_dict()
+    counters = {
+        f"{name}.{key}" if name else key
+        for name, sub in module.named_modules()
+        for key in getattr(sub, "training_state", ())
+    }
+    head = [k for k in state if k.startswith("classifier.")]
+    if head:
+        warnings.warn(
+            "The cell-type head (classifier.*) is not exported: the official OmicsFormer has no "
+            "such head. The exported model embeds and reconstructs as this one.",
+            UserWarning,
+            stacklevel=3,
+        )
+    out = {}
+    for key, value in state.items():
+        if key in counters or key in head:
+            continue
+        value = value.detach().to("cpu")
+        out[key] = (value.float() if value.is_floating_point() else value).clone().contiguous()
+    n_hidden = module.embedder.feat_enc.emb.shape[1]
+    weight_key, bias_key = DEAD_KEYS
+    out[weight_key], out[bias_key] = torch.ones(n_hidden), torch.zeros(n_hidden)
+    return out

@@ -313,6 +313,43 @@ class CellPLM(TissueContextMixin, RNASeqMixin, VAEMixin, BaseMinifiedModeModelCl
         """
         return load_official(cls, prefix, adata, gene_key, spatial_pe, trust_pickle, **overrides)
 
+    def save_official(self, prefix: str | os.PathLike, overwrite: bool = False) -> None:
+        """Export the model as an official CellPLM release, usable by the ``cellplm`` package.
+
+        Writes ``<prefix>.config.json`` (the official ``OmicsFormer`` arguments, ``gene_list``
+        = the model's vocabulary: the ``vocabulary`` it was built with, else the AnnData's
+        ``var_names``) and ``<prefix>.best.ckpt`` (``{"model_state_dict": ...}``), each
+        atomically. The official code builds the network with ``OmicsFormer(**config)``, loads
+        the weights strictly and embeds the cells as this model does;
+        :meth:`load_official` reads the files back.
+
+        What the official network lacks is refused with a ``ValueError`` naming it: the
+        spatial encoding (``spatial_pe=True``; the official embedder adds 0) and decoder
+        tables other than ``batch``/``dataset``/``platform`` (``categorical_covariate_keys``).
+        The cell-type head (``labels_key``) is left out with a warning (``OmicsFormer`` has
+        none), as are training counters (the VAE's KL warm-up restarts at 0).
+
+        Parameters
+        ----------
+        prefix
+            Output path without the suffixes, e.g. ``"ckpt/my_cellplm"``.
+        overwrite
+            Replace existing files.
+
+        Examples
+        --------
+        >>> model.train(max_epochs=10)
+        >>> model.save_official("ckpt/my_cellplm")
+        >>> from CellPLM.model import OmicsFormer  # the official package
+        >>> config = json.load(open("ckpt/my_cellplm.config.json"))
+        >>> official = OmicsFormer(**config)
+        >>> state = torch.load("ckpt/my_cellplm.best.ckpt")["model_state_dict"]
+        >>> official.load_state_dict(state)
+        """
+        from ._official import save_official
+
+        save_official(self, prefix, overwrite)
+
     # ------------------------------------------------------------------ setup
     @classmethod
     @setup_anndata_dsp.dedent

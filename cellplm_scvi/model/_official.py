@@ -453,3 +453,65 @@ def load_official(
     model.history_ = {}  # pretrained elsewhere: the first `train` call starts the history
     model.official_config_ = {k: v for k, v in config.items() if k != "gene_list"}
     return model
+
+
+# ------------------------------------------------------------------------------------ export
+
+
+def _write_atomically(path, write) -> None:
+    """Call ``write(file)`` on a temporary file next to ``path``, then move it into place."""
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def model_vocabulary(model: CellPLM) -> list[str]:
+    """The gene of each row of ``model``'s gene-embedding table: the ``vocabulary`` it was
+    built with (an official checkpoint's gene list), else the registered ``var_names``."""
+    from scvi import REGISTRY_KEYS
+
+    params = model.init_params_
+    vocabulary = params.get("non_kwargs", params).get("vocabulary")
+    if vocabulary is None:
+        state = model.adata_manager.get_state_registry(REGISTRY_KEYS.X_KEY)
+        vocabulary = state.column_names
+    return [str(g) for g in vocabulary]
+
+
+def save_official(model: CellPLM, prefix: str | os.PathLike, overwrite: bool = False) -> None:
+    """Write ``model`` as an official CellPLM release (see :meth:`CellPLM.save_official`).
+
+    Writes ``<prefix>.best.ckpt`` (``{"model_state_dict": ...}``, float32 CPU tensors under the
+    official names) and ``<prefix>.config.json`` (the ``OmicsFormer`` arguments and
+    ``gene_list``), each atomically (a temporary file, then :func:`os.replace`). Everything is
+    checked before a file is touched.
+
+    Raises
+    ------
+    ValueError
+        If a file exists and ``overwrite`` is False, or the official network cannot represent
+        a part of the model (the message names it).
+    """
+    import json
+
+    import torch
+
+    config_path, ckpt_path = _checkpoint.official_paths(prefix)
+    existing = [str(p) for p in (config_path, ckpt_path) if p.exists()]
+    if existing and not overwrite:
+        raise ValueError(f"{existing} already exist; pass overwrite=True to replace them.")
+    state = _checkpoint.official_state_dict(model.module)
+    extra = getattr(model, "official_config_", None)
+    config = _checkpoint.official_config(model.module, model_vocabulary(model), extra)
+    text = json.dumps(config).encode()
+    config_path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomically(ckpt_path, lambda fh: torch.save({"model_state_dict": state}, fh))
+    _write_atomically(config_path, lambda fh: fh.write(text))
+    logger.info("Wrote the official CellPLM files %s and %s.", config_path, ckpt_path)
