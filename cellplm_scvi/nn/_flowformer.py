@@ -50,7 +50,17 @@ class FlowAttention(nn.Module):
         q = torch.sigmoid(self._heads(self.query_projection(x)))  # (H, N, dh), non-negative
         k = torch.sigmoid(self._heads(self.key_projection(x)))  # (H, N, dh)
         v = self._heads(self.value_projection(x))  # (H, N, dh)
+        # the flows sum over N cells (about N * dh / 4): float16 overflows from ~4k cells, so
+        # this part (a few % of the layer's FLOPs) runs in float32 under autocast
+        dtype = v.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            out = self._flow(q.float(), k.float(), v.float(), n, eps).to(dtype)
+        out = out.transpose(0, 1).reshape(n, d)  # (N, d)
+        return self.dropout(self.out_projection(out))
 
+    @staticmethod
+    def _flow(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int, eps: float):
+        """Flow-Attention on (H, N, dh) queries, keys and values -> (H, N, dh)."""
         # incoming flow of each sink (query) and outgoing flow of each source (key): (H, N)
         sink_in = 1.0 / torch.einsum("hnd,hd->hn", q + eps, k.sum(1) + eps)
         source_out = 1.0 / torch.einsum("hnd,hd->hn", k + eps, q.sum(1) + eps)
@@ -67,9 +77,7 @@ class FlowAttention(nn.Module):
         competition = torch.softmax(conserved_source, dim=-1) * n
 
         kv = torch.einsum("hnd,hnm->hdm", k, v * competition[..., None])  # (H, dh, dh)
-        out = torch.einsum("hnd,hdm->hnm", q * sink_in[..., None], kv) * allocation[..., None]
-        out = out.transpose(0, 1).reshape(n, d)  # (N, d)
-        return self.dropout(self.out_projection(out))
+        return torch.einsum("hnd,hdm->hnm", q * sink_in[..., None], kv) * allocation[..., None]
 
 
 class FlowformerLayer(nn.Module):
