@@ -36,15 +36,6 @@ class CellPLMTrainingPlan(TrainingPlan):
     n_epochs_kl_warmup
         scvi-tools' KL annealing (off by default: the official latent losses use free-bits
         floors). The VAE latent's own official warm-up (``kl_warmup_steps``) multiplies it.
-    **kwargs
-        Passed to :class:`~scvi.train.TrainingPlan`, e.g. ``reduce_lr_on_plateau=True`` with
-        ``lr_factor``, ``lr_patience``, ``lr_threshold``, ``lr_min`` and
-        ``lr_scheduler_metric`` (scvi-tools' plateau scheduler, stepped after each validation
-        epoch; the warm-up then runs before it, and the plateau scheduler owns the rate after).
-
-    The official fine-tuning pipelines' optimisation (see
-    :func:`cellplm_scvi.model._official.annotation_recipe`) uses these, all off by default:
-
     embedder_weight_decay
         Weight decay of the embedder group (official annotation: 1e-10).
     optimized_modules
@@ -66,6 +57,18 @@ class CellPLMTrainingPlan(TrainingPlan):
         ``"validation_loss"`` (lowest): the module's state after the best validation epoch is
         kept in memory and loaded at the end of training (a later tie replaces it, as in the
         official loop). Needs validation every epoch.
+    **kwargs
+        Passed to :class:`~scvi.train.TrainingPlan`, e.g. ``reduce_lr_on_plateau=True`` with
+        ``lr_factor``, ``lr_patience``, ``lr_threshold``, ``lr_min`` and
+        ``lr_scheduler_metric`` (scvi-tools' plateau scheduler, stepped after each validation
+        epoch; the warm-up then runs before it, and the plateau scheduler owns the rate after).
+
+    Notes
+    -----
+    ``embedder_weight_decay``, ``optimized_modules``, ``n_epochs_lr_warmup``,
+    ``lr_warmup_groups``, ``plateau`` and ``keep_best_state`` are the official fine-tuning
+    pipelines' optimisation (see :func:`cellplm_scvi.model.annotation_recipe`); all are off
+    by default.
     """
 
     def __init__(
