@@ -687,3 +687,19 @@ def test_apply_mask_leaves_unmasked_cells_when_all_entries_hidden():
         out = out.to_dense() if out.layout == torch.sparse_csr else out
         assert torch.all(out[[1, 4]] == 0)
         assert torch.equal(out[[0, 2, 3, 5]], x[[0, 2, 3, 5]])
+
+
+def test_nb_head_under_float16_autocast():
+    """float16 cannot hold exp(logits) beyond ~11 (nor the 1e6 clamp): the head's exp runs in
+    float32, so 16-mixed training and fp16 inference get finite means."""
+    from cellplm_scvi.nn._decoder import NBHead
+
+    torch.manual_seed(0)
+    head = NBHead(16, 50)
+    with torch.no_grad():
+        head.dec_mean[0].bias.fill_(12.0)  # exp(12) > 65504
+    x = torch.randn(4, 16)
+    with torch.autocast("cpu", dtype=torch.float16):
+        mean, _ = head(x)
+    assert mean.dtype == torch.float32 and torch.isfinite(mean).all()
+    torch.testing.assert_close(mean, head(x)[0].detach(), rtol=1e-2, atol=0.0)

@@ -24,7 +24,10 @@ class NBHead(nn.Module):
         weight, bias, log_disp = out.weight, out.bias, self.dec_disp
         if gene_index is not None:  # compute only the genes we need
             weight, bias, log_disp = weight[gene_index], bias[gene_index], log_disp[gene_index]
-        mean = torch.addmm(bias, e, weight.T).exp().clamp(1e-5, 1e6)
+        logits = torch.addmm(bias, e, weight.T)
+        if logits.dtype == torch.float16:  # exp overflows float16 (max 65504) from logits ~11
+            logits = logits.float()
+        mean = logits.exp().clamp(1e-5, 1e6)
         return mean, log_disp.exp().clamp(1e-4, 1e4)
 
 
