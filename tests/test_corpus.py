@@ -1,0 +1,414 @@
+"""TissueCorpus: many .h5ad files, aligned to one vocabulary, read lazily one tissue at a time."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+from scvi.data import AnnDataManager
+
+import cellplm_scvi as cp
+from cellplm_scvi._genes import official_config, symbol_table
+from cellplm_scvi.data import TissueCorpus
+from cellplm_scvi.module import CellPLMModule
+
+VOCAB = official_config()["gene_list"][:40]  # 40 real Ensembl IDs
+
+
+def _counts(rng, n_cells: int, n_genes: int) -> np.ndarray:
+    return rng.poisson(0.8, (n_cells, n_genes)).astype(np.float32)
+
+
+def _write(path: Path, x, genes, obs=None, obsm=None, var=None) -> Path:
+    adata = ad.AnnData(X=x, obs=obs, obsm=obsm, var=var)
+    adata.var_names = genes
+    adata.obs_names = [f"{path.stem}_c{i}" for i in range(adata.n_obs)]
+    adata.write_h5ad(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpus_files(tmp_path_factory):
+    """Four small files: two samples; symbols via gene_key; spatial; dense X."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = np.random.default_rng(0)
+    symbols = dict(zip(symbol_table()["ensembl_id"], symbol_table()["symbol"]))
+    files = []
+    # f0: Ensembl IDs, two samples, CSR
+    obs = pd.DataFrame({"sample": np.repeat(["s1", "s2"], [180, 120])})
+    files.append(_write(root / "f0.h5ad", sp.csr_matrix(_counts(rng, 300, 25)), VOCAB[:25], obs))
+    # f1: symbols in var["symbol"], shuffled genes plus two unknown ones
+    genes = list(rng.permutation(VOCAB[10:35])) + ["NOT_A_GENE1", "NOT_A_GENE2"]
+    var = pd.DataFrame({"symbol": [symbols.get(g, g) for g in genes]})
+    obs = pd.DataFrame({"sample": ["a"] * 200})
+    files.append(
+        _write(
+            root / "f1.h5ad",
+            sp.csr_matrix(_counts(rng, 200, 27)),
+            [f"gene{i}" for i in range(27)],
+            obs,
+            var=var,
+        )
+    )
+    # f2: spatial, versioned Ensembl IDs
+    obs = pd.DataFrame({"sample": ["slide"] * 400})
+    xy = rng.uniform(0, 100, (400, 2))
+    files.append(
+        _write(
+            root / "f2.h5ad",
+            sp.csr_matrix(_counts(rng, 400, 20)),
+            [f"{g}.7" for g in VOCAB[20:40]],
+            obs,
+            obsm={"spatial": xy},
+        )
+    )
+    # f3: dense X, every other vocabulary gene
+    obs = pd.DataFrame({"sample": ["b"] * 150})
+    files.append(_write(root / "f3.h5ad", _counts(rng, 150, 20), VOCAB[::2], obs))
+    return files
+
+
+KWARGS = {
+    "gene_key": [None, "symbol", None, None],
+    "batch_key": "sample",
+    "spatial_key": [None, None, "spatial", None],
+    "max_cells": 64,
+    "validation_size": 0.2,
+}
+
+
+def _corpus(files, **kwargs) -> TissueCorpus:
+    return TissueCorpus(files, vocabulary=VOCAB, **{**KWARGS, **kwargs})
+
+
+def _expected_vocab_counts(path: Path, gene_key, rows: np.ndarray) -> np.ndarray:
+    """(n, n_vocab) dense counts of rows of a file, put in vocabulary columns by hand."""
+    adata = ad.read_h5ad(path)
+    genes = adata.var_names if gene_key is None else adata.var[gene_key]
+    x = adata.X[rows]
+    x = x.toarray() if sp.issparse(x) else np.asarray(x)
+    out = np.zeros((len(rows), len(VOCAB)), dtype=np.float32)
+    position = {g: i for i, g in enumerate(VOCAB)}
+    ens = dict(zip(symbol_table()["symbol"], symbol_table()["ensembl_id"]))
+    for j, gene in enumerate(genes):
+        gene = ens.get(gene, gene.split(".")[0])
+        if gene in position:
+            out[:, position[gene]] = x[:, j]
+    return out
+
+
+def _minibatches(dm: TissueCorpus, split: str = "validation"):
+    for rows in dm.sampler(split):
+        yield dm.dataset[rows]
+
+
+def test_alignment_report(corpus_files, tmp_path):
+    dm = _corpus(corpus_files, cache_dir=tmp_path)
+    report = dm.alignment_report
+    assert list(report["file"]) == [str(f) for f in corpus_files]
+    assert list(report["n_genes"]) == [25, 27, 20, 20]
+    assert list(report["n_matched"]) == [25, 25, 20, 20]
+    assert list(report["n_cells"]) == [300, 200, 400, 150]
+    assert list(report["spatial"]) == [False, False, True, False]
+    assert dm.n_obs == 1050 and dm.n_vars == 40
+    assert dm.batch_names == [
+        "f0.h5ad/s1",
+        "f0.h5ad/s2",
+        "f1.h5ad/a",
+        "f2.h5ad/slide",
+        "f3.h5ad/b",
+    ]
+    # tissues: chunks of at most 64 cells per sample; spatial patches of at most 64
+    sizes = np.bincount(dm.tissue_codes)
+    assert sizes.max() <= 64 and report["n_tissues"].sum() == len(sizes)
+    assert report["n_tissues"][0] == 3 + 2  # ceil(180/64) + ceil(120/64)
+
+
+def test_counts_land_in_vocabulary_columns(corpus_files, tmp_path):
+    dm = _corpus(corpus_files, cache_dir=tmp_path, validation_size=0.5)
+    seen = np.zeros(dm.n_obs, dtype=bool)
+    for split in ("train", "validation"):
+        sampler = dm.sampler(split)
+        sampler.shuffle = False  # whole tissues, no cap
+        for rows in sampler:
+            batch = dm.dataset[rows]
+            rows = batch["ind_x"].view(-1).numpy()
+            k = int(np.searchsorted(dm.offsets, rows[0], side="right") - 1)
+            local = rows - dm.offsets[k]
+            x = batch["X"]
+            assert x.layout == torch.sparse_csr and x.shape == (len(rows), 40)
+            expected = _expected_vocab_counts(corpus_files[k], KWARGS["gene_key"][k], local)
+            np.testing.assert_array_equal(x.to_dense().numpy(), expected)
+            measured = batch["measured"].numpy()
+            np.testing.assert_array_equal(measured, expected.any(0) | dm.files[k].measured)
+            assert (expected[:, ~measured] == 0).all()
+            assert (batch["batch"].view(-1).numpy() == dm.batch_codes[rows]).all()
+            assert (dm.file_of_batch[batch["batch"].view(-1).numpy()] == k).all()
+            assert len(np.unique(batch["tissue"].numpy())) == 1
+            coords = batch["spatial"].numpy()
+            assert np.isfinite(coords).all() == (k == 2) and np.isnan(coords).all() == (k != 2)
+            seen[rows] = True
+    assert seen.all()
+
+
+def test_measured_masks(corpus_files, tmp_path):
+    dm = _corpus(corpus_files, cache_dir=tmp_path)
+    in_file = [set(range(25)), set(range(10, 35)), set(range(20, 40)), set(range(0, 40, 2))]
+    for k, genes in enumerate(in_file):
+        assert set(np.flatnonzero(dm.files[k].measured)) == genes
+    assert dm.measured_genes.shape == (dm.n_batch, 40)
+    for b, k in enumerate(dm.file_of_batch):
+        assert set(np.flatnonzero(dm.measured_genes[b])) == in_file[k]
+
+
+def _digest(path: Path) -> tuple[str, int]:
+    return hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns
+
+
+def test_tissue_cache_deterministic_and_outside_the_files(corpus_files):
+    before = [_digest(f) for f in corpus_files]
+    cache_dir = corpus_files[0].parent / ".cellplm_tissues"
+    first = _corpus(corpus_files)
+    assert cache_dir.is_dir() and len(list(cache_dir.glob("*.npz"))) == 4
+    second = _corpus(corpus_files)
+    assert not first.alignment_report["cached"].any() or second.alignment_report["cached"].all()
+    assert second.alignment_report["cached"].all()
+    np.testing.assert_array_equal(first.tissue_codes, second.tissue_codes)
+    assert [_digest(f) for f in corpus_files] == before  # the user's files are untouched
+    # a fresh computation (other cache folder) gives the same tissues
+    fresh = _corpus(corpus_files, cache_dir=corpus_files[0].parent / "other_cache")
+    assert not fresh.alignment_report["cached"].any()
+    np.testing.assert_array_equal(first.tissue_codes, fresh.tissue_codes)
+    # other settings are other cache entries
+    other = _corpus(corpus_files, max_cells=32)
+    assert not other.alignment_report["cached"].any()
+    assert np.bincount(other.tissue_codes).max() <= 32
+
+
+def test_split_by_whole_tissues_deterministic(corpus_files, tmp_path):
+    a, b = _corpus(corpus_files, cache_dir=tmp_path), _corpus(corpus_files, cache_dir=tmp_path)
+    np.testing.assert_array_equal(a.val_tissues, b.val_tissues)
+    np.testing.assert_array_equal(a.val_idx, b.val_idx)
+    train_tissues = set(a.tissue_codes[a.train_idx])
+    val_tissues = set(a.tissue_codes[a.val_idx])
+    assert not train_tissues & val_tissues
+    assert len(train_tissues | val_tissues) == a.tissue_codes.max() + 1
+    assert a.n_train + a.n_val == a.n_obs
+    n_tissues = a.tissue_codes.max() + 1
+    assert len(val_tissues) == round(0.2 * n_tissues)
+    c = _corpus(corpus_files, cache_dir=tmp_path, seed=1)
+    assert not np.array_equal(a.val_tissues, c.val_tissues)
+
+
+def _file_of(dm: TissueCorpus, rows) -> int:
+    return int(np.searchsorted(dm.offsets, rows[0], side="right") - 1)
+
+
+def test_shuffling_across_files_per_epoch(corpus_files, tmp_path):
+    dm = _corpus(corpus_files, cache_dir=tmp_path)
+    sampler = dm.sampler("train")
+    epoch0 = [sorted(rows) for rows in sampler]
+    files0 = [_file_of(dm, rows) for rows in epoch0]
+    for rows in epoch0:  # every step is one tissue of one file
+        assert len(set(dm.tissue_codes[rows])) == 1
+        assert _file_of(dm, rows) == _file_of(dm, [rows[-1]])
+    switches = sum(a != b for a, b in zip(files0, files0[1:]))
+    assert switches > len(set(files0))  # interleaved, not file after file
+    sampler.set_epoch(1)
+    epoch1 = [sorted(rows) for rows in sampler]
+    assert epoch1 != epoch0
+    assert sorted(map(tuple, epoch1)) == sorted(map(tuple, epoch0))  # same tissues
+    sampler.set_epoch(0)
+    assert [sorted(rows) for rows in sampler] == epoch0  # seeded
+
+
+def test_ddp_shards_are_disjoint(corpus_files, tmp_path):
+    dm = _corpus(corpus_files, cache_dir=tmp_path)
+    shards = [
+        [tuple(sorted(rows)) for rows in dm.sampler("train", num_replicas=2, rank=r)]
+        for r in (0, 1)
+    ]
+    assert len(shards[0]) == len(shards[1])
+    n_train_tissues = len(dm.train_tissues)
+    union = set(shards[0]) | set(shards[1])
+    assert len(union) == n_train_tissues
+    assert len(set(shards[0]) & set(shards[1])) <= 1  # at most world_size - 1 repeated
+
+
+def test_max_cells_per_step_and_node_drop(corpus_files, tmp_path):
+    dm = _corpus(corpus_files, cache_dir=tmp_path, max_cells_per_step=10, drop_node_rate=0.5)
+    sizes = [len(rows) for rows in dm.sampler("train")]
+    assert max(sizes) <= 10
+    val_sizes = [len(rows) for rows in dm.sampler("validation")]
+    assert sum(val_sizes) == dm.n_val  # validation: whole tissues
+
+
+def test_registry_matches_setup_anndata(corpus_files, tmp_path):
+    dm = _corpus(corpus_files, cache_dir=tmp_path)
+    registry = dm.registry
+    adata = ad.read_h5ad(corpus_files[2])
+    adata.obs["b"] = "x"
+    cp.CellPLM.setup_anndata(adata, batch_key="b", spatial_key="spatial")
+    real = cp.CellPLM(adata, n_hidden=16, n_layers=1, n_latent=4).adata_manager.registry
+    assert set(registry) <= set(real)
+    assert registry["setup_method_name"] == real["setup_method_name"] == "setup_anndata"
+    assert set(registry["setup_args"]) == set(real["setup_args"])
+    assert set(registry["field_registries"]) == set(real["field_registries"])
+    for key, field in registry["field_registries"].items():
+        assert set(field) == set(real["field_registries"][key])
+        assert set(field["state_registry"]) == set(real["field_registries"][key]["state_registry"])
+    stats = AnnDataManager._get_summary_stats_from_registry(registry)
+    assert stats.n_vars == 40 and stats.n_batch == 5 and stats.n_labels == 1
+    assert list(registry["field_registries"]["X"]["state_registry"]["column_names"]) == VOCAB
+    cats = registry["field_registries"]["batch"]["state_registry"]["categorical_mapping"]
+    assert list(cats) == dm.batch_names
+
+
+def test_one_epoch_through_the_module(corpus_files, tmp_path):
+    dm = _corpus(corpus_files, cache_dir=tmp_path, max_cells_per_step=48)
+    torch.manual_seed(0)
+    module = CellPLMModule(
+        n_vocab=dm.n_vars,
+        n_hidden=32,
+        n_layers=1,
+        n_latent=8,
+        use_spatial_pe=True,
+        measured_genes=dm.measured_genes,
+    )
+    optimizer = torch.optim.Adam(module.parameters(), lr=1e-3)
+    n_steps = 0
+    for tensors in dm.train_dataloader():
+        module.train()
+        _, _, losses = module(tensors)
+        assert torch.isfinite(losses.loss)
+        optimizer.zero_grad()
+        losses.loss.backward()
+        optimizer.step()
+        n_steps += 1
+    assert n_steps == len(dm.sampler("train"))
+    module.eval()
+    with torch.no_grad():
+        for tensors in dm.val_dataloader():
+            _, _, losses = module(tensors)
+            assert torch.isfinite(losses.loss)
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def _bad_setup(tmp_path, corpus_files, bad: Path, **kwargs):
+    files = [corpus_files[0], bad]
+    kwargs = {"batch_key": "sample", "cache_dir": tmp_path / "cache", **kwargs}
+    return TissueCorpus(files, vocabulary=VOCAB, **kwargs)
+
+
+def test_file_without_vocabulary_genes(corpus_files, tmp_path):
+    rng = np.random.default_rng(1)
+    obs = pd.DataFrame({"sample": ["a"] * 20})
+    bad = _write(tmp_path / "mouse.h5ad", sp.csr_matrix(_counts(rng, 20, 5)), list("vwxyz"), obs)
+    with pytest.raises(ValueError, match=r"mouse\.h5ad.*None of the 5 input genes"):
+        _bad_setup(tmp_path, corpus_files, bad)
+
+
+def test_non_count_file(corpus_files, tmp_path):
+    rng = np.random.default_rng(1)
+    x = np.log1p(_counts(rng, 30, 10) * 1.3)
+    obs = pd.DataFrame({"sample": ["a"] * 30})
+    bad = _write(tmp_path / "lognorm.h5ad", sp.csr_matrix(x), VOCAB[:10], obs)
+    with pytest.raises(ValueError, match=r"lognorm\.h5ad.*non-integer.*layer="):
+        _bad_setup(tmp_path, corpus_files, bad)
+    neg = _write(tmp_path / "neg.h5ad", -_counts(rng, 30, 10) - 1, VOCAB[:10], obs)
+    with pytest.raises(ValueError, match=r"neg\.h5ad.*negative"):
+        _bad_setup(tmp_path, corpus_files, neg)
+
+
+def test_missing_key_in_one_file(corpus_files, tmp_path):
+    rng = np.random.default_rng(1)
+    nokey = _write(tmp_path / "nokey.h5ad", sp.csr_matrix(_counts(rng, 20, 10)), VOCAB[:10])
+    with pytest.raises(KeyError, match=r"batch_key='sample'.*nokey\.h5ad.*per-file list"):
+        _bad_setup(tmp_path, corpus_files, nokey)
+    with pytest.raises(KeyError, match=r"spatial_key='spatial'.*f0\.h5ad.*None"):
+        _bad_setup(tmp_path, corpus_files, corpus_files[2], spatial_key="spatial")
+    with pytest.raises(KeyError, match=r"gene_key='symbol'.*f0\.h5ad"):
+        _bad_setup(tmp_path, corpus_files, corpus_files[1], gene_key="symbol")
+    with pytest.raises(KeyError, match=r"layer='counts'.*f0\.h5ad"):
+        _bad_setup(tmp_path, corpus_files, corpus_files[1], layer="counts")
+
+
+def test_unreadable_file(corpus_files, tmp_path):
+    broken = tmp_path / "broken.h5ad"
+    broken.write_bytes(b"not an hdf5 file at all")
+    with pytest.raises(ValueError, match=r"broken\.h5ad.*cannot be read as an \.h5ad"):
+        _bad_setup(tmp_path, corpus_files, broken)
+    with pytest.raises(ValueError, match=r"missing\.h5ad.*cannot be read"):
+        _bad_setup(tmp_path, corpus_files, tmp_path / "missing.h5ad")
+    with pytest.raises(ValueError, match="per file"):
+        TissueCorpus(corpus_files, vocabulary=VOCAB, gene_key=[None, "symbol"])
+
+
+# ---------------------------------------------------------------------------- memory
+
+_RSS_SCRIPT = textwrap.dedent(
+    """
+    import json, resource, sys
+    from cellplm_scvi.data import TissueCorpus
+    files, vocab = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    dm = TissueCorpus(files, vocabulary=vocab, max_cells=500, validation_size=0.0,
+                      cache_dir=sys.argv[3])
+    n = 0
+    for batch in dm.train_dataloader():
+        n += batch["X"].shape[0]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"cells": n, "before_kb": before, "peak_kb": peak}))
+    """
+)
+
+
+@pytest.mark.slow
+def test_rss_bounded_by_tissues_not_corpus(tmp_path):
+    """Peak RSS grows far less than the corpus between a 1-file and a 4-file corpus."""
+    rng = np.random.default_rng(0)
+    n_cells, n_genes, nnz_per_cell = 50_000, 2_000, 200
+    files = []
+    for k in range(4):
+        indptr = np.arange(0, (n_cells + 1) * nnz_per_cell, nnz_per_cell, dtype=np.int64)
+        indices = np.sort(
+            rng.integers(0, n_genes, (n_cells, nnz_per_cell), dtype=np.int32), axis=1
+        ).ravel()
+        data = rng.integers(1, 20, n_cells * nnz_per_cell).astype(np.float32)
+        x = sp.csr_matrix((data, indices, indptr), shape=(n_cells, n_genes))
+        x.sum_duplicates()
+        files.append(
+            _write(tmp_path / f"big{k}.h5ad", x, official_config()["gene_list"][:n_genes])
+        )
+    vocab = official_config()["gene_list"][:n_genes]
+    stored_bytes = 8 * n_cells * nnz_per_cell  # float32 data + int32 indices of one file
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+    def peak_kb(paths) -> int:
+        args = [json.dumps([str(p) for p in paths]), json.dumps(vocab), str(tmp_path / "c")]
+        run = subprocess.run(
+            [sys.executable, "-c", _RSS_SCRIPT, *args], capture_output=True, text=True, env=env
+        )
+        assert run.returncode == 0, run.stderr
+        result = json.loads(run.stdout.strip().splitlines()[-1])
+        assert result["cells"] == n_cells * len(paths)
+        return result["peak_kb"]
+
+    one, four = peak_kb(files[:1]), peak_kb(files)
+    growth = (four - one) * 1024
+    print(f"peak RSS 1 file {one / 1024:.0f} MB, 4 files {four / 1024:.0f} MB")
+    assert growth < 1024**3
+    assert growth < 0.5 * 3 * stored_bytes  # far less than the three extra files' counts
