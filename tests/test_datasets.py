@@ -202,3 +202,21 @@ def test_simulate_rejects_bad_arguments(
 ) -> None:
     with pytest.raises(error, match=match):
         simulate_tissue(cells, n_cells=100, **kwargs)
+
+
+@pytest.mark.parametrize("latent", ["vae", "gmvae"])
+def test_random_official_checkpoint_loads_strictly_in_the_official_package(tmp_path, latent):
+    """The random release has exactly the official keys (no training counters of ours)."""
+    import json
+
+    import torch
+    from CellPLM.model import OmicsFormer
+
+    from cellplm_scvi.datasets import random_official_checkpoint
+
+    config_path, ckpt_path = random_official_checkpoint(
+        tmp_path / latent, latent=latent, n_hidden=32, n_layers=1, n_latent=8
+    )
+    official = OmicsFormer(**json.loads(config_path.read_text()))
+    state = torch.load(ckpt_path, weights_only=True)["model_state_dict"]
+    official.load_state_dict(state, strict=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .._checkpoint import DEAD_KEYS, model_kwargs
+from .._checkpoint import model_kwargs, official_state_dict
 from .._genes import official_config
 from ..module import CellPLMModule
 
@@ -57,9 +57,7 @@ def random_official_checkpoint(
     kwargs.pop("use_batch_covariate")
     torch.manual_seed(seed)
     module = CellPLMModule(n_vocab=len(vocabulary), **kwargs)
-    state = module.state_dict()
-    for key in DEAD_KEYS:  # the official file also holds an unused GroupNorm
-        state[key] = torch.ones(n_hidden) if key.endswith("weight") else torch.zeros(n_hidden)
+    state = official_state_dict(module)  # official names, the unused GroupNorm, no counters
     config_path, ckpt_path = Path(f"{prefix}.config.json"), Path(f"{prefix}.best.ckpt")
     config_path.parent.mkdir(parents=True, exist_ok=True)
     config_path.write_text(json.dumps(config))
