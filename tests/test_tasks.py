@@ -78,7 +78,7 @@ def _tissue_with_batch(model, adata, batch_name):
     code = list(model.adata_manager.get_state_registry(BATCH_KEY).categorical_mapping).index(
         batch_name
     )
-    _, _, loader = model._tissue_loader(adata, None, None)
+    loader = model._make_data_loader(model._validate_anndata(adata))
     for tensors in loader:
         if (tensors[BATCH_KEY].view(-1) == code).all():
             return tensors
@@ -205,7 +205,7 @@ def _inference(model, tensors):
 def test_unknown_cells_not_in_cross_entropy(labelled):
     adata, model, _, _ = labelled
     module = model.module
-    _, _, loader = model._tissue_loader(adata, None, None)
+    loader = model._make_data_loader(model._validate_anndata(adata))
     tensors = next(iter(loader))
     inf = _inference(model, tensors)
     labels = tensors[LABELS_KEY].view(-1).long()
@@ -247,7 +247,7 @@ def test_unknown_cells_not_in_cross_entropy(labelled):
 def test_unknown_cell_gets_no_gradient(labelled):
     adata, model, _, _ = labelled
     module = model.module
-    _, _, loader = model._tissue_loader(adata, None, None)
+    loader = model._make_data_loader(model._validate_anndata(adata))
     tensors = next(iter(loader))
     inf = _inference(model, tensors)
     logits = inf["logits"].clone().requires_grad_(True)
@@ -263,6 +263,7 @@ def test_train_after_inference_uses_training_mode(pbmc):
     adata = pbmc.copy()
     cp.CellPLM.setup_anndata(adata, layer="counts", max_cells=350)
     model = cp.CellPLM(adata, **TINY)
+    model.is_trained_ = True  # random weights suffice; scvi-tools refuses untrained models
     model.get_latent_representation()
     seen = []
     loss = model.module.loss

@@ -237,7 +237,8 @@ class TissueContextMixin:
         scvi-tools' :meth:`~scvi.model.base.RNASeqMixin.get_normalized_expression`. With
         ``n_samples=1`` CellPLM decodes the posterior mean (its official read-out); with
         ``n_samples > 1`` it averages (or returns) posterior samples. Genes outside the model
-        vocabulary cannot be decoded: the default ``gene_list`` is the decoded genes.
+        vocabulary cannot be decoded: the default ``gene_list`` is the decoded genes; columns
+        come in the order of ``gene_list``.
 
         Parameters
         ----------
@@ -274,14 +275,15 @@ class TissueContextMixin:
             adata, emitted, gene_list=gene_list, batch_size=batch_size, return_numpy=True,
             data_loader_kwargs=data_loader_kwargs, **kwargs,
         )  # fmt: skip
+        columns = adata.var_names[adata.var_names.isin(gene_list)]  # scvi-tools: var order
+        order = columns.get_indexer(gene_list)  # -> the order of gene_list
         if n_samples_overall is not None:
-            return out  # draws from all cells: no cell axis
-        out = out[:, back] if out.ndim == 3 else out[back]
+            return out[..., order]  # draws from all cells: no cell axis
+        out = (out[:, back] if out.ndim == 3 else out[back])[..., order]
         if return_numpy or out.ndim == 3:
             return out
         names = adata.obs_names[_as_indices(indices, adata.n_obs)]
-        columns = adata.var_names[adata.var_names.isin(gene_list)]
-        return pd.DataFrame(out, index=names, columns=columns)
+        return pd.DataFrame(out, index=names, columns=pd.Index(gene_list))
 
     def _check_decoded(self, adata: AnnData, gene_list: Sequence[str] | None) -> list[str]:
         decoded = self._decoded_genes(adata)
