@@ -417,3 +417,11 @@ def test_rss_bounded_by_tissues_not_corpus(tmp_path):
     print(f"peak RSS: 1 file {one / 1024:.0f} MB, 4 files {four / 1024:.0f} MB")
     assert growth < 1024**3
     assert growth < 0.5 * 3 * stored_bytes  # far less than the three extra files' counts
+
+
+def test_dataloader_workers_open_their_own_files(corpus_files, tmp_path):
+    """With workers the dataset is pickled without h5py handles; every row still comes once."""
+    dm = _corpus(corpus_files, cache_dir=tmp_path, num_workers=2)
+    rows = [batch["ind_x"].view(-1) for batch in dm.val_dataloader()]
+    np.testing.assert_array_equal(np.sort(torch.cat(rows).numpy()), dm.val_idx)
+    assert dm.dataset._handles == {}  # the main process opened nothing
