@@ -19,3 +19,4 @@ LATENT_QZM_KEY = _SCVI_KEYS.LATENT_QZM_KEY  # minified data: cached posterior me
 LATENT_QZV_KEY = _SCVI_KEYS.LATENT_QZV_KEY  # minified data: cached posterior variance
 OBSERVED_LIB_SIZE_KEY = _SCVI_KEYS.OBSERVED_LIB_SIZE  # minified data: cached library size
 REQUESTED_KEY = "requested"  # inference: which rows of a whole tissue the caller asked for
+MEASURED_KEY = "measured"  # corpus minibatches: the genes their file measured, (G,) bool

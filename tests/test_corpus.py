@@ -425,3 +425,44 @@ def test_dataloader_workers_open_their_own_files(corpus_files, tmp_path):
     rows = [batch["ind_x"].view(-1) for batch in dm.val_dataloader()]
     np.testing.assert_array_equal(np.sort(torch.cat(rows).numpy()), dm.val_idx)
     assert dm.dataset._handles == {}  # the main process opened nothing
+
+
+# ------------------------------------------------------------------ training a CellPLM
+
+
+def test_cellplm_from_the_registry_trains_on_the_corpus(corpus_files, tmp_path):
+    """``CellPLM(adata=None, registry=dm.registry)`` + ``train(datamodule=dm)``: the loss of
+    each minibatch uses its file's measured genes; the trained model exports to the official
+    format and embeds a new AnnData through ``load_official``."""
+    dm = _corpus(corpus_files, spatial_key=[None, None, "spatial", None], cache_dir=tmp_path)
+    model = cp.CellPLM(
+        adata=None, registry=dm.registry, n_hidden=32, n_layers=1, n_heads=4, n_latent=8,
+        spatial_pe=False,
+    )  # fmt: skip
+    assert model.module.n_vocab == len(VOCAB) and model.module.measured_genes is None
+    seen, seen_full = [], []
+    measured_weights = model.module.measured_weights
+
+    def spy(tensors):
+        out = measured_weights(tensors)
+        file_mask = tensors["measured"].bool()
+        seen.append(out is not None and bool((out == file_mask).all()))
+        seen_full.append(bool(file_mask.all()))
+        return out
+
+    model.module.measured_weights = spy
+    model.train(datamodule=dm, max_epochs=2, accelerator="cpu", enable_progress_bar=False)
+    loss = model.history["train_loss"].to_numpy(dtype=float).ravel()
+    assert len(loss) == 2 and np.isfinite(loss).all()
+    assert seen and all(seen)  # every cell's loss uses its file's measured genes
+    assert not all(seen_full)  # panels: some files did not measure every gene
+    with pytest.raises(ValueError, match="save_official"):
+        model.get_latent_representation(ad.read_h5ad(corpus_files[0]))
+    z_val = model.get_latent_representation(dataloader=dm.val_dataloader())
+    assert z_val.shape[1] == 8 and np.isfinite(z_val).all()
+    model.save_official(tmp_path / "pretrained")
+    new = ad.read_h5ad(corpus_files[0])
+    cp.CellPLM.setup_anndata(new)
+    again = cp.CellPLM.load_official(tmp_path / "pretrained", new)
+    z = again.get_latent_representation()
+    assert z.shape == (new.n_obs, 8) and np.isfinite(z).all()

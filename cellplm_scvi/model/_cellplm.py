@@ -133,12 +133,12 @@ class CellPLM(TissueContextMixin, RNASeqMixin, VAEMixin, BaseMinifiedModeModelCl
         dae: bool = True,
         vocabulary: Sequence[str] | None = None,
         gene_key: str | None = None,
+        registry: dict | None = None,
         **module_kwargs,
     ):
-        super().__init__(adata)
-        if self.adata.n_obs == 0:
-            raise ValueError("adata has no cells.")
-        has_coords = SPATIAL_KEY in self.adata_manager.data_registry
+        super().__init__(adata, registry)
+        fields = self.registry_["field_registries"]
+        has_coords = SPATIAL_KEY in fields
         spatial_pe = has_coords if spatial_pe is None else spatial_pe
         if spatial_pe and not has_coords:
             raise ValueError(
@@ -146,19 +146,28 @@ class CellPLM(TissueContextMixin, RNASeqMixin, VAEMixin, BaseMinifiedModeModelCl
             )
         if vocabulary is not None:
             vocabulary = list(vocabulary)
-        gene_index = self._gene_index(self.adata, vocabulary, gene_key)
+        if adata is None:  # a data module's registry (e.g. TissueCorpus): vocabulary columns
+            columns = [str(g) for g in fields[X_KEY]["state_registry"]["column_names"]]
+            if vocabulary is not None and vocabulary != columns:
+                raise ValueError("vocabulary must equal the registry's genes (its X columns).")
+            vocabulary, gene_index, n_input = columns, None, len(columns)
+        else:
+            if self.adata.n_obs == 0:
+                raise ValueError("adata has no cells.")
+            gene_index = self._gene_index(self.adata, vocabulary, gene_key)
+            n_input = self.adata.n_vars
         n_batch = self.summary_stats.n_batch
         covariates = self._categorical_covariates()
         derived = {  # from the registered data; explicit module_kwargs win
             "decoder_covariates": {"batch": n_batch} if n_batch > 1 else {},
             "n_labels": len(self._label_names()),
-            "measured_genes": self._measured_genes(self.adata),
+            "measured_genes": None if adata is None else self._measured_genes(self.adata),
         }
         if covariates:
             derived["decoder_covariates"].update(covariates)
             derived["categorical_covariates"] = tuple(covariates)
         self.module = self._module_cls(
-            n_vocab=self.adata.n_vars if vocabulary is None else len(vocabulary),
+            n_vocab=n_input if vocabulary is None else len(vocabulary),
             gene_index=gene_index,
             n_hidden=n_hidden,
             n_layers=n_layers,
@@ -202,19 +211,20 @@ class CellPLM(TissueContextMixin, RNASeqMixin, VAEMixin, BaseMinifiedModeModelCl
 
     def _label_names(self) -> list[str]:
         """Class names of the registered labels (without the unlabeled category)."""
-        args = self.adata_manager.registry["setup_args"]
-        if args.get("labels_key") is None:
+        if self.registry_["setup_args"].get("labels_key") is None:
             return []
-        state = self.adata_manager.get_state_registry(LABELS_KEY)
-        return [c for c in state.categorical_mapping if c != state.unlabeled_category]
+        state = self.registry_["field_registries"][LABELS_KEY]["state_registry"]
+        unlabeled = state.get("unlabeled_category")
+        return [c for c in state["categorical_mapping"] if c != unlabeled]
 
     def _categorical_covariates(self) -> dict[str, int]:
         """Decoder table name -> levels, one per ``categorical_covariate_keys`` column."""
-        if CAT_COVS_KEY not in self.adata_manager.data_registry:
+        if CAT_COVS_KEY not in self.registry_["field_registries"]:
             return {}
-        state = self.adata_manager.get_state_registry(CAT_COVS_KEY)
+        state = self.registry_["field_registries"][CAT_COVS_KEY]["state_registry"]
         return {
-            f"cov_{key}".replace(".", "_"): len(state.mappings[key]) for key in state.field_keys
+            f"cov_{key}".replace(".", "_"): len(state["mappings"][key])
+            for key in state["field_keys"]
         }
 
     def _measured_genes(self, adata: AnnData) -> np.ndarray | None:
@@ -522,6 +532,13 @@ class CellPLM(TissueContextMixin, RNASeqMixin, VAEMixin, BaseMinifiedModeModelCl
 
     def _validate_anndata(self, adata: AnnData | None = None, copy_if_view: bool = True):
         """Check a new AnnData and add its tissue columns before scvi-tools transfers the setup."""
+        if self.adata is None:
+            raise ValueError(
+                "This model was built from a data module's registry (e.g. TissueCorpus) and has "
+                "no AnnData. Pass dataloader=datamodule.val_dataloader() to the inference "
+                "methods, or embed an AnnData through the official format: "
+                "model.save_official(prefix); CellPLM.load_official(prefix, adata)."
+            )
         if adata is not None and not adata.var_names.equals(self.adata.var_names):
             n_diff = (
                 (adata.var_names != self.adata.var_names).sum()

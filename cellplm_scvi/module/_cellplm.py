@@ -19,6 +19,7 @@ from .._constants import (
     LABELS_KEY,
     LATENT_QZM_KEY,
     LATENT_QZV_KEY,
+    MEASURED_KEY,
     OBSERVED_LIB_SIZE_KEY,
     REQUESTED_KEY,
     SIZE_FACTOR_KEY,
@@ -448,7 +449,17 @@ class CellPLMModule(BaseMinifiedModeModuleClass):
         return loss_mask.view(-1).bool()[_requested_rows(tensors)]
 
     def measured_weights(self, tensors: dict) -> torch.Tensor | None:
-        """(R, G_matched) bool: the genes each requested cell's batch measured, or ``None``."""
+        """(R, G_matched) bool: the genes each requested cell measured, or ``None``: the
+        minibatch's own ``"measured"`` mask ((G,) for all its cells, or (N, G); corpus files),
+        else the row of the cell's batch in ``measured_genes``."""
+        measured = tensors.get(MEASURED_KEY)
+        if measured is not None:
+            measured = measured.bool()
+            if measured.dim() == 1 or measured.shape[0] == 1:
+                n = tensors[X_KEY].shape[0]
+                measured = measured.view(1, -1).expand(n, -1)
+            rows = measured[_requested_rows(tensors)]
+            return rows if self.matched_columns is None else rows[:, self.matched_columns]
         if self.measured_genes is None:
             return None
         batch = tensors[BATCH_KEY].view(-1).long()[_requested_rows(tensors)]
