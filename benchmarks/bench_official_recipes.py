@@ -1,9 +1,26 @@
-"""Official CellTypeAnnotationPipeline vs our annotation recipe, side by side (issue 12).
+"""Official CellPLM pipelines vs our recipes, side by side (issue 12).
 
-Both fine-tune the same random small official checkpoint (written in the official format, the
+``--task annotation`` (default): ``CellTypeAnnotationPipeline`` vs ``annotation_recipe``. Both
+fine-tune the same random small official checkpoint (written in the official format, the
 genes of pbmc68k as Ensembl IDs) on the same data and split (pbmc68k_reduced, 60/20/20 per
-cell, stratified) for the same epochs, on the CPU, offline. Prints the test macro-F1 and the
-wall time of each side for every seed, and mean +- sd over seeds (the run-to-run noise).
+cell, stratified) for the same epochs, on the CPU, offline. Prints the test macro-F1.
+
+``--task imputation``: ``ImputationPipeline`` vs ``imputation_recipe``. A simulated panel: the
+700 real PBMCs (all genes) are the scRNA-seq reference, ``simulate_tissue`` cells are the
+spatial query, which measured a random panel of ``--n-panel`` genes (seeded); the other genes
+are hidden (zeros in the input, truth kept). Forward-pass groups are the same on both sides
+(official ``batch`` = our ``tissue``: spatial tissues of contiguous cells, random reference
+chunks); whole groups are train or valid (20%, seeded). Both fine-tune the same random
+official checkpoint (``random_official_checkpoint``, VAE latent) for the same epochs.
+Prints the per-gene Pearson (``bench_imputation.per_gene_scores``, the official
+``imputation_eval`` on log1p counts) over the hidden genes of the spatial cells: official
+``predict``, ours with ``library="all"`` (the official read-out) and ``library="measured"``
+(our default).
+
+Both print the wall time of each side for every seed, and mean +- sd over seeds (the
+run-to-run noise).
+
+    python benchmarks/bench_official_recipes.py --task imputation --seeds 3 --epochs 20
 """
 
 from __future__ import annotations
@@ -23,6 +40,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import parser, print_table, setup
 
 
+def ensembl_pbmc68k():
+    """pbmc68k counts in ``X``, the genes renamed to the Ensembl IDs of the official
+    vocabulary (genes outside it dropped)."""
+    import cellplm_scvi as cp
+    from cellplm_scvi._genes import official_config, to_ensembl
+
+    adata = cp.datasets.pbmc68k_counts()
+    adata.X = adata.layers["counts"].copy()
+    ensembl = np.asarray(to_ensembl(adata.var_names), dtype=object)
+    vocabulary = set(official_config()["gene_list"])
+    keep = np.array([g in vocabulary for g in ensembl])
+    adata = adata[:, keep].copy()
+    adata.var_names = list(ensembl[keep])
+    adata.var_names_make_unique()
+    return adata
+
+
+def print_summary(title: str, rows: list[dict], columns: list[str]) -> None:
+    """The per-seed rows, then their mean and sd (ddof=1) per column."""
+    summary = {"seed": "mean"} | {c: float(np.mean([r[c] for r in rows])) for c in columns}
+    spread = {"seed": "sd"} | {c: float(np.std([r[c] for r in rows], ddof=1)) for c in columns}
+    print_table(title, [*rows, summary, spread], ["seed", *columns])
+
+
 def small_config(genes: list[str], n_hidden: int) -> dict:
     return {
         "gene_list": genes, "enc_mod": "flowformer", "enc_hid": n_hidden, "enc_layers": 2,
@@ -33,13 +74,7 @@ def small_config(genes: list[str], n_hidden: int) -> dict:
     }  # fmt: skip
 
 
-def main() -> None:
-    p = parser(__doc__.splitlines()[0], epochs=20)
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--n-hidden", type=int, default=64)
-    args = p.parse_args()
-    setup(args)
-
+def annotation(args) -> None:
     import scvi
     from CellPLM.model import OmicsFormer
     from CellPLM.pipeline.cell_type_annotation import (
@@ -50,17 +85,9 @@ def main() -> None:
     from sklearn.model_selection import train_test_split
 
     import cellplm_scvi as cp
-    from cellplm_scvi._genes import official_config, to_ensembl
     from cellplm_scvi.model._official import ANNOTATION_OVERRIDES, annotation_recipe
 
-    adata = cp.datasets.pbmc68k_counts()
-    adata.X = adata.layers["counts"].copy()
-    ensembl = np.asarray(to_ensembl(adata.var_names), dtype=object)
-    vocabulary = set(official_config()["gene_list"])
-    keep = np.array([g in vocabulary for g in ensembl])
-    adata = adata[:, keep].copy()
-    adata.var_names = list(ensembl[keep])
-    adata.var_names_make_unique()
+    adata = ensembl_pbmc68k()
     genes = sorted(adata.var_names)
     truth = adata.obs["cell_type"].astype(str).to_numpy()
     types = sorted(set(truth))
@@ -135,14 +162,169 @@ def main() -> None:
         )
         print(rows[-1], flush=True)
 
-    columns = ["official F1", "ours F1", "official s", "ours s"]
-    summary = {"seed": "mean"} | {c: float(np.mean([r[c] for r in rows])) for c in columns}
-    spread = {"seed": "sd"} | {c: float(np.std([r[c] for r in rows], ddof=1)) for c in columns}
-    print_table(
+    print_summary(
         f"Annotation, pbmc68k test cells (20%), {args.epochs} epochs, random small checkpoint",
-        [*rows, summary, spread],
-        ["seed", *columns],
+        rows,
+        ["official F1", "ours F1", "official s", "ours s"],
     )
+
+
+def simulated_panel(args):
+    """Spatial query + scRNA-seq reference in one AnnData (hidden genes zeroed later).
+
+    Returns the joint AnnData (counts in ``X``; ``obs``: ``tech`` spatial/reference and
+    ``batch``, the forward-pass group) and the boolean mask of its spatial cells.
+    """
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+
+    import cellplm_scvi as cp
+    from cellplm_scvi.pp import assign_tissues, random_chunks
+
+    reference = ensembl_pbmc68k()
+    sim = cp.datasets.simulate_tissue(cells=reference, n_cells=args.n_cells, seed=args.seed)
+    assign_tissues(sim, spatial_key="spatial", library_key="slide", max_cells=args.max_cells)
+    chunks = random_chunks(np.zeros(reference.n_obs), args.max_cells, args.seed)
+    spatial = ad.AnnData(
+        X=sp.csr_matrix(sim.layers["counts"], dtype=np.float32),
+        obs=pd.DataFrame(
+            {"tech": "spatial", "batch": [f"sp{t}" for t in sim.obs["cellplm_tissue"]]},
+            index=sim.obs_names,
+        ),
+        var=pd.DataFrame(index=sim.var_names),
+    )
+    ref = ad.AnnData(
+        X=sp.csr_matrix(reference.X, dtype=np.float32),
+        obs=pd.DataFrame(
+            {"tech": "reference", "batch": [f"ref{c}" for c in chunks]},
+            index="ref_" + reference.obs_names,
+        ),
+        var=pd.DataFrame(index=reference.var_names),
+    )
+    joint = ad.concat([spatial, ref])
+    return joint, (joint.obs["tech"] == "spatial").to_numpy()
+
+
+def imputation(args) -> None:
+    import pandas as pd
+    import scipy.sparse as sp
+    import scvi
+    from bench_imputation import per_gene_scores
+    from CellPLM.pipeline.imputation import ImputationDefaultModelConfig, ImputationPipeline
+
+    import cellplm_scvi as cp
+    from cellplm_scvi.model import IMPUTATION_OVERRIDES, imputation_recipe
+
+    full, is_spatial = simulated_panel(args)
+    truth_all = full.X.toarray()  # cells x genes, counts
+    groups = np.asarray(sorted(full.obs["batch"].unique()))
+    print(
+        f"# data: {is_spatial.sum()} spatial + {(~is_spatial).sum()} reference cells x "
+        f"{full.n_vars} genes, {len(groups)} forward-pass groups; panel of {args.n_panel}"
+    )
+
+    rows = []
+    for seed in range(args.seed, args.seed + args.seeds):
+        rng = np.random.default_rng(seed)
+        measured = np.zeros(full.n_vars, dtype=bool)
+        measured[rng.choice(full.n_vars, args.n_panel, replace=False)] = True
+        targets = list(full.var_names[~measured])
+        observed = truth_all * np.where(is_spatial[:, None], measured[None, :], True)
+        adata = full.copy()
+        adata.X = sp.csr_matrix(observed.astype(np.float32))
+        valid_groups = rng.choice(groups, max(1, round(0.2 * len(groups))), replace=False)
+        adata.obs["split"] = np.where(adata.obs["batch"].isin(valid_groups), "valid", "train")
+        truth = truth_all[is_spatial][:, ~measured]  # spatial cells x hidden genes
+
+        directory = Path(tempfile.mkdtemp())
+        cp.datasets.random_official_checkpoint(
+            directory / "small", latent="vae", n_hidden=args.n_hidden, n_layers=1, n_latent=16,
+            seed=seed,
+        )  # fmt: skip
+
+        # official pipeline: `batch` = forward-pass group, measured genes per group
+        torch.manual_seed(seed)
+        t0 = time.perf_counter()
+        pipeline = ImputationPipeline("small", ImputationDefaultModelConfig, str(directory))
+        panel, all_genes = list(adata.var_names[measured]), list(adata.var_names)
+        batch_gene_list = {
+            g: panel if g.startswith("sp") else all_genes for g in adata.obs["batch"].unique()
+        }
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            pipeline.fit(
+                adata,
+                {"epochs": args.epochs},
+                split_field="split",
+                train_split="train",
+                valid_split="valid",
+                batch_gene_list=batch_gene_list,
+                ensembl_auto_conversion=False,
+                device="cpu",
+            )
+            pred = pipeline.predict(
+                adata, {"target_genes": targets}, ensembl_auto_conversion=False, device="cpu"
+            )  # all cells x targets, the order of adata
+        t_official = time.perf_counter() - t0
+        official = per_gene_scores(pred.numpy()[is_spatial], truth)["Pearson"]
+
+        # ours: the same checkpoint, data, groups, split and epochs
+        scvi.settings.seed = seed
+        t0 = time.perf_counter()
+        ours_data = adata.copy()
+        ours_data.varm["measured"] = pd.DataFrame(
+            {"spatial": measured, "reference": True}, index=ours_data.var_names
+        )
+        cp.CellPLM.setup_anndata(
+            ours_data, batch_key="tech", tissue_key="batch", measured_genes_key="measured"
+        )
+        model = cp.CellPLM.load_official(
+            str(directory / "small"), ours_data, **IMPUTATION_OVERRIDES
+        )
+        model.train(
+            **imputation_recipe(max_epochs=args.epochs, split_key="split"),
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        spatial_rows = np.flatnonzero(is_spatial)
+        read_outs = {
+            library: model.impute_genes(targets, indices=spatial_rows, library=library)
+            for library in ("all", "measured")
+        }
+        t_ours = time.perf_counter() - t0
+        ours = {k: per_gene_scores(v.to_numpy(), truth)["Pearson"] for k, v in read_outs.items()}
+        rows.append(
+            {
+                "seed": seed,
+                "official r": official,
+                'ours r ("all")': ours["all"],
+                'ours r ("measured")': ours["measured"],
+                '"all" - official': ours["all"] - official,
+                "official s": t_official,
+                "ours s": t_ours,
+            }
+        )
+        print(rows[-1], flush=True)
+
+    print_summary(
+        f"Imputation, hidden genes of the spatial cells (per-gene Pearson, log1p counts), "
+        f"{args.epochs} epochs, random small checkpoint",
+        rows,
+        [k for k in rows[0] if k != "seed"],
+    )
+
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0], epochs=20)
+    p.add_argument("--task", choices=("annotation", "imputation"), default="annotation")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--n-hidden", type=int, default=64)
+    p.add_argument("--n-cells", type=int, default=600, help="imputation: spatial cells")
+    p.add_argument("--n-panel", type=int, default=300, help="imputation: measured genes")
+    p.add_argument("--max-cells", type=int, default=300, help="imputation: cells per group")
+    args = p.parse_args()
+    setup(args)
+    annotation(args) if args.task == "annotation" else imputation(args)
 
 
 if __name__ == "__main__":
