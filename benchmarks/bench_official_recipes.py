@@ -6,8 +6,9 @@ genes of pbmc68k as Ensembl IDs) on the same data and split (pbmc68k_reduced, 60
 cell, stratified) for the same epochs, on the CPU, offline. Prints the test macro-F1.
 
 ``--task imputation``: ``ImputationPipeline`` vs ``imputation_recipe``. A simulated panel: the
-700 real PBMCs (all genes) are the scRNA-seq reference, ``simulate_tissue`` cells are the
-spatial query, which measured a random panel of ``--n-panel`` genes (seeded); the other genes
+700 real PBMCs (all genes) are the scRNA-seq reference, ``simulate_tissue`` cells (simulated
+once, from ``--seed``) are the spatial query, which measured a random panel of ``--n-panel``
+genes (drawn per row seed, like the split and the weights); the other genes
 are hidden (zeros in the input, truth kept). Forward-pass groups are the same on both sides
 (official ``batch`` = our ``tissue``: spatial tissues of contiguous cells, random reference
 chunks); whole groups are train or valid (20%, seeded). Both fine-tune the same random
@@ -20,7 +21,8 @@ Prints the per-gene Pearson (``bench_imputation.per_gene_scores``, the official
 Both print the wall time of each side for every seed, and mean +- sd over seeds (the
 run-to-run noise).
 
-    python benchmarks/bench_official_recipes.py --task imputation --seeds 3 --epochs 20
+    python benchmarks/bench_official_recipes.py --task imputation --seeds 5 --epochs 30 \
+        --threads 1 --rerun-official
 """
 
 from __future__ import annotations
