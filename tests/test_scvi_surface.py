@@ -106,9 +106,10 @@ def test_shuffled_indices_and_permuted_anndata(trained, name):
     call, rows = DETERMINISTIC[name]
     reference = call(model)
     shuffled = np.random.default_rng(2).permutation(adata.n_obs)[:250]
-    np.testing.assert_allclose(call(model, indices=shuffled), rows(reference, shuffled), atol=1e-4)
+    close = {"rtol": 1e-5, "atol": 1e-4}  # per-cell losses are ~1e3: float32 summation order
+    np.testing.assert_allclose(call(model, indices=shuffled), rows(reference, shuffled), **close)
     other, perm = _permuted(adata)
-    np.testing.assert_allclose(call(model, adata=other), rows(reference, perm), atol=1e-4)
+    np.testing.assert_allclose(call(model, adata=other), rows(reference, perm), **close)
 
 
 def test_dataframes_are_labelled_in_the_callers_order(trained):
