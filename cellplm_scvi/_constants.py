@@ -20,3 +20,4 @@ LATENT_QZV_KEY = _SCVI_KEYS.LATENT_QZV_KEY  # minified data: cached posterior va
 OBSERVED_LIB_SIZE_KEY = _SCVI_KEYS.OBSERVED_LIB_SIZE  # minified data: cached library size
 REQUESTED_KEY = "requested"  # inference: which rows of a whole tissue the caller asked for
 MEASURED_KEY = "measured"  # corpus minibatches: the genes their file measured, (G,) bool
+LOSS_MASK_KEY = "loss_mask"  # within-tissue split: (N,) bool, the rows that enter the loss

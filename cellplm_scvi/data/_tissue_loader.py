@@ -24,8 +24,7 @@ from lightning.pytorch import LightningDataModule
 from scvi import settings
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .._constants import REQUESTED_KEY, TISSUE_KEY, X_KEY
-from ..module._cellplm import LOSS_MASK_KEY
+from .._constants import LOSS_MASK_KEY, REQUESTED_KEY, TISSUE_KEY, X_KEY
 
 SPLIT_NAMES = {"train": 0, "validation": 1, "valid": 1, "test": 2}  # `split_key` values
 
@@ -47,6 +46,14 @@ def _to_csr_tensor(x) -> torch.Tensor:
             size=x.shape,
             check_invariants=False,
         )
+
+
+def whole_tissues(codes: np.ndarray, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(marked, rows)``: ``indices`` as an (n_obs,) bool mask, and every row of the tissues
+    (``codes``: tissue code per row) that hold one of them, sorted."""
+    marked = np.zeros(len(codes), dtype=bool)
+    marked[indices] = True
+    return marked, np.flatnonzero(np.isin(codes, np.unique(codes[indices])))
 
 
 class TissueDataset(Dataset):
@@ -220,9 +227,7 @@ class TissueDataLoader(DataLoader):
         requested = None
         self.requested_indices = indices  # the caller's order (context mode)
         if context:
-            requested = np.zeros(n_obs, dtype=bool)
-            requested[indices] = True
-            indices = np.flatnonzero(np.isin(all_codes, np.unique(all_codes[indices])))
+            requested, indices = whole_tissues(all_codes, indices)
         codes = all_codes[indices]
         num_replicas, rank = 1, 0
         if distributed_sampler and torch.distributed.is_initialized():
@@ -276,7 +281,8 @@ class TissueDataSplitter(LightningDataModule):
         pipelines' ``split_field``): cells of one tissue go to different splits; every loader
         reads its tissues whole and marks its own split's cells in a ``"loss_mask"``, so
         validation cells are in the training forward pass (as attention context) but not in
-        the training loss. Random cells per tissue count, seeded by ``scvi.settings.seed``.
+        the training loss. The cells are split by a random permutation seeded by
+        ``scvi.settings.seed``.
     split_key
         ``adata.obs`` column with the split of each cell (``"train"``, ``"validation"`` or
         ``"valid"``, ``"test"``); implies ``split_by="cells"`` and replaces the sizes.
@@ -368,9 +374,7 @@ class TissueDataSplitter(LightningDataModule):
             return None
         loss_rows = None
         if self.split_by == "cells":  # whole tissues; this split's cells enter the loss
-            loss_rows = np.zeros(len(self._codes), dtype=bool)
-            loss_rows[indices] = True
-            indices = np.flatnonzero(np.isin(self._codes, np.unique(self._codes[indices])))
+            loss_rows, indices = whole_tissues(self._codes, indices)
         return TissueDataLoader(
             self.adata_manager,
             indices=indices,

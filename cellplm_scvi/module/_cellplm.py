@@ -19,6 +19,7 @@ from .._constants import (
     LABELS_KEY,
     LATENT_QZM_KEY,
     LATENT_QZV_KEY,
+    LOSS_MASK_KEY,
     MEASURED_KEY,
     OBSERVED_LIB_SIZE_KEY,
     REQUESTED_KEY,
@@ -31,7 +32,6 @@ from ._loss import masked_nb_loss, nb_nll
 from ._masking import TissueMask, apply_mask, sample_mask
 
 OBJECTIVES = ("pretrain", "imputation", "annotation")
-LOSS_MASK_KEY = "loss_mask"  # (N,) bool per minibatch row: the rows that enter the loss
 
 
 class _PreLatentNorm(nn.Module):
