@@ -227,10 +227,15 @@ class CellPLMModule(BaseMinifiedModeModuleClass):
         batch = batch.view(-1).long()[rows] if batch is not None else None
         cat_covs = tensors.get(CAT_COVS_KEY)
         size_factor = tensors.get(SIZE_FACTOR_KEY)
-        return {
+        inputs = {
             "z": inference_outputs["z"],
             "batch_index": batch if self.use_batch_covariate else None,
             "cat_covs": None if cat_covs is None else cat_covs.long()[rows],
+        }
+        if self.training:  # the training loss reads the decoder's outputs, not `px`
+            return inputs
+        return {
+            **inputs,
             "library": self.library_counts(tensors),
             "measured": self.measured_weights(tensors),
             "size_factor": None if size_factor is None else size_factor.view(-1, 1)[rows],
@@ -312,9 +317,10 @@ class CellPLMModule(BaseMinifiedModeModuleClass):
     ) -> dict:
         """Decode ``z`` ((R, L) or (S, R, L)) to the NB of every input gene.
 
-        Returns ``px`` (:class:`scvi.distributions.NegativeBinomial` over the input columns:
-        ``scale`` sums to one over the decoded genes, ``mu = scale * library size``; genes
-        outside the vocabulary have ``mu = 0``), and the decoder's own ``px_mean``
+        Returns ``px`` (in evaluation: :class:`scvi.distributions.NegativeBinomial` over the
+        input columns, float32: ``scale`` sums to one over the decoded genes,
+        ``mu = scale * library size``; genes outside the vocabulary have ``mu = 0``; ``None``
+        in training, whose loss needs only the rest), and the decoder's own ``px_mean``
         (.., G_matched) and ``px_theta`` (G_matched,).
         """
         n_rows = z.shape[-2]
@@ -339,7 +345,9 @@ class CellPLMModule(BaseMinifiedModeModuleClass):
             mean = mean.view(n_samples, n_rows, -1)
         else:
             mean, theta = self.decoder(z, covariates or None, self.decoder_index)
-        px = self._px(mean.float(), theta.float(), library, measured, size_factor)  # float32
+        px = None  # training: the loss needs only the decoder's mean and dispersion
+        if not self.training:
+            px = self._px(mean.float(), theta.float(), library, measured, size_factor)
         return {
             "px": px,
             "px_mean": mean,
