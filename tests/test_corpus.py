@@ -460,6 +460,11 @@ def test_cellplm_from_the_registry_trains_on_the_corpus(corpus_files, tmp_path):
         model.get_latent_representation(ad.read_h5ad(corpus_files[0]))
     z_val = model.get_latent_representation(dataloader=dm.val_dataloader())
     assert z_val.shape[1] == 8 and np.isfinite(z_val).all()
+    model.save(tmp_path / "scvi_layout")  # no AnnData: genes come from the registry
+    saved = torch.load(tmp_path / "scvi_layout" / "model.pt", weights_only=True)
+    assert saved["var_names"] == list(VOCAB)
+    with pytest.raises(ValueError, match="no AnnData"):
+        model.save(tmp_path / "with_adata", save_anndata=True)
     model.save_official(tmp_path / "pretrained")
     new = ad.read_h5ad(corpus_files[0])
     cp.CellPLM.setup_anndata(new)

@@ -405,6 +405,15 @@ def test_hub_metadata_reads_a_saved_model(trained, tmp_path):
     assert isinstance(loaded, CellPLM)
 
 
+def test_save_refuses_options_it_would_ignore(trained, tmp_path):
+    model, _ = trained
+    with pytest.raises(ValueError, match="save_anndata=False"):
+        model.save(tmp_path / "m", legacy_mudata_format=True)
+    with pytest.raises(ValueError, match="save_anndata=False"):
+        model.save(tmp_path / "m", compression="gzip")
+    assert not (tmp_path / "m").exists()
+
+
 def test_interrupted_save_keeps_the_good_file(trained, tmp_path, monkeypatch):
     model, _ = trained
     model.save(tmp_path / "m")

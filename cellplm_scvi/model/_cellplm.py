@@ -703,6 +703,14 @@ class CellPLM(TissueContextMixin, RNASeqMixin, VAEMixin, BaseMinifiedModeModelCl
         **anndata_write_kwargs
             Passed to :meth:`anndata.AnnData.write_h5ad`.
         """
+        if anndata_write_kwargs and not save_anndata:
+            raise ValueError(
+                f"{sorted(anndata_write_kwargs)} would be passed to AnnData.write_h5ad, but "
+                "save_anndata=False (scvi-tools' legacy_mudata_format/datamodule options do not "
+                "apply to CellPLM)."
+            )
+        if save_anndata and self.adata is None:
+            raise ValueError("This model has no AnnData to save (built from a registry).")
         dir_path = Path(dir_path)
         if dir_path.exists() and not overwrite:
             raise ValueError(f"{dir_path} already exists; pass overwrite=True to replace it.")
@@ -716,7 +724,7 @@ class CellPLM(TissueContextMixin, RNASeqMixin, VAEMixin, BaseMinifiedModeModelCl
         write_model_file(
             dir_path / f"{prefix}model.pt",
             self.module.state_dict(),
-            self.adata.var_names,
+            self.registry_["field_registries"][X_KEY]["state_registry"]["column_names"],
             attributes,
             save_kwargs,
         )
