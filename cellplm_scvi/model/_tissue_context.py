@@ -198,7 +198,7 @@ class TissueContextMixin:
     def _per_cell(self, method, adata, indices, batch_size, dataloader, return_mean, **kwargs):
         """Run a per-cell metric in emission order; reorder when not averaged."""
         if dataloader is not None:
-            out, back = method(dataloader=dataloader, return_mean=return_mean, **kwargs), None
+            out = method(dataloader=dataloader, return_mean=return_mean, **kwargs)
             back = None if return_mean else self._loader_order(dataloader)
         else:
             adata, emitted, back = self._tissue_order(adata, indices, batch_size)
