@@ -1,0 +1,191 @@
+"""int8 CPU inference: Linear layers with int8 weights and dynamically quantized activations.
+
+On a CPU without bf16 the encoder's float32 matrix products are the whole cost of an
+embedding. ``Int8Linear`` runs them with fbgemm's ``quantized::linear_dynamic`` (the kernel
+behind ``torch.ao.quantization.quantize_dynamic``): weights int8, symmetric per output channel,
+quantized once; activations uint8, asymmetric per tensor, quantized on the fly at each call
+with a 7-bit range (``reduce_range``: the AVX2 kernel adds pairs of u8 x s8 products in int16,
+which a full 8-bit range can overflow); accumulation in int32, output float32.
+
+The module never touches the float weights: :func:`int8_copy` builds an inference-only copy
+whose ``nn.Linear`` children are replaced; every other submodule (LayerNorm, GELU, ...) is
+*shared* with the original, not copied. :class:`Int8InferenceMixin` caches that copy on a
+torch module and drops it whenever the float weights may change.
+
+torch 2.13 deprecates the quantized tensor API (``torch.quantize_per_channel`` and friends,
+pytorch/pytorch#184982). Its warning is raised once, when weights are quantized; it is
+silenced there, so users never see it. :func:`int8_unsupported` is the capability check: the
+int8 path refuses to run where the kernel is missing.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+INT8_ENGINES = ("x86", "fbgemm")  # torch's x86 CPU backends of quantized::linear_dynamic
+
+
+def int8_unsupported(device: torch.device | str = "cpu") -> str | None:
+    """Why int8 inference cannot run on ``device`` with this torch build, or ``None`` if it can."""
+    device = torch.device(device)
+    if device.type != "cpu":
+        return (
+            f"precision='int8' runs on the CPU only (the model is on {device}); on a GPU use "
+            "precision='bf16' or '16', or move the model with model.to_device('cpu')."
+        )
+    engines = [e for e in INT8_ENGINES if e in torch.backends.quantized.supported_engines]
+    if not engines:
+        return (
+            "precision='int8' needs torch's fbgemm/x86 quantized engine, which this torch build "
+            f"lacks (supported engines: {torch.backends.quantized.supported_engines}); use "
+            "precision='32'."
+        )
+    ops = torch.ops.quantized
+    if not all(hasattr(ops, name) for name in ("linear_prepack", "linear_dynamic")):
+        return (
+            f"torch {torch.__version__} has no quantized::linear_dynamic kernel any more; use "
+            "precision='32'."
+        )
+    return None
+
+
+@contextmanager
+def _quantized_engine() -> Iterator[None]:
+    """Pack weights for the x86/fbgemm engine (the packing decides which kernel runs)."""
+    previous = torch.backends.quantized.engine
+    if previous not in INT8_ENGINES:
+        engine = next(e for e in INT8_ENGINES if e in torch.backends.quantized.supported_engines)
+        torch.backends.quantized.engine = engine
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", r".*quantiz.*deprecated", UserWarning)
+            yield
+    finally:
+        torch.backends.quantized.engine = previous
+
+
+class Int8Linear(nn.Module):
+    """Inference-only stand-in of an ``nn.Linear``: int8 weights, dynamic int8 activations.
+
+    Parameters
+    ----------
+    linear
+        The float layer; its weights are read, never modified.
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach().float()  # (out, in)
+        bias = None if linear.bias is None else linear.bias.detach().float()
+        scale = weight.abs().amax(1).clamp_min(1e-12) / 127.0  # (out,) symmetric per channel
+        zero = torch.zeros(self.out_features, dtype=torch.long)
+        with _quantized_engine():
+            qweight = torch.quantize_per_channel(weight, scale.double(), zero, 0, torch.qint8)
+            self._packed = torch.ops.quantized.linear_prepack(qweight, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in) -> (..., out), float32."""
+        rows = x.reshape(-1, self.in_features).float()
+        out = torch.ops.quantized.linear_dynamic(rows, self._packed, True)  # reduce_range
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+def int8_copy(module: nn.Module, keep: Callable[[str], bool] = lambda name: False) -> nn.Module:
+    """Inference copy of ``module`` with its ``nn.Linear`` layers as :class:`Int8Linear`.
+
+    Parameters
+    ----------
+    module
+        The float module (unchanged; the copy shares its non-Linear parameters and buffers).
+    keep
+        ``keep(name)`` -> True keeps the Linear of that qualified name (e.g.
+        ``"layers.3._ff_block.3"``) in float32 (also shared, not copied).
+    """
+    shared = {id(t): t for t in (*module.parameters(), *module.buffers())}  # deepcopy memo
+    clone = copy.deepcopy(module, memo=dict(shared))
+    for name, child in list(clone.named_modules()):
+        if isinstance(child, nn.Linear) and not keep(name):
+            parent, _, attr = name.rpartition(".")
+            setattr(clone.get_submodule(parent), attr, Int8Linear(child))
+    return clone.eval()  # requires_grad stays: the shared parameters are the original's
+
+
+class Int8InferenceMixin:
+    """int8 copies of a torch module's heavy submodules, for CPU inference.
+
+    Mix into an ``nn.Module`` (before it in the bases) and read the submodules named in
+    ``_int8_submodules`` through :meth:`inference_module` in the forward. Inside
+    :meth:`int8_inference` (evaluation mode), those reads return int8 copies (see
+    :func:`int8_copy`), built on first use and cached; outside it, or in training mode, they
+    return the float submodules. The cache is dropped by ``train()``, ``load_state_dict`` and
+    every ``to()``/``cpu()``/``float()`` (all of which go through ``_apply``), and rebuilt
+    when a float weight changed in place (its version counter) or moved (its storage).
+    """
+
+    _int8_submodules: tuple[str, ...] = ("encoder",)
+
+    @contextmanager
+    def int8_inference(self) -> Iterator[None]:
+        """Run the forward with the int8 copies (``ValueError`` where int8 cannot run)."""
+        reason = int8_unsupported(next(self.parameters()).device)
+        if reason is not None:
+            raise ValueError(reason)
+        previous = self.__dict__.get("_int8_active")
+        self.__dict__["_int8_active"] = self._int8_copies()
+        try:
+            yield
+        finally:
+            self.__dict__["_int8_active"] = previous
+
+    def inference_module(self, name: str) -> nn.Module:
+        """The submodule ``name``: its int8 copy inside :meth:`int8_inference`, else itself."""
+        active = self.__dict__.get("_int8_active")
+        if active is None or self.training or name not in active:
+            return getattr(self, name)
+        return active[name]
+
+    def _int8_fingerprint(self) -> tuple:
+        """Storage and version counter of every float tensor the copies were built from."""
+        tensors = [t for n in self._int8_submodules for t in getattr(self, n).parameters()]
+        return tuple((t.data_ptr(), t._version) for t in tensors)
+
+    def _int8_copies(self) -> dict[str, nn.Module]:
+        cache = self.__dict__.get("_int8_cache")
+        fingerprint = self._int8_fingerprint()
+        if cache is None or cache[0] != fingerprint:
+            copies = {n: int8_copy(getattr(self, n)) for n in self._int8_submodules}
+            cache = self.__dict__["_int8_cache"] = (fingerprint, copies)
+        return cache[1]
+
+    def drop_int8_cache(self) -> None:
+        """Free the int8 copies (the next int8 call quantizes again)."""
+        self.__dict__.pop("_int8_cache", None)
+
+    # ---------------------------------------------------- whatever may change the weights
+    def train(self, mode: bool = True):
+        if mode:
+            self.drop_int8_cache()
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        self.drop_int8_cache()
+        return super()._apply(fn, *args, **kwargs)
+
+    def load_state_dict(self, *args, **kwargs):
+        self.drop_int8_cache()
+        return super().load_state_dict(*args, **kwargs)
+
+    def __getstate__(self) -> dict:
+        """Pickles and deep copies leave the int8 copies out (they are rebuilt on use)."""
+        state = super().__getstate__()
+        return {k: v for k, v in state.items() if k not in ("_int8_cache", "_int8_active")}
