@@ -12,21 +12,30 @@ It
    (:func:`cellplm_scvi.pp.assign_tissues`), the sets of cells that attend to each other;
 3. trains :class:`~cellplm_scvi.CellPLM` for a few minutes on the CPU (or a GPU if there is one);
 4. stores the cell embedding in ``adata.obsm["X_cellplm"]``;
-5. scores how well a linear classifier recovers the cell type and the niche of every cell from
-   the CellPLM embedding, from PCA, and from PCA plus the mean PCA of 10 spatial neighbours;
-6. writes a figure (UMAP of the embedding, and the tissues of one slide), the AnnData and the
-   trained model into the output folder.
+5. scores how well a linear classifier recovers the cell type, the niche and the responder flag
+   of every cell from the CellPLM embedding, from PCA, and from PCA plus the mean PCA of 10
+   spatial neighbours, and how well a k-means clustering of each (k = number of niches) matches
+   the niches (adjusted Rand index);
+6. writes a figure (UMAP of the embedding; one slide's tissues, true niches and niche clusters
+   of CellPLM and of PCA + spatial), the AnnData and the trained model into the output folder.
+
+Its console shows only its own lines and the training progress bar: the start-up chatter of
+third-party libraries (docrep's docstring warnings, Lightning's hints and a torch deprecation
+inside Lightning) is filtered message by message; any other warning still shows.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import scanpy as sc
 import scvi
 import torch
@@ -34,8 +43,9 @@ from anndata import AnnData
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from scipy.spatial import cKDTree
+from sklearn.cluster import KMeans
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import f1_score
+from sklearn.metrics import adjusted_rand_score, f1_score
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -43,7 +53,7 @@ from sklearn.preprocessing import StandardScaler
 from . import datasets, pp
 from .model import CellPLM
 
-__all__ = ["linear_probe", "main", "run", "spatial_mean", "format_table"]
+__all__ = ["cluster", "format_table", "linear_probe", "main", "run", "spatial_mean"]
 
 # Defaults of the command line: the full run takes about 3 minutes on 2 CPU cores.
 N_CELLS = 4000
@@ -65,8 +75,44 @@ TISSUE_KEY = "cellplm_tissue"
 FIGURE_NAME = "quickstart.png"
 ADATA_NAME = "quickstart.h5ad"
 MODEL_NAME = "model"
+CLUSTER_KEY = "cellplm_niche_cluster"
+
+# Third-party chatter that is no news to a quickstart user, silenced message by message (any
+# other warning or log line still shows): filterwarnings arguments, and loggers whose INFO
+# lines are hints rather than results.
+_FOREIGN_WARNINGS = [
+    # docrep (squidpy's docstrings) reports its own docstring keys when squidpy is imported
+    {"category": SyntaxWarning, "module": r"docrep", "message": r".* is not a valid key!"},
+    # torch deprecates the LeafSpec that Lightning's pytree helper still builds
+    {"category": FutureWarning, "message": r"`isinstance\(treespec, LeafSpec\)` is deprecated"},
+    # Lightning: fewer minibatches than its logging interval (only with a small --n-cells)
+    {"category": UserWarning, "message": r"The number of training batches \(\d+\) is smaller"},
+]
+_FOREIGN_LOGGERS = [
+    "lightning.fabric.utilities.seed",  # "Seed set to 0"
+    "lightning.pytorch.utilities.rank_zero",  # "GPU available: ...", the litlogger tip
+    "scvi.data.fields._arraylike_field",  # "Generating sequential column names"
+]
 
 
+@contextmanager
+def _quiet_third_party() -> Iterator[None]:
+    """Silence :data:`_FOREIGN_WARNINGS` and the INFO lines of :data:`_FOREIGN_LOGGERS`."""
+    loggers = [logging.getLogger(name) for name in _FOREIGN_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        for kwargs in _FOREIGN_WARNINGS:
+            warnings.filterwarnings("ignore", **kwargs)
+        for logger in loggers:
+            logger.setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
+
+
+@_quiet_third_party()
 def run(
     out_dir: str | Path = "quickstart_out",
     n_cells: int = N_CELLS,
@@ -114,6 +160,10 @@ def run(
 
     - ``"cell_type_f1"``: macro-F1 of the linear probe predicting ``obs["cell_type"]``;
     - ``"niche_f1"``: macro-F1 of the linear probe predicting ``obs["niche"]``;
+    - ``"responder_f1"``: F1 of the linear probe predicting the responder cells
+      (``obs["responder"]``);
+    - ``"niche_ari"``: adjusted Rand index between the niches and a k-means clustering of the
+      representation (:func:`cluster`, k = number of niches);
     - ``"seconds"``: wall time to compute the representation (for CellPLM: setup, training
       and embedding).
 
@@ -170,6 +220,8 @@ def run(
     )
     model = CellPLM(adata, n_hidden=n_hidden, n_layers=n_layers, n_latent=n_latent)
     say(model)
+    gpu = accelerator != "cpu" and torch.cuda.is_available()
+    say(f"Training for {epochs} epochs on the {'GPU' if gpu else 'CPU'}:")
     torch.set_num_threads(n_threads)
     model.train(max_epochs=epochs, accelerator=accelerator, enable_progress_bar=verbose)
 
@@ -177,37 +229,49 @@ def run(
     adata.obsm[LATENT_KEY] = model.get_latent_representation()
     time_cellplm = time.perf_counter() - t0
 
-    # 5. linear probes
-    scores = {}
+    # 5. linear probes and niche clusters
+    n_niches = adata.obs["niche"].nunique()
+    scores, clusters = {}, {}
     for name, features, seconds in [
         ("CellPLM", adata.obsm[LATENT_KEY], time_cellplm),
         ("PCA", pca, time_pca),
         ("PCA + spatial", spatial, time_spatial),
     ]:
+        clusters[name] = cluster(features, n_niches, seed=seed)
         scores[name] = {
             "cell_type_f1": linear_probe(features, adata.obs["cell_type"], seed=seed),
             "niche_f1": linear_probe(features, adata.obs["niche"], seed=seed),
+            "responder_f1": linear_probe(
+                features, adata.obs["responder"], seed=seed, positive="True"
+            ),
+            "niche_ari": float(adjusted_rand_score(adata.obs["niche"], clusters[name])),
             "seconds": seconds,
         }
+    adata.obs[CLUSTER_KEY] = pd.Categorical(clusters["CellPLM"].astype(str))
 
     # 6. UMAP of the embedding, figure, AnnData and model
     sc.pp.neighbors(adata, use_rep=LATENT_KEY, random_state=seed)
     sc.tl.umap(adata, random_state=seed)
-    _plot(adata, out / FIGURE_NAME)
+    _plot(adata, clusters["CellPLM"], clusters["PCA + spatial"], out / FIGURE_NAME)
     adata.write_h5ad(out / ADATA_NAME)
     model.save(out / MODEL_NAME, overwrite=True)
 
     say("")
     say(format_table(scores))
-    say(f"\nTotal {time.perf_counter() - start:.0f} s. Wrote {out / FIGURE_NAME}, ")
-    say(f"{out / ADATA_NAME} (obsm[{LATENT_KEY!r}]) and {out / MODEL_NAME}/.")
+    say(f"\nTotal {time.perf_counter() - start:.0f} s. Wrote {out / FIGURE_NAME},")
+    say(f"{out / ADATA_NAME} (obsm[{LATENT_KEY!r}], obs[{CLUSTER_KEY!r}])")
+    say(f"and {out / MODEL_NAME}/.")
     return scores
 
 
 def linear_probe(
-    features: np.ndarray, labels: Sequence, seed: int = SEED, n_folds: int = N_FOLDS
+    features: np.ndarray,
+    labels: Sequence,
+    seed: int = SEED,
+    n_folds: int = N_FOLDS,
+    positive: str | None = None,
 ) -> float:
-    """Macro-F1 of a cross-validated linear classifier.
+    """Macro-F1 (or the F1 of one label) of a cross-validated linear classifier.
 
     Features are standardised and a multinomial logistic regression is fitted in each fold of
     a stratified ``n_folds``-fold split (shuffled with ``seed``). The F1 is computed on the
@@ -223,19 +287,50 @@ def linear_probe(
         Seed of the fold assignment.
     n_folds
         Number of folds.
+    positive
+        Score the F1 of this label alone (labels are compared as strings, e.g. ``"True"``)
+        instead of the macro-F1 over all labels. The classifier then weights the classes by
+        their inverse frequency (otherwise a rare label is hardly ever predicted).
 
     Returns
     -------
-    Macro-averaged F1 score in [0, 1].
+    F1 score in [0, 1].
     """
     labels = np.asarray(labels).astype(str)
-    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    weights = None if positive is None else "balanced"
+    probe = make_pipeline(
+        StandardScaler(), LogisticRegression(max_iter=2000, class_weight=weights)
+    )
     folds = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     with warnings.catch_warnings():
         # rare labels of tiny data sets have fewer members than folds
         warnings.filterwarnings("ignore", message="The least populated class")
         predicted = cross_val_predict(probe, np.asarray(features), labels, cv=folds)
-    return float(f1_score(labels, predicted, average="macro"))
+    if positive is None:
+        return float(f1_score(labels, predicted, average="macro"))
+    if positive not in labels:
+        raise ValueError(f"positive={positive!r} is not one of the labels {sorted(set(labels))}.")
+    return float(f1_score(labels, predicted, average="binary", pos_label=positive))
+
+
+def cluster(features: np.ndarray, n_clusters: int, seed: int = SEED) -> np.ndarray:
+    """k-means clusters of standardised features (e.g. as many as there are niches).
+
+    Parameters
+    ----------
+    features
+        (n_cells, n_features) representation.
+    n_clusters
+        Number of clusters.
+    seed
+        Seed of the k-means initialisations (10 of them, the best is kept).
+
+    Returns
+    -------
+    (n_cells,) integer cluster labels in ``[0, n_clusters)``.
+    """
+    x = StandardScaler().fit_transform(np.asarray(features, dtype=np.float64))
+    return KMeans(n_clusters=n_clusters, n_init=10, random_state=seed).fit_predict(x)
 
 
 def spatial_mean(
@@ -285,7 +380,8 @@ def format_table(scores: dict[str, dict[str, float]]) -> str:
     Parameters
     ----------
     scores
-        ``{representation: {"cell_type_f1": ..., "niche_f1": ..., "seconds": ...}}``.
+        ``{representation: {"cell_type_f1": ..., "niche_f1": ..., "responder_f1": ...,
+        "niche_ari": ..., "seconds": ...}}``.
 
     Returns
     -------
@@ -293,41 +389,68 @@ def format_table(scores: dict[str, dict[str, float]]) -> str:
     """
     width = max(len("representation"), *map(len, scores))
     lines = [
-        f"{'representation':<{width}}  cell-type F1  niche F1  time (s)",
-        f"{'-' * width}  ------------  --------  --------",
+        f"{'representation':<{width}}  cell-type F1  niche F1  responder F1  niche ARI  time (s)",
+        f"{'-' * width}  ------------  --------  ------------  ---------  --------",
     ]
     for name, row in scores.items():
         lines.append(
             f"{name:<{width}}  {row['cell_type_f1']:>12.3f}  {row['niche_f1']:>8.3f}  "
-            f"{row['seconds']:>8.1f}"
+            f"{row['responder_f1']:>12.3f}  {row['niche_ari']:>9.3f}  {row['seconds']:>8.1f}"
         )
-    lines.append(f"(linear probe, macro-F1, {N_FOLDS}-fold stratified CV)")
+    lines.append(
+        f"(F1: linear probe, {N_FOLDS}-fold stratified CV, macro-F1 for cell type and niche; "
+        "ARI: k-means with k = number of niches)"
+    )
     return "\n".join(lines)
 
 
-def _plot(adata: AnnData, path: Path) -> None:
-    """UMAP by cell type and by niche, and the tissues of the first slide."""
-    fig = Figure(figsize=(18, 5.2), layout="constrained")
+def _plot(
+    adata: AnnData, cellplm_clusters: np.ndarray, spatial_clusters: np.ndarray, path: Path
+) -> None:
+    """UMAP by cell type and niche; one slide's tissues, niches and niche clusters."""
+    fig = Figure(figsize=(18, 10.4), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 3)
-    for ax, key in zip(axes[:2], ["cell_type", "niche"]):
+    axes = fig.subplots(2, 3)
+    for ax, key in zip(axes[0, :2], ["cell_type", "niche"]):
         sc.pl.umap(adata, color=key, ax=ax, show=False, frameon=False, title=f"CellPLM: {key}")
     slide = adata.obs["slide"].cat.categories[0]
-    one = adata[adata.obs["slide"] == slide]
-    tissues = one.obs[TISSUE_KEY].cat.remove_unused_categories()
-    xy = one.obsm["spatial"]
-    colors = sc.pl.palettes.default_20
-    for i, tissue in enumerate(tissues.cat.categories):
-        sel = (tissues == tissue).to_numpy()
-        axes[2].scatter(
-            xy[sel, 0], xy[sel, 1], s=6, color=colors[i % len(colors)], label=tissue, lw=0
-        )
-    axes[2].set_aspect("equal")
-    axes[2].set_title(f"{slide}: tissues (assign_tissues)")
-    axes[2].set_xlabel("x (µm)")
-    axes[2].set_ylabel("y (µm)")
-    axes[2].legend(loc="center left", bbox_to_anchor=(1, 0.5), frameon=False, markerscale=2)
+    one = (adata.obs["slide"] == slide).to_numpy()
+    xy = adata.obsm["spatial"][one]
+    niche = adata.obs["niche"].to_numpy()[one]
+    _spatial(axes[0, 2], xy, adata.obs[TISSUE_KEY].to_numpy()[one], f"{slide}: tissues")
+    _spatial(axes[1, 0], xy, niche, f"{slide}: true niches")
+    for ax, clusters, name in [
+        (axes[1, 1], cellplm_clusters, "CellPLM"),
+        (axes[1, 2], spatial_clusters, "PCA + spatial"),
+    ]:
+        matched = _match_clusters(clusters[one], niche)
+        _spatial(ax, xy, matched, f"{slide}: k-means clusters of {name}")
     fig.savefig(path, dpi=110)
+
+
+def _spatial(ax, xy: np.ndarray, labels: np.ndarray, title: str) -> None:
+    """Scatter of the cells at their coordinates, one colour per label."""
+    colors = sc.pl.palettes.default_20
+    for i, label in enumerate(sorted(set(labels.astype(str)))):
+        sel = labels.astype(str) == label
+        ax.scatter(xy[sel, 0], xy[sel, 1], s=6, color=colors[i % len(colors)], label=label, lw=0)
+    ax.set_aspect("equal")
+    ax.set_title(title)
+    ax.set_xlabel("x (µm)")
+    ax.set_ylabel("y (µm)")
+    ax.legend(loc="center left", bbox_to_anchor=(1, 0.5), frameon=False, markerscale=2)
+
+
+def _match_clusters(clusters: np.ndarray, niches: np.ndarray) -> np.ndarray:
+    """Name each cluster after the niche it overlaps most (one-to-one), for matching colours."""
+    from scipy.optimize import linear_sum_assignment
+
+    names, niche_idx = np.unique(niches.astype(str), return_inverse=True)
+    overlap = np.zeros((clusters.max() + 1, names.size))
+    np.add.at(overlap, (clusters, niche_idx), 1)
+    rows, cols = linear_sum_assignment(-overlap)
+    label = {r: f"~{names[c]}" for r, c in zip(rows, cols)}
+    return np.array([label.get(c, f"cluster {c}") for c in clusters])
 
 
 def _silent(*args, **kwargs) -> None:
