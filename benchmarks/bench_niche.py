@@ -15,13 +15,29 @@ Representations:
 - the same model configuration with *random* tissues of the same sizes (the squidpy tissue
   labels permuted within each slide, passed as ``tissue_key``): the control for context;
 - CellPLM, squidpy tissues, ``spatial_pe=False`` (context only, as the official code);
-- PCA (50 PCs of log1p CP10k) and PCA + the mean PCA of the 10 nearest spatial neighbours.
+- PCA (50 PCs of log1p CP10k) and PCA + the mean PCA of the 10 nearest spatial neighbours;
+- peers (issue 14), on the same data and folds: CellCharter-style neighbour aggregation
+  (``cellcharter.gr.aggregate_neighbors``, 3 layers of a Delaunay graph with CellCharter's
+  long-link pruning) of PCA, of scVI (``scvi.model.SCVI``) and of the CellPLM embedding;
+  Novae trained from scratch on these slides (no pretrained weights); scVIVA
+  (``scvi.external.SCVIVA``, on the scVI embedding; it also reads the true cell-type labels,
+  which the others do not).
 
-    python benchmarks/bench_niche.py [--epochs 30] [--seed 0]
+Besides the probes, each representation is clustered by k-means with k = number of niches
+(standardised features, :func:`cellplm_scvi.quickstart.cluster`) and the clusters are compared
+with the niches (adjusted Rand index). Times are wall seconds to compute the representation
+(for an aggregation: its input's time plus the aggregation).
+
+A peer whose package is missing is skipped with a printed line; install them with
+``pip install -e ".[bench]"`` (``cellcharter``, ``novae``).
+
+    python benchmarks/bench_niche.py [--epochs 30] [--seed 0] [--skip-controls]
+        [--peers cellcharter novae scviva]
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 import time
 from pathlib import Path
@@ -45,6 +61,51 @@ def probe(x: np.ndarray, y: np.ndarray, scoring: str, seed: int) -> float:
     return float(cross_val_score(clf, x, y, cv=cv, scoring=scoring).mean())
 
 
+PEERS = ("cellcharter", "novae", "scviva")
+
+
+def optional(module: str, peer: str):
+    """``import module``, or ``None`` after printing why ``peer`` is skipped."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        print(f"# skipped {peer}: {err} (pip install -e '.[bench]')")
+        return None
+
+
+def niche_ari(x: np.ndarray, niche: np.ndarray, seed: int) -> float:
+    from sklearn.metrics import adjusted_rand_score
+
+    from cellplm_scvi.quickstart import cluster
+
+    return float(adjusted_rand_score(niche, cluster(x, len(set(niche)), seed=seed)))
+
+
+def spatial_graph(adata, library_key: str = "slide"):
+    """An AnnData with only the coordinates and a CellCharter graph: Delaunay per slide
+    (squidpy), long links removed (``cellcharter.gr.remove_long_links``)."""
+    import anndata as ad
+    import cellcharter as cc
+    import squidpy as sq
+
+    g = ad.AnnData(obs=adata.obs[[library_key]].copy(), obsm={"spatial": adata.obsm["spatial"]})
+    sq.gr.spatial_neighbors(g, library_key=library_key, coord_type="generic", delaunay=True)
+    cc.gr.remove_long_links(g)
+    return g
+
+
+def aggregate(g, x: np.ndarray, n_layers: int, library_key: str = "slide") -> np.ndarray:
+    """CellCharter features: ``x`` and its mean over the 1..``n_layers``-hop neighbours."""
+    import cellcharter as cc
+
+    g.obsm["features"] = np.asarray(x, dtype=np.float32)
+    return np.asarray(
+        cc.gr.aggregate_neighbors(
+            g, n_layers=n_layers, use_rep="features", sample_key=library_key, copy=True
+        )
+    )
+
+
 def neighbour_mean(x: np.ndarray, coords: np.ndarray, slides: np.ndarray, k: int) -> np.ndarray:
     """Mean of ``x`` over the ``k`` nearest spatial neighbours (same slide, self excluded)."""
     from scipy.spatial import cKDTree
@@ -66,6 +127,19 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--max-cells", type=int, default=500, help="cells per CellPLM tissue")
     p.add_argument("--skip-no-pe", action="store_true", help="skip the spatial_pe=False model")
+    p.add_argument(
+        "--skip-controls", action="store_true", help="skip the random-tissue and no-PE models"
+    )
+    p.add_argument(
+        "--peers",
+        nargs="*",
+        choices=PEERS,
+        default=list(PEERS),
+        help="peers to run (none: no peers, not even scVI)",
+    )
+    p.add_argument("--scvi-epochs", type=int, default=100, help="scVI and scVIVA epochs")
+    p.add_argument("--novae-epochs", type=int, default=10)
+    p.add_argument("--cellcharter-layers", type=int, default=3, help="hops aggregated")
     args = p.parse_args()
     setup(args)
 
@@ -100,22 +174,24 @@ def main() -> None:
 
     # --- CellPLM, squidpy tissues
     squidpy_tissues = {"library_key": "slide", "max_cells": args.max_cells}
-    a = cellplm(f"CellPLM squidpy tissues ({args.epochs} ep)", adata.copy(), squidpy_tissues)
+    cellplm_name = f"CellPLM squidpy tissues ({args.epochs} ep)"
+    a = cellplm(cellplm_name, adata.copy(), squidpy_tissues)
     tissues = a.obs["cellplm_tissue"].astype(str).to_numpy()
     sizes = np.bincount(np.unique(tissues, return_inverse=True)[1].ravel())
     print(f"# squidpy tissues: {len(sizes)}, sizes {sorted(sizes.tolist(), reverse=True)}")
 
     # --- CellPLM, random tissues of the same sizes (within each slide)
-    rng = np.random.default_rng(args.seed)
-    random_tissues = tissues.copy()
-    for s in np.unique(slides):
-        idx = np.flatnonzero(slides == s)
-        random_tissues[idx] = tissues[rng.permutation(idx)]
-    a = adata.copy()
-    a.obs["random_tissue"] = random_tissues
-    cellplm(f"CellPLM random tissues ({args.epochs} ep)", a, {"tissue_key": "random_tissue"})
+    if not args.skip_controls:
+        rng = np.random.default_rng(args.seed)
+        random_tissues = tissues.copy()
+        for s in np.unique(slides):
+            idx = np.flatnonzero(slides == s)
+            random_tissues[idx] = tissues[rng.permutation(idx)]
+        a = adata.copy()
+        a.obs["random_tissue"] = random_tissues
+        cellplm(f"CellPLM random tissues ({args.epochs} ep)", a, {"tissue_key": "random_tissue"})
 
-    if not args.skip_no_pe:
+    if not (args.skip_no_pe or args.skip_controls):
         name = f"CellPLM squidpy tissues, no spatial PE ({args.epochs} ep)"
         cellplm(name, adata.copy(), squidpy_tissues, spatial_pe=False)
 
@@ -129,6 +205,9 @@ def main() -> None:
         )
     times["PCA + mean of 10 spatial neighbours"] += times["PCA (50)"]
 
+    if args.peers:
+        peers(args, adata, reps, times, cellplm_name)
+
     rows = []
     for name, x in reps.items():
         rows.append(
@@ -138,6 +217,7 @@ def main() -> None:
                 "niche macro-F1": probe(x, niche, "f1_macro", args.seed),
                 "cell-type macro-F1": probe(x, cell_type, "f1_macro", args.seed),
                 "responder F1": probe(x, responder, "f1", args.seed),
+                "niche ARI": niche_ari(x, niche, args.seed),
                 "time (s)": f"{times[name]:.1f}",
             }
         )
@@ -150,14 +230,92 @@ def main() -> None:
             "niche macro-F1",
             "cell-type macro-F1",
             "responder F1",
+            "niche ARI",
             "time (s)",
         ],
+    )
+    print(
+        "(F1: linear probe, 5-fold CV; ARI: k-means of the standardised representation, "
+        f"k = {len(set(niche))} niches, seed {args.seed})"
     )
     print(
         f"\nCellPLM: n_hidden={args.n_hidden}, n_layers={args.n_layers}, n_latent=32, "
         f"lr={args.lr}, tissues of <= {args.max_cells} cells, unsupervised, train_size=1.0"
     )
+    if args.peers:
+        print(
+            f"Peers: scVI / scVIVA n_latent=10, {args.scvi_epochs} epochs; Novae default "
+            f"architecture, {args.novae_epochs} epochs; CellCharter {args.cellcharter_layers} "
+            "layers of a Delaunay graph (long links removed)"
+        )
     print(f"total wall time: {time.perf_counter() - t_start:.1f} s")
+
+
+def peers(args, adata, reps: dict, times: dict, cellplm_name: str) -> None:
+    """Add the peers' representations (and times) to ``reps`` (``times``); skip missing ones."""
+    import scanpy as sc
+    import scvi
+
+    n = args.cellcharter_layers
+    base = {"PCA": "PCA (50)", "CellPLM": cellplm_name}
+
+    # --- scVI (its embedding is also scVIVA's input)
+    with timer(times, "scVI"):
+        a = adata.copy()
+        scvi.settings.seed = args.seed
+        scvi.model.SCVI.setup_anndata(a, layer="counts", batch_key="slide")
+        model = scvi.model.SCVI(a, n_latent=10)
+        model.train(max_epochs=args.scvi_epochs, **QUIET_TRAIN)
+        reps["scVI"] = a.obsm["X_scVI"] = model.get_latent_representation()
+    base["scVI"] = "scVI"
+
+    # --- CellCharter aggregation of PCA, scVI and CellPLM
+    if "cellcharter" in args.peers and optional("cellcharter", "CellCharter") is not None:
+        t0 = time.perf_counter()
+        g = spatial_graph(adata)
+        t_graph = time.perf_counter() - t0
+        for short, name in base.items():
+            agg = f"CellCharter({short}), {n} layers"
+            with timer(times, agg):
+                reps[agg] = aggregate(g, reps[name], n)
+            times[agg] += t_graph + times[name]
+
+    # --- Novae from scratch (log1p CP10k in X, its own radius graph)
+    novae = optional("novae", "Novae") if "novae" in args.peers else None
+    if novae is not None:
+        with timer(times, f"Novae ({args.novae_epochs} ep)"):
+            b = adata.copy()
+            b.X = b.layers["counts"].copy()
+            sc.pp.normalize_total(b, target_sum=1e4)
+            sc.pp.log1p(b)
+            novae.spatial_neighbors(b, slide_key="slide", verbose=False)
+            model = novae.Novae(b)
+            model.fit(
+                b, max_epochs=args.novae_epochs, accelerator="cpu", num_workers=0, **QUIET_TRAIN
+            )
+            model.compute_representations(b, accelerator="cpu", num_workers=0)
+            reps[f"Novae ({args.novae_epochs} ep)"] = np.asarray(b.obsm["novae_latent"])
+
+    # --- scVIVA (scvi-tools' own niche model; reads the true cell types)
+    if "scviva" not in args.peers:
+        return
+    if not hasattr(scvi.external, "SCVIVA"):
+        print(f"# skipped scVIVA: not in scvi-tools {scvi.__version__}")
+        return
+    name = f"scVIVA ({args.scvi_epochs} ep, uses true cell types)"
+    with timer(times, name):
+        keys = {
+            "sample_key": "slide",
+            "labels_key": "cell_type",
+            "cell_coordinates_key": "spatial",
+            "expression_embedding_key": "X_scVI",
+        }
+        scvi.external.SCVIVA.preprocessing_anndata(a, k_nn=20, **keys)
+        scvi.external.SCVIVA.setup_anndata(a, layer="counts", batch_key="slide", **keys)
+        model = scvi.external.SCVIVA(a, n_latent=10)
+        model.train(max_epochs=args.scvi_epochs, **QUIET_TRAIN)
+        reps[name] = model.get_latent_representation()
+    times[name] += times["scVI"]
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "bench_gpu.py"
 
 
@@ -36,3 +38,43 @@ def test_gpu_benchmark_smoke_run_on_cpu():
     relative = float(bf16.rsplit("relative", 1)[1])
     assert 0 < relative < 5e-2  # autocast was on, and close to float32
     assert "finite: True" in out
+
+
+NICHE = Path(__file__).parents[1] / "benchmarks" / "bench_niche.py"
+
+
+@pytest.mark.slow
+def test_niche_benchmark_smoke_run_with_peers():
+    """bench_niche.py with tiny settings: every representation gets a row with scores in range,
+    and a peer whose package is missing is skipped with a printed line (never silently).
+    Novae is left out here (about 90 s for 400 cells on 2 cores)."""
+    import importlib.util
+
+    args = "--n-cells 300 --epochs 1 --n-hidden 16 --n-layers 1 --skip-controls --scvi-epochs 1"
+    proc = subprocess.run(
+        [sys.executable, str(NICHE), *args.split(), "--peers", "cellcharter", "scviva"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    rows = {
+        line.split(" | ")[0].strip("| "): line.split(" | ")[2:-1]
+        for line in out.splitlines()
+        if line.startswith("| ") and not line.startswith("| representation")
+    }
+    expected = ["CellPLM squidpy tissues (1 ep)", "PCA (50)", "scVI"]
+    expected += ["scVIVA (1 ep, uses true cell types)"]
+    if importlib.util.find_spec("cellcharter") is None:
+        assert "# skipped CellCharter" in out, out
+    else:
+        expected += [f"CellCharter({x}), 3 layers" for x in ("PCA", "CellPLM", "scVI")]
+    assert set(expected) <= set(rows), out
+    assert not any(name.startswith("Novae") for name in rows)
+    for name, (niche_f1, type_f1, responder_f1, ari) in rows.items():
+        assert all(0 <= float(v) <= 1 for v in (niche_f1, type_f1, responder_f1)), name
+        assert -1 <= float(ari) <= 1, name
+    # the aggregation sees the neighbours: it recovers the niches better than PCA alone
+    if "CellCharter(PCA), 3 layers" in rows:
+        assert float(rows["CellCharter(PCA), 3 layers"][0]) > float(rows["PCA (50)"][0])
