@@ -21,3 +21,4 @@ OBSERVED_LIB_SIZE_KEY = _SCVI_KEYS.OBSERVED_LIB_SIZE  # minified data: cached li
 REQUESTED_KEY = "requested"  # inference: which rows of a whole tissue the caller asked for
 MEASURED_KEY = "measured"  # corpus minibatches: the genes their file measured, (G,) bool
 LOSS_MASK_KEY = "loss_mask"  # within-tissue split: (N,) bool, the rows that enter the loss
+TISSUE_INDEX_KEY = "tissue_index"  # packed steps: (N,) long, the tissue of each row, 0..T-1

@@ -4,6 +4,7 @@ from ._decoder import NBDecoder, NBHead
 from ._embedder import CellEmbedder, Sinusoidal2dPE, sinusoidal_2d_table
 from ._flowformer import FlowAttention, FlowformerEncoder, FlowformerLayer
 from ._latent import GMVAELatent, LatentStack, VAELatent
+from ._segments import TissueSegments
 
 __all__ = [
     "CellEmbedder",
@@ -15,6 +16,7 @@ __all__ = [
     "NBDecoder",
     "NBHead",
     "Sinusoidal2dPE",
+    "TissueSegments",
     "VAELatent",
     "sinusoidal_2d_table",
 ]

@@ -4,12 +4,18 @@ Cells are tokens and a tissue is the sequence. Attention is non-causal Flow-Atte
 (Wu et al., 2022): sigmoid feature maps, flow conservation, softmax competition over cells and
 sigmoid allocation. Cost is O(cells x hidden^2) time and O(cells x hidden) memory; no
 cells x cells matrix is ever built. Attribute names follow the official CellPLM state dict.
+
+A packed minibatch (several tissues per step, :class:`~cellplm_scvi.nn.TissueSegments`) runs
+every reduction over cells per tissue, so attention never crosses tissues: each tissue's rows
+get exactly what a forward pass of that tissue alone would give.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from ._segments import TissueSegments
 
 
 class FlowAttention(nn.Module):
@@ -43,8 +49,8 @@ class FlowAttention(nn.Module):
         n, d = x.shape
         return x.view(n, self.n_heads, d // self.n_heads).transpose(0, 1)  # (H, N, dh)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, d) -> (N, d)."""
+    def forward(self, x: torch.Tensor, tissues: TissueSegments | None = None) -> torch.Tensor:
+        """(N, d) -> (N, d); with ``tissues``, each tissue's rows attend to that tissue only."""
         n, d = x.shape
         eps = self.eps
         q = torch.sigmoid(self._heads(self.query_projection(x)))  # (H, N, dh), non-negative
@@ -54,7 +60,11 @@ class FlowAttention(nn.Module):
         # this part (a few % of the layer's FLOPs) runs in float32 under autocast
         dtype = v.dtype
         with torch.autocast(x.device.type, enabled=False):
-            out = self._flow(q.float(), k.float(), v.float(), n, eps).to(dtype)
+            q, k, v = q.float(), k.float(), v.float()
+            if tissues is None:
+                out = self._flow(q, k, v, n, eps).to(dtype)
+            else:
+                out = tissues.unpad(self._packed_flow(q, k, v, tissues, eps)).to(dtype)
         out = out.transpose(0, 1).reshape(n, d)  # (N, d)
         return self.dropout(self.out_projection(out))
 
@@ -79,6 +89,33 @@ class FlowAttention(nn.Module):
         kv = torch.einsum("hnd,hnm->hdm", k, v * competition[..., None])  # (H, dh, dh)
         return torch.einsum("hnd,hdm->hnm", q * sink_in[..., None], kv) * allocation[..., None]
 
+    @staticmethod
+    def _packed_flow(q, k, v, tissues: TissueSegments, eps: float) -> torch.Tensor:
+        """:meth:`_flow` of each tissue: (H, N, dh) -> padded (H, T, n_max, dh).
+
+        The rows are laid out as (T, n_max) with zeros past each tissue's end (q = k = 0
+        there, and their flows are zeroed), so every sum over cells is a sum over one
+        tissue's cells; the softmax competition runs over one tissue's sources (pads at
+        -inf) and is scaled by that tissue's size.
+        """
+        q, k, v = tissues.pad(q), tissues.pad(k), tissues.pad(v)  # (H, T, n, dh)
+        valid = tissues.valid()  # (T, n)
+        sink_in = 1.0 / torch.einsum("htnd,htd->htn", q + eps, k.sum(2) + eps) * valid
+        source_out = 1.0 / torch.einsum("htnd,htd->htn", k + eps, q.sum(2) + eps) * valid
+        conserved_sink = torch.einsum(
+            "htnd,htd->htn", q + eps, (k * source_out[..., None]).sum(2) + eps
+        )
+        conserved_source = torch.einsum(
+            "htnd,htd->htn", k + eps, (q * sink_in[..., None]).sum(2) + eps
+        )
+        conserved_source = conserved_source.clamp(-1.0, 1.0).masked_fill(~valid, -torch.inf)
+        allocation = torch.sigmoid(conserved_sink)
+        n = tissues.counts.to(q.dtype)[:, None]  # (T, 1)
+        competition = torch.softmax(conserved_source, dim=-1) * n  # (H, T, n), 0 at pads
+
+        kv = torch.einsum("htnd,htnm->htdm", k, v * competition[..., None])  # (H, T, dh, dh)
+        return torch.einsum("htnd,htdm->htnm", q * sink_in[..., None], kv) * allocation[..., None]
+
 
 class FlowformerLayer(nn.Module):
     """Pre-LayerNorm transformer block with Flow-Attention and a GELU feed-forward (x2)."""
@@ -97,9 +134,9 @@ class FlowformerLayer(nn.Module):
             nn.Dropout(dropout),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, tissues: TissueSegments | None = None) -> torch.Tensor:
         """(N, d) -> (N, d)."""
-        x = x + self.dropout1(self.self_attn(self.norm1(x)))
+        x = x + self.dropout1(self.self_attn(self.norm1(x), tissues))
         return x + self._ff_block(self.norm2(x))
 
 
@@ -112,8 +149,9 @@ class FlowformerEncoder(nn.Module):
             FlowformerLayer(n_hidden, n_heads, dropout) for _ in range(n_layers)
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, d) -> (N, d): every cell attends to every other cell of the tissue."""
+    def forward(self, x: torch.Tensor, tissues: TissueSegments | None = None) -> torch.Tensor:
+        """(N, d) -> (N, d): every cell attends to every other cell of its tissue (one tissue,
+        or each of the packed ``tissues``)."""
         for layer in self.layers:
-            x = layer(x)
+            x = layer(x, tissues)
         return x

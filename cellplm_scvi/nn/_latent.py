@@ -13,6 +13,11 @@ Free-bits floors (``lamda``) follow the official code exactly: a term below its 
 because DDP without ``find_unused_parameters`` requires every parameter to take part in every
 backward pass; :meth:`GMVAELatent.drop_floored_gradients`, called after the gradient
 all-reduce, then turns the exactly-zero gradients back into ``None``.
+
+A packed minibatch (several tissues per step, ``tissues=`` a
+:class:`~cellplm_scvi.nn.TissueSegments`) gets the mean over its tissues of each tissue's loss,
+every tissue with its own floors: the loss and gradients of the tissues run one by one and
+averaged.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ._segments import TissueSegments
 
 
 def _log_normal(x: torch.Tensor, mu: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
@@ -54,8 +61,15 @@ def _free_bits(value: torch.Tensor, floor: float) -> torch.Tensor:
     The constant has no autograd graph, so the parameters reached only through ``value`` get no
     gradient (as the official Python float). Under torch.distributed it is ``floor + 0 * value``
     (same loss, zero gradients) so that every parameter takes part in the backward pass.
+
+    ``value`` may hold one term per tissue (packed step, (T,)): each is floored on its own, and
+    only when all are floored does the result lose its graph.
     """
-    if bool(value > floor):  # one host sync per term, as the official Python comparison
+    if value.dim():  # (T,): the floored tissues add the constant and no gradient
+        above = value > floor
+        if bool(above.any()):  # one host sync per term
+            return torch.where(above, value, torch.full_like(value, floor).detach())
+    elif bool(value > floor):  # one host sync per term, as the official Python comparison
         return value
     if torch.is_grad_enabled() and value.requires_grad and _keep_floored_terms_connected():
         return value * 0.0 + floor
@@ -157,8 +171,11 @@ class GMVAELatent(nn.Module):
             for p in params:
                 p.grad = None
 
-    def forward(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Return ``z``, ``qz_m``, ``qz_v``, ``y_probs``, per-cell ``kl`` and scalar ``loss``."""
+    def forward(
+        self, h: torch.Tensor, tissues: TissueSegments | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Return ``z``, ``qz_m``, ``qz_v``, ``y_probs``, per-cell ``kl`` and scalar ``loss``
+        (with packed ``tissues``: the mean of the per-tissue losses)."""
         logits = self.cluster_logits(h)
         probs = logits.softmax(-1)
         if self.training:
@@ -175,8 +192,12 @@ class GMVAELatent(nn.Module):
             z = qz_m
             kl_gauss = _expected_gaussian_kl(qz_m, qz_v, pz_m, pz_v)  # (N,)
         kl_cat = (probs * F.log_softmax(logits, -1)).sum(-1) + math.log(self.n_clusters)  # (N,)
-        loss = self.w_li * _free_bits(kl_gauss.mean(), self.lamda)
-        loss = loss + self.w_en * _free_bits(kl_cat.mean(), self.lamda)
+        if tissues is None:
+            loss = self.w_li * _free_bits(kl_gauss.mean(), self.lamda)
+            loss = loss + self.w_en * _free_bits(kl_cat.mean(), self.lamda)
+        else:  # per-tissue means, floors and losses (T,), then their mean
+            loss = self.w_li * _free_bits(tissues.mean(kl_gauss), self.lamda)
+            loss = (loss + self.w_en * _free_bits(tissues.mean(kl_cat), self.lamda)).mean()
         return {
             "z": z,
             "qz_m": qz_m,
@@ -252,19 +273,25 @@ class VAELatent(nn.Module):
             if prefix + name in missing:
                 missing.remove(prefix + name)
 
-    def forward(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Return ``z``, ``qz_m``, ``qz_v``, per-cell ``kl`` and the scalar ``loss``."""
+    def forward(
+        self, h: torch.Tensor, tissues: TissueSegments | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Return ``z``, ``qz_m``, ``qz_v``, per-cell ``kl`` and the scalar ``loss`` (with packed
+        ``tissues``: the mean of the per-tissue losses, one warm-up step for the whole pass)."""
         mu = self.hid_2mu(h)
         var = self.hid_2sigma(h).clamp(-5, 5).exp() + 1e-4
         kl = -0.5 * (1 + var.log() - mu.pow(2) - var).sum(-1)  # (N,)
         if not self.training:
             return {"z": mu, "qz_m": mu, "qz_v": var, "kl": kl, "loss": kl.new_zeros(())}
         z = mu + var.sqrt() * torch.randn_like(mu)
-        weighted = kl.mean() * self.kl_weight().to(kl.dtype)
+        kl_mean = kl.mean() if tissues is None else tissues.mean(kl)  # () or (T,)
+        weighted = kl_mean * self.kl_weight().to(kl.dtype)
         # below the floor the term is 0; its parameters also feed z, so a zero gradient here
         # is the official "no gradient" and needs no host sync
         loss = torch.where(weighted < self.lamda, torch.zeros_like(weighted), weighted)
-        self.kl_step_count += 1
+        if tissues is not None:
+            loss = loss.mean()
+        self.kl_step_count += 1  # once per training forward pass (one optimizer step)
         return {"z": z, "qz_m": mu, "qz_v": var, "kl": kl, "loss": loss}
 
 
@@ -275,6 +302,8 @@ class LatentStack(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList([nn.Identity(), layer])
 
-    def forward(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
-        """(N, d) -> dict of latent outputs (see the layer)."""
-        return self.layers[1](h)
+    def forward(
+        self, h: torch.Tensor, tissues: TissueSegments | None = None
+    ) -> dict[str, torch.Tensor]:
+        """(N, d) -> dict of latent outputs (see the layer); ``tissues``: a packed step."""
+        return self.layers[1](h) if tissues is None else self.layers[1](h, tissues)
