@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import random
 from collections.abc import Sequence
 from typing import Literal
 
+import numpy as np
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
 from scvi.train import TrainingPlan
@@ -15,6 +17,20 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from .._constants import LABELS_KEY
 from ..nn import GMVAELatent
+
+CHECKPOINT_KEY = "cellplm_training_plan"  # what this plan adds to a Lightning checkpoint
+
+
+def _numpy_rng_state() -> tuple:
+    """NumPy's legacy global generator state as tensors and numbers: Lightning (torch >= 2.6)
+    reads checkpoints with ``weights_only=True``, which refuses numpy arrays."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()  # noqa: NPY002 (the global one)
+    return name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)
+
+
+def _set_numpy_rng_state(state: tuple) -> None:
+    name, keys, pos, has_gauss, gauss = state
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))  # noqa: NPY002
 
 
 class CellPLMTrainingPlan(TrainingPlan):
@@ -279,6 +295,52 @@ class CellPLMTrainingPlan(TrainingPlan):
         """Load the best validation epoch's state (``keep_best_state``)."""
         if self.best_state is not None:
             self.module.load_state_dict(self.best_state)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Lightning checkpoints (resume after a crash): besides the weights, buffers (the VAE
+        latent's KL warm-up counter ``kl_step_count``), optimiser, schedulers and loops that
+        Lightning saves, keep what it does not know: the official plateau scheduler, the best
+        validation state, and the random number generators (so that a resumed run draws the
+        masks and dropout of the uninterrupted one)."""
+        state = {
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "numpy": _numpy_rng_state(),
+                "python": random.getstate(),
+            },
+            "best": (self.best_state, self.best_epoch, self.best_score),
+            "epoch_losses": list(self._epoch_losses),
+        }
+        if getattr(self, "official_plateau", None) is not None:
+            state["official_plateau"] = self.official_plateau.state_dict()
+        checkpoint[CHECKPOINT_KEY] = state
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Restore what :meth:`on_save_checkpoint` added; the plateau scheduler and the random
+        generators in :meth:`on_train_start` (once the optimiser exists, and after Lightning
+        has set up the loaders, so nothing draws between the restore and the first step)."""
+        state = checkpoint.get(CHECKPOINT_KEY)
+        if state is None:
+            return
+        self.best_state, self.best_epoch, self.best_score = state["best"]
+        self._epoch_losses = list(state["epoch_losses"])
+        self._resume_state = state
+
+    def on_train_start(self):
+        """A resumed run: load the official plateau scheduler and the random generators."""
+        state, self._resume_state = getattr(self, "_resume_state", None), None
+        if state is None:
+            return
+        if state.get("official_plateau") and getattr(self, "official_plateau", None) is not None:
+            self.official_plateau.load_state_dict(state["official_plateau"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            if len(rng["cuda"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+        _set_numpy_rng_state(rng["numpy"])
+        random.setstate(rng["python"])
 
     def on_train_batch_start(self, batch, batch_idx):
         """Linear warm-up by hand when a plateau scheduler owns the learning rate."""
