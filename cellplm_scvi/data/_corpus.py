@@ -624,6 +624,7 @@ class TissueCorpus(LightningDataModule):
             "max_cells": self.max_cells,
             "unlabeled_category": "Unknown",
             "measured_genes_key": "_cellplm_measured" if not self.measured_genes.all() else None,
+            "gene_key": None,  # minibatches are in vocabulary columns already
         }
         return {
             "scvi_version": scvi.__version__,

@@ -1,11 +1,13 @@
-"""User-facing scvi-tools models and the official fine-tuning recipes."""
+"""User-facing scvi-tools models and the official fine-tuning and pretraining recipes."""
 
 from ._cellplm import CellPLM
 from ._official import (
     ANNOTATION_OVERRIDES,
     IMPUTATION_OVERRIDES,
+    PRETRAINING_CORPUS_KWARGS,
     annotation_recipe,
     imputation_recipe,
+    pretraining_recipe,
     select_official_hvgs,
 )
 from ._training_plan import CellPLMTrainingPlan
@@ -13,9 +15,11 @@ from ._training_plan import CellPLMTrainingPlan
 __all__ = [
     "ANNOTATION_OVERRIDES",
     "IMPUTATION_OVERRIDES",
+    "PRETRAINING_CORPUS_KWARGS",
     "CellPLM",
     "CellPLMTrainingPlan",
     "annotation_recipe",
     "imputation_recipe",
+    "pretraining_recipe",
     "select_official_hvgs",
 ]

@@ -46,7 +46,7 @@ from .._validation import check_counts, check_obs_key, check_spatial
 from ..data import TissueDataLoader, TissueDataSplitter
 from ..module import CellPLMModule
 from ..pp import assign_tissues
-from . import _query
+from . import _query, _registry_data
 from ._official import load_official
 from ._save_load import read_model_file, write_model_file
 from ._tissue_context import TissueContextMixin, _autocast
@@ -137,6 +137,7 @@ class CellPLM(TissueContextMixin, RNASeqMixin, VAEMixin, BaseMinifiedModeModelCl
         **module_kwargs,
     ):
         super().__init__(adata, registry)
+        self.registry_built_ = adata is None  # saved: `load` rebuilds it without an AnnData
         fields = self.registry_["field_registries"]
         has_coords = SPATIAL_KEY in fields
         spatial_pe = has_coords if spatial_pe is None else spatial_pe
@@ -154,6 +155,8 @@ class CellPLM(TissueContextMixin, RNASeqMixin, VAEMixin, BaseMinifiedModeModelCl
         else:
             if self.adata.n_obs == 0:
                 raise ValueError("adata has no cells.")
+            if gene_key is None:  # the column named at setup_anndata(gene_key=...)
+                gene_key = self.registry_["setup_args"].get("gene_key")
             gene_index = self._gene_index(self.adata, vocabulary, gene_key)
             n_input = self.adata.n_vars
         n_batch = self.summary_stats.n_batch
@@ -231,16 +234,17 @@ class CellPLM(TissueContextMixin, RNASeqMixin, VAEMixin, BaseMinifiedModeModelCl
         """(n_batch, n_genes) bool from ``adata.varm[measured_genes_key]`` and the genes
         :meth:`prepare_query_anndata` padded (unmeasured in this AnnData's batches), or
         ``None`` when every batch measured every gene."""
-        key = self.adata_manager.registry["setup_args"].get("measured_genes_key")
+        manager = self.get_anndata_manager(adata, required=True)
+        key = manager.registry["setup_args"].get("measured_genes_key")
         padded = _query.padded_genes(adata)
         if key is None and padded is None:
             return None
-        batches = list(self.adata_manager.get_state_registry(BATCH_KEY).categorical_mapping)
+        batches = list(manager.get_state_registry(BATCH_KEY).categorical_mapping)
         measured = np.ones((len(batches), adata.n_vars), dtype=bool)
         if key is not None:
             measured &= self._measured_table(adata, key, batches)
         if padded is not None:
-            codes = self.get_anndata_manager(adata, required=True).get_from_registry(BATCH_KEY)
+            codes = manager.get_from_registry(BATCH_KEY)
             present = np.unique(np.asarray(codes).reshape(-1))
             measured[np.ix_(present, padded)] = False
         return measured
@@ -378,6 +382,7 @@ class CellPLM(TissueContextMixin, RNASeqMixin, VAEMixin, BaseMinifiedModeModelCl
         max_cells: int | None = None,
         unlabeled_category: str = "Unknown",
         measured_genes_key: str | None = None,
+        gene_key: str | None = None,
         **kwargs,
     ) -> None:
         """%(summary)s.
@@ -425,6 +430,11 @@ class CellPLM(TissueContextMixin, RNASeqMixin, VAEMixin, BaseMinifiedModeModelCl
             categories) saying which genes each batch measured, e.g. a spatial panel next to an
             scRNA-seq reference. The loss then ignores unmeasured genes. Batches without a
             column measured every gene.
+        gene_key
+            ``adata.var`` column with the gene IDs or symbols (default: ``var_names``) that are
+            matched to a model vocabulary: by a model built from a registry (a
+            :class:`~cellplm_scvi.data.TissueCorpus`) reading this AnnData, and by default by
+            ``CellPLM(adata, vocabulary=...)`` and :meth:`load_official`.
         """
         setup_method_args = cls._get_setup_method_args(**locals())
         if adata.is_view:
@@ -460,6 +470,11 @@ class CellPLM(TissueContextMixin, RNASeqMixin, VAEMixin, BaseMinifiedModeModelCl
                 )
         if spatial_key is not None:
             check_spatial(adata, spatial_key)
+        if gene_key is not None and gene_key not in adata.var:
+            raise KeyError(
+                f"gene_key={gene_key!r} is not a column of adata.var "
+                f"(available: {list(adata.var.columns)})."
+            )
         if measured_genes_key is not None and measured_genes_key not in adata.varm:
             raise KeyError(
                 f"measured_genes_key={measured_genes_key!r} is not in adata.varm "
@@ -532,13 +547,8 @@ class CellPLM(TissueContextMixin, RNASeqMixin, VAEMixin, BaseMinifiedModeModelCl
 
     def _validate_anndata(self, adata: AnnData | None = None, copy_if_view: bool = True):
         """Check a new AnnData and add its tissue columns before scvi-tools transfers the setup."""
-        if self.adata is None:
-            raise ValueError(
-                "This model was built from a data module's registry (e.g. TissueCorpus) and has "
-                "no AnnData. Pass dataloader=datamodule.val_dataloader() to the inference "
-                "methods, or embed an AnnData through the official format: "
-                "model.save_official(prefix); CellPLM.load_official(prefix, adata)."
-            )
+        if self.adata is None:  # built from a registry: any AnnData set up with setup_anndata
+            return _registry_data.validate(self, adata)
         if adata is not None and not adata.var_names.equals(self.adata.var_names):
             n_diff = (
                 (adata.var_names != self.adata.var_names).sum()
@@ -747,6 +757,10 @@ class CellPLM(TissueContextMixin, RNASeqMixin, VAEMixin, BaseMinifiedModeModelCl
             Directory written by :meth:`save`.
         adata
             AnnData with the same genes as the training data (default: the saved AnnData).
+            A model built from a registry (e.g. trained on a
+            :class:`~cellplm_scvi.data.TissueCorpus`) loads without one and reads any AnnData
+            set up with :meth:`setup_anndata` (genes aligned to its vocabulary); a given
+            ``adata`` is checked.
         accelerator, device
             Where to put the model (Lightning-style, as in scvi-tools).
         prefix
@@ -766,27 +780,32 @@ class CellPLM(TissueContextMixin, RNASeqMixin, VAEMixin, BaseMinifiedModeModelCl
             raise ValueError(
                 f"{dir_path} holds a {registry.get('model_name')!r} model, not a {cls.__name__}."
             )
-        if adata is None:
-            adata_path = dir_path / f"{prefix}adata.h5ad"
-            if not adata_path.is_file():
-                raise ValueError(f"No saved AnnData in {dir_path}: pass `adata=`.")
-            import anndata
+        if attributes.get("registry_built_"):  # e.g. corpus-trained: reads any set-up AnnData
+            model = _initialize_model(cls, None, registry, attributes, None)
+        else:
+            if adata is None:
+                adata_path = dir_path / f"{prefix}adata.h5ad"
+                if not adata_path.is_file():
+                    raise ValueError(f"No saved AnnData in {dir_path}: pass `adata=`.")
+                import anndata
 
-            adata = anndata.read_h5ad(adata_path)
-        if list(adata.var_names) != list(var_names):
-            raise ValueError(
-                f"adata's genes differ from the saved model's ({adata.n_vars} vs "
-                f"{len(var_names)} genes, or another order): use adata[:, saved_var_names], or "
-                "CellPLM.prepare_query_anndata(adata, dir_path) to pad missing genes."
-            )
-        cls.setup_anndata(adata, source_registry=registry, **registry["setup_args"])
-        model = _initialize_model(cls, adata, registry, attributes, None)
+                adata = anndata.read_h5ad(adata_path)
+            if list(adata.var_names) != list(var_names):
+                raise ValueError(
+                    f"adata's genes differ from the saved model's ({adata.n_vars} vs "
+                    f"{len(var_names)} genes, or another order): use adata[:, saved_var_names], "
+                    "or CellPLM.prepare_query_anndata(adata, dir_path) to pad missing genes."
+                )
+            cls.setup_anndata(adata, source_registry=registry, **registry["setup_args"])
+            model = _initialize_model(cls, adata, registry, attributes, None)
         model.module.load_state_dict(state)
         _, _, torch_device = parse_device_args(
             accelerator, device, return_device="torch", validate_single_device=True
         )
         model.to_device(torch_device)
         model.module.eval()
+        if model.adata is None and adata is not None:  # check it is set up and aligns
+            model._validate_anndata(adata)
         return model
 
     # ------------------------------------------------------------------ training
@@ -918,7 +937,8 @@ class CellPLM(TissueContextMixin, RNASeqMixin, VAEMixin, BaseMinifiedModeModelCl
         if starts_history:
             self.is_trained_ = False
         try:
-            return runner()
+            with _registry_data.training_on(self, datamodule):  # a corpus: vocabulary columns
+                return runner()
         finally:
             self.is_trained_ = self.is_trained_ or starts_history
 
@@ -1101,6 +1121,10 @@ class CellPLM(TissueContextMixin, RNASeqMixin, VAEMixin, BaseMinifiedModeModelCl
         mini.obs[self._OBSERVED_LIB_SIZE_KEY] = library
         self._update_adata_and_manager_post_minification(mini, minified_data_type)
         self.module.minified_data_type = minified_data_type
+
+
+# a registry-built model (TissueCorpus) reads any AnnData set up with setup_anndata
+_registry_data.wrap_methods(CellPLM)
 
 
 def _is_minified(adata: AnnData) -> bool:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from anndata import AnnData
 
 from .. import _checkpoint
+from .._genes import official_config
 
 if TYPE_CHECKING:
     from ._cellplm import CellPLM
@@ -53,6 +54,8 @@ ANNOTATION_OVERRIDES = {
     "mask_cell_rate": 0.75,
     "mask_gene_rate": 0.25,
 }
+# `TissueCorpus` arguments of the official pretraining (config `max_batch_size`, `drop_node_rate`)
+PRETRAINING_CORPUS_KWARGS = {"max_cells_per_step": 4000, "drop_node_rate": 0.3}
 IMPUTATION_OVERRIDES = {
     "objective": "imputation",
     "mask_cell_rate": 0.95,
@@ -173,6 +176,34 @@ def imputation_recipe(
     }
     if split_key is not None:
         kwargs["datasplitter_kwargs"] = {"split_key": split_key}
+    return {**kwargs, **train_kwargs}
+
+
+def pretraining_recipe(config: str = "20230926_85M", **train_kwargs) -> dict[str, Any]:
+    """:meth:`CellPLM.train` arguments of the official pretraining, for (continued)
+    pretraining on a :class:`~cellplm_scvi.data.TissueCorpus`.
+
+    The optimiser settings of the official config (``lr`` 2e-4, ``wd`` 1e-8 for
+    ``"20230926_85M"``): AdamW at ``lr`` with weight decay ``weight_decay``. Pair it with a
+    corpus built with :data:`PRETRAINING_CORPUS_KWARGS` (the config's ``max_batch_size`` and
+    ``drop_node_rate``)::
+
+        dm = TissueCorpus(files, vocabulary="20230926_85M", **PRETRAINING_CORPUS_KWARGS)
+        model = CellPLM.load_official(prefix, adata)  # or CellPLM(adata=None, registry=...)
+        model.train(datamodule=dm, max_epochs=10, **pretraining_recipe())
+
+    Parameters
+    ----------
+    config
+        Name of a vendored official config (:func:`cellplm_scvi._genes.available_configs`).
+    **train_kwargs
+        Replace or add :meth:`CellPLM.train` arguments (e.g. ``max_epochs``; the official
+        pretraining ran the config's ``epochs``, 200, over its corpus).
+    """
+    settings = official_config(config)
+    kwargs = {"lr": settings["lr"], "plan_kwargs": {"weight_decay": settings["wd"]}}
+    if "plan_kwargs" in train_kwargs:  # merge: a caller's plan_kwargs add to the recipe's
+        kwargs["plan_kwargs"].update(train_kwargs.pop("plan_kwargs") or {})
     return {**kwargs, **train_kwargs}
 
 

@@ -1,0 +1,176 @@
+"""A model trained on a TissueCorpus reads new AnnDatas; continued pretraining of official files.
+
+A model built from ``TissueCorpus.registry`` has no AnnData: any AnnData set up with
+``CellPLM.setup_anndata`` is aligned to its vocabulary as ``load_official`` aligns one, and must
+embed the cells exactly as the corpus loader does (the same tissues: the corpus' tissue codes
+are passed as ``tissue_key``) and as the model exported to the official files does.
+"""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+import cellplm_scvi as cp
+from cellplm_scvi.data import TissueCorpus
+from cellplm_scvi.datasets import random_official_checkpoint
+from cellplm_scvi.model import PRETRAINING_CORPUS_KWARGS, pretraining_recipe
+from tests.test_corpus import KWARGS, _corpus, corpus_files  # noqa: F401 (fixture)
+
+ATOL = 1e-5
+QUIET = {"accelerator": "cpu", "enable_progress_bar": False, "enable_model_summary": False}
+GENE_KEYS = KWARGS["gene_key"]  # file 1 names its genes by symbol in var["symbol"]
+
+
+@pytest.fixture(scope="module")
+def trained(corpus_files, tmp_path_factory):  # noqa: F811
+    dm = _corpus(corpus_files, cache_dir=tmp_path_factory.mktemp("cache"), validation_size=0.5)
+    torch.manual_seed(0)
+    model = cp.CellPLM(
+        adata=None, registry=dm.registry, n_hidden=32, n_layers=1, n_heads=4, n_latent=8,
+        spatial_pe=False,
+    )  # fmt: skip
+    model.train(datamodule=dm, max_epochs=1, **QUIET)
+    return dm, model
+
+
+def _file_adata(dm: TissueCorpus, path, k: int) -> ad.AnnData:
+    """Corpus file ``k`` in memory, set up with the corpus' tissues of its cells."""
+    adata = ad.read_h5ad(path)
+    adata.obs["tissue"] = dm.tissue_codes[dm.offsets[k] : dm.offsets[k + 1]].astype(str)
+    cp.CellPLM.setup_anndata(adata, tissue_key="tissue", gene_key=GENE_KEYS[k])
+    return adata
+
+
+def _corpus_embedding(dm: TissueCorpus, model) -> tuple[np.ndarray, np.ndarray]:
+    """(global rows, embeddings) of the validation tissues through the corpus loader."""
+    z = model.get_latent_representation(dataloader=dm.val_dataloader())
+    rows = np.concatenate([b["ind_x"].view(-1).numpy() for b in dm.val_dataloader()])
+    return rows, z
+
+
+@pytest.mark.parametrize("k", [0, 1])  # Ensembl IDs; symbols (gene_key) plus unknown genes
+def test_new_adata_embeds_as_the_corpus_and_the_official_export(
+    trained, corpus_files, k, tmp_path
+):  # noqa: E501, F811
+    dm, model = trained
+    adata = _file_adata(dm, corpus_files[k], k)
+    z = model.get_latent_representation(adata)
+    assert z.shape == (adata.n_obs, 8)
+    rows, z_corpus = _corpus_embedding(dm, model)
+    in_file = (rows >= dm.offsets[k]) & (rows < dm.offsets[k + 1])
+    assert in_file.sum() > 20
+    np.testing.assert_allclose(z[rows[in_file] - dm.offsets[k]], z_corpus[in_file], atol=ATOL)
+    assert model.module.embed_index is None  # the corpus layout is restored after the call
+
+    model.save_official(tmp_path / "export")
+    official = cp.CellPLM.load_official(tmp_path / "export", _file_adata(dm, corpus_files[k], k))
+    np.testing.assert_allclose(official.get_latent_representation(), z, atol=ATOL)
+    expression = model.get_normalized_expression(adata, library_size="observed")
+    np.testing.assert_allclose(
+        expression.to_numpy(),
+        official.get_normalized_expression(library_size="observed").to_numpy(),
+        rtol=1e-5,
+    )
+    assert list(expression.columns) == list(official.matched_genes)
+
+
+def test_gene_order_and_unknown_genes_do_not_matter(trained, corpus_files):  # noqa: F811
+    dm, model = trained
+    adata = _file_adata(dm, corpus_files[0], 0)
+    z = model.get_latent_representation(adata)
+    rng = np.random.default_rng(3)
+    raw = ad.read_h5ad(corpus_files[0])
+    extra = ad.AnnData(sp.csr_matrix(rng.poisson(2.0, (raw.n_obs, 3)).astype(np.float32)))
+    extra.var_names, extra.obs_names = ["NOT_A_GENE", "ALSO_NOT", "XYZ123"], raw.obs_names
+    other = ad.concat([raw, extra], axis=1, merge="first")
+    other = other[:, rng.permutation(other.n_vars)].copy()
+    other.obs["tissue"] = adata.obs["tissue"].to_numpy()
+    cp.CellPLM.setup_anndata(other, tissue_key="tissue")
+    np.testing.assert_allclose(model.get_latent_representation(other), z, atol=ATOL)
+    x = model.get_normalized_expression(other)
+    assert set(x.columns) == set(raw.var_names)  # unknown genes are not decoded
+
+
+def test_unusable_adata_is_refused(trained, corpus_files):  # noqa: F811
+    _, model = trained
+    raw = ad.read_h5ad(corpus_files[0])
+    with pytest.raises(ValueError, match=r"not set up.*setup_anndata"):
+        model.get_latent_representation(raw)
+    unknown = raw.copy()
+    unknown.var_names = [f"UNKNOWN{i}" for i in range(raw.n_vars)]
+    cp.CellPLM.setup_anndata(unknown)
+    with pytest.raises(ValueError, match=r"cannot be read by this model.*None of the 25"):
+        model.get_latent_representation(unknown)
+    with pytest.raises(ValueError, match="no AnnData"):
+        model.get_latent_representation()
+    assert model.module.embed_index is None
+
+
+def test_other_methods_and_save_load(trained, corpus_files, tmp_path):  # noqa: F811
+    dm, model = trained
+    adata = _file_adata(dm, corpus_files[1], 1)
+    z = model.get_latent_representation(adata)
+    elbo = model.get_elbo(adata)
+    assert np.isfinite(float(elbo))
+    assert np.isfinite(model.get_reconstruction_error(adata)["reconstruction_loss"])
+    params = model.get_likelihood_parameters(adata)
+    assert params["mean"].shape == (adata.n_obs, adata.n_vars)
+    unknown = ~adata.var["symbol"].str.startswith("NOT_A_GENE").to_numpy()
+    assert (params["mean"][:, ~unknown] == 0).all() and (params["mean"][:, unknown] > 0).all()
+    assert model.get_latent_library_size(adata).shape == (adata.n_obs, 1)
+
+    model.save(tmp_path / "saved")
+    loaded = cp.CellPLM.load(tmp_path / "saved")
+    assert loaded.adata is None
+    np.testing.assert_allclose(loaded.get_latent_representation(adata), z, atol=1e-6)
+    np.testing.assert_allclose(float(loaded.get_elbo(adata)), float(elbo), rtol=1e-2)  # KL draw
+    again = cp.CellPLM.load(tmp_path / "saved", adata=adata)
+    np.testing.assert_allclose(again.get_latent_representation(adata), z, atol=1e-6)
+    unknown_adata = ad.read_h5ad(corpus_files[1])
+    cp.CellPLM.setup_anndata(unknown_adata)  # symbols live in var["symbol"]: nothing matches
+    with pytest.raises(ValueError, match="gene_key"):
+        cp.CellPLM.load(tmp_path / "saved", adata=unknown_adata)
+
+
+def test_continued_pretraining_of_an_official_checkpoint(corpus_files, tmp_path):  # noqa: F811
+    """``load_official`` then ``train(datamodule=corpus, **pretraining_recipe())``: the optimiser
+    runs at the official lr 2e-4 / weight decay 1e-8, and the result exports and reloads."""
+    recipe = pretraining_recipe()
+    assert recipe == {"lr": 2e-4, "plan_kwargs": {"weight_decay": 1e-8}}
+    prefix = tmp_path / "random_85M"
+    random_official_checkpoint(prefix, latent="gmvae", n_hidden=32, n_layers=1, n_latent=8)
+    kwargs = {**KWARGS, **PRETRAINING_CORPUS_KWARGS, "cache_dir": tmp_path / "cache"}
+    dm = TissueCorpus(corpus_files, vocabulary="20230926_85M", **kwargs)
+    adata = ad.read_h5ad(corpus_files[0])
+    cp.CellPLM.setup_anndata(adata)
+    model = cp.CellPLM.load_official(prefix, adata)
+    z_before = model.get_latent_representation()
+    model.train(datamodule=dm, max_epochs=1, max_steps=3, **recipe, **QUIET)
+    groups = model.trainer.optimizers[0].param_groups
+    assert {g["initial_lr"] for g in groups} == {2e-4}  # before the linear warm-up factor
+    assert {g["weight_decay"] for g in groups} == {1e-8}
+    assert type(model.trainer.optimizers[0]).__name__ == "AdamW"
+    assert model.trainer.global_step == 3
+    assert np.isfinite(model.history["train_loss"].to_numpy(dtype=float)).all()
+    z = model.get_latent_representation()  # the AnnData's own gene index is back
+    assert z.shape == z_before.shape and not np.allclose(z, z_before, atol=1e-4)
+    model.save_official(tmp_path / "continued")
+    new = ad.read_h5ad(corpus_files[0])
+    cp.CellPLM.setup_anndata(new)
+    again = cp.CellPLM.load_official(tmp_path / "continued", new)
+    np.testing.assert_allclose(again.get_latent_representation(), z, atol=ATOL)
+
+
+def test_corpus_vocabulary_must_be_the_models(corpus_files, tmp_path):  # noqa: F811
+    prefix = tmp_path / "random_85M"
+    random_official_checkpoint(prefix, n_hidden=16, n_layers=1, n_latent=4)
+    adata = ad.read_h5ad(corpus_files[0])
+    cp.CellPLM.setup_anndata(adata)
+    model = cp.CellPLM.load_official(prefix, adata)
+    dm = _corpus(corpus_files, cache_dir=tmp_path / "cache")  # 40-gene vocabulary
+    with pytest.raises(ValueError, match="vocabulary='20230926_85M'"):
+        model.train(datamodule=dm, max_steps=1, **QUIET)
