@@ -49,7 +49,7 @@ from ..pp import assign_tissues
 from . import _query, _registry_data
 from ._official import load_official
 from ._save_load import read_model_file, write_model_file
-from ._tissue_context import TissueContextMixin, _autocast
+from ._tissue_context import TissueContextMixin, _precision
 from ._training_plan import CellPLMTrainingPlan
 
 logger = logging.getLogger("cellplm_scvi")
@@ -954,7 +954,7 @@ class CellPLM(TissueContextMixin, RNASeqMixin, VAEMixin, BaseMinifiedModeModelCl
         ig_interpretability: bool = False,
         ig_args: dict | None = None,
         dataloader=None,
-        precision: Literal["32", "bf16", "16"] = "32",
+        precision: Literal["32", "bf16", "16", "int8"] = "32",
     ) -> np.ndarray | pd.DataFrame:
         """Predict cell types with the classification head (``SCANVI.predict``'s signature).
 
@@ -1002,7 +1002,7 @@ class CellPLM(TissueContextMixin, RNASeqMixin, VAEMixin, BaseMinifiedModeModelCl
         adata, emitted, back = self._tissue_order(adata, indices, batch_size)
         self.module.eval()
         probs = []
-        with _autocast(self.device, precision):
+        with _precision(self.module, precision):
             for tensors in self._make_data_loader(adata, emitted, batch_size):
                 out = self.module.inference(**self.module._get_inference_input(tensors))
                 probs.append(out["logits"].float().softmax(-1).cpu())

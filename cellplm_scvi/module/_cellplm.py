@@ -28,6 +28,7 @@ from .._constants import (
     X_KEY,
 )
 from ..nn import CellEmbedder, FlowformerEncoder, GMVAELatent, LatentStack, NBDecoder, VAELatent
+from ..nn._int8 import Int8InferenceMixin
 from ._loss import masked_nb_loss, nb_nll
 from ._masking import TissueMask, apply_mask, sample_mask
 
@@ -53,7 +54,7 @@ def scale_coordinates(coords: torch.Tensor) -> torch.Tensor:
     return (coords - lo) / span
 
 
-class CellPLMModule(BaseMinifiedModeModuleClass):
+class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
     """Embedder -> Flowformer -> LayerNorm -> (GM)VAE latent -> NB decoder.
 
     Parameters
@@ -268,7 +269,8 @@ class CellPLMModule(BaseMinifiedModeModuleClass):
         if self.use_spatial_pe and coords is not None:
             pe_coords = scale_coordinates(coords.float())
         h = self.embedder(x, self.embed_index, pe_coords)  # (N, d)
-        h = self.pre_latent_norm(self.encoder(h))  # (N, d): cells saw their whole tissue
+        encoder = self.inference_module("encoder")  # int8 copy in int8_inference()
+        h = self.pre_latent_norm(encoder(h))  # (N, d): cells saw their whole tissue
         if requested is not None:
             h = h[requested.view(-1).bool()]  # (R, d)
         out = self.latent(h)
