@@ -83,6 +83,7 @@ def test_notebooks_found():
         "02_pretrained.ipynb",
         "03_annotation.ipynb",
         "04_spatial_imputation.ipynb",
+        "05_pretraining.ipynb",
     ]
 
 
