@@ -8,7 +8,12 @@ temporary directory and, in the same process, times
     one group, one chunk; warm-up on 64 cells first), as in the spec's section 6 recipe;
 (b) ours: ``CellPLM.setup_anndata(adata, tissue_key=<constant column>)`` +
     ``CellPLM.load_official(prefix, adata)`` + ``get_latent_representation()`` (all cells in one
-    tissue, i.e. the same attention context as the official call).
+    tissue, i.e. the same attention context as the official call);
+(c) ours with ``get_latent_representation(precision="int8")`` (the encoder's Linear layers int8,
+    issue 16; quantized in the warm-up call, whose time is printed apart).
+
+The three calls alternate within each of ``--repeats`` rounds (the machine is shared: alternating
+spreads the load over all three); the speed-ups are ratios of the medians.
 
 Peak RSS increase per call: freed heap is returned to the OS (``malloc_trim``) and VmHWM is
 reset (``5`` -> ``/proc/self/clear_refs``) before each measured call; the increase is VmHWM after
@@ -19,7 +24,7 @@ depend on them.
 
 Usage::
 
-    python benchmarks/bench_official_embedding.py --n-cells 2000 --density 0.1 --repeats 2
+    python benchmarks/bench_official_embedding.py --n-cells 2000 --density 0.1 --repeats 5
 """
 
 from __future__ import annotations
@@ -163,7 +168,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n-cells", type=int, default=2000)
     parser.add_argument("--density", type=float, default=0.1)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
     add_common_options(parser)
     args = parser.parse_args()
     start(args)
@@ -202,18 +207,9 @@ def main() -> None:
         # InferenceMode"), so it runs under no_grad (which it also sets itself).
         with quiet, torch.no_grad():
             pipe.predict(adata_off[:64].copy(), device="cpu")  # warm-up
-        off_times, off_peaks = [], []
-        emb_off = None
-        for _ in range(args.repeats):
-            with contextlib.redirect_stdout(io.StringIO()):
-                emb_off, dt, peak = measure(
-                    lambda: pipe.predict(adata_off, device="cpu"), inference_mode=False
-                )
-            off_times.append(dt)
-            off_peaks.append(peak)
-        emb_off = emb_off.numpy()
+        official = lambda: pipe.predict(adata_off, device="cpu")  # noqa: E731
 
-        # ---------------------------------------------------------------- (b) ours
+        # ---------------------------------------------------------------- (b, c) ours
         warm = make_adata(X[:64].copy(), genes)
         warm.obs["tissue"] = "all"
         cp.CellPLM.setup_anndata(warm, tissue_key="tissue")
@@ -227,12 +223,33 @@ def main() -> None:
         t0 = time.perf_counter()
         model = cp.CellPLM.load_official(prefix, adata)
         t_load_ours = time.perf_counter() - t0
-        our_times, our_peaks = [], []
-        emb = None
+        t0 = time.perf_counter()
+        with model.module.int8_inference():  # quantizes the encoder (once per model)
+            pass
+        t_quantize = time.perf_counter() - t0
+
+        # ---------------------------------------------------------------- alternating runs
+        calls = {
+            "official predict": (official, False),
+            "ours get_latent_representation": (model.get_latent_representation, True),
+            "ours precision='int8'": (
+                lambda: model.get_latent_representation(precision="int8"),
+                True,
+            ),
+        }
+        times = {name: [] for name in calls}
+        peaks = {name: [] for name in calls}
+        results = {}
         for _ in range(args.repeats):
-            emb, dt, peak = measure(model.get_latent_representation)
-            our_times.append(dt)
-            our_peaks.append(peak)
+            for name, (fn, inference_mode) in calls.items():
+                with contextlib.redirect_stdout(io.StringIO()):
+                    results[name], dt, peak = measure(fn, inference_mode=inference_mode)
+                times[name].append(dt)
+                peaks[name].append(peak)
+        emb_off = results["official predict"].numpy()
+        emb, emb_int8 = results["ours get_latent_representation"], results["ours precision='int8'"]
+        off_times, our_times, int8_times = times.values()
+        off_peaks, our_peaks = peaks["official predict"], peaks["ours get_latent_representation"]
 
         # ---------------------------------------------------------------- report
         n = args.n_cells
@@ -243,12 +260,10 @@ def main() -> None:
             f"({sum(p.numel() for p in model.module.parameters()):,} params)"
         )
         print(f"RSS now {rss_mb():.0f} MB (both models loaded)")
-        for name, times, peaks in [
-            ("official predict", off_times, off_peaks),
-            ("ours get_latent_representation", our_times, our_peaks),
-        ]:
+        for name in calls:
             runs = ", ".join(
-                f"{t:.2f}s ({n / t:.0f} cells/s, +{p:.0f} MB)" for t, p in zip(times, peaks)
+                f"{t:.2f}s ({n / t:.0f} cells/s, +{p:.0f} MB)"
+                for t, p in zip(times[name], peaks[name])
             )
             print(f"{name}: {runs}")
         best_off, best_ours = min(off_times), min(our_times)
@@ -256,6 +271,19 @@ def main() -> None:
             f"best: official {n / best_off:.0f} cells/s, ours {n / best_ours:.0f} cells/s, "
             f"speed-up x{best_off / best_ours:.2f}; peak RSS increase official "
             f"+{max(off_peaks):.0f} MB, ours +{max(our_peaks):.0f} MB"
+        )
+        med = {name: float(np.median(t)) for name, t in times.items()}
+        med_off, med_ours, med_int8 = med.values()
+        int8_peak = max(peaks["ours precision='int8'"])
+        cosine = (emb * emb_int8).sum(1) / np.linalg.norm(emb, axis=1)
+        cosine /= np.linalg.norm(emb_int8, axis=1)
+        print(
+            f"median of {args.repeats} alternating runs: official {n / med_off:.0f} cells/s, "
+            f"ours fp32 {n / med_ours:.0f} cells/s (x{med_off / med_ours:.2f}), ours int8 "
+            f"{n / med_int8:.0f} cells/s (x{med_off / med_int8:.2f}; x{med_ours / med_int8:.2f} "
+            f"vs fp32); int8 quantization (once per model) {t_quantize:.2f}s, "
+            f"peak RSS increase int8 +{int8_peak:.0f} MB; per-cell "
+            f"cosine int8 vs fp32 min {cosine.min():.5f}, mean {cosine.mean():.6f}"
         )
         # sanity: the official GMVAE samples its cluster (Gumbel), ours takes the argmax, so
         # only the rows where both pick the same cluster agree
