@@ -6,6 +6,7 @@ embed the cells exactly as the corpus loader does (the same tissues: the corpus'
 are passed as ``tissue_key``) and as the model exported to the official files does.
 """
 
+# ruff: noqa: F811 (test arguments name the imported corpus_files fixture)
 from __future__ import annotations
 
 import anndata as ad
@@ -18,7 +19,7 @@ import cellplm_scvi as cp
 from cellplm_scvi.data import TissueCorpus
 from cellplm_scvi.datasets import random_official_checkpoint
 from cellplm_scvi.model import PRETRAINING_CORPUS_KWARGS, pretraining_recipe
-from tests.test_corpus import KWARGS, _corpus, corpus_files  # noqa: F401 (fixture)
+from tests.test_corpus import KWARGS, _corpus, corpus_files  # noqa: F401 (a fixture)
 
 ATOL = 1e-5
 QUIET = {"accelerator": "cpu", "enable_progress_bar": False, "enable_model_summary": False}
@@ -26,7 +27,7 @@ GENE_KEYS = KWARGS["gene_key"]  # file 1 names its genes by symbol in var["symbo
 
 
 @pytest.fixture(scope="module")
-def trained(corpus_files, tmp_path_factory):  # noqa: F811
+def trained(corpus_files, tmp_path_factory):
     dm = _corpus(corpus_files, cache_dir=tmp_path_factory.mktemp("cache"), validation_size=0.5)
     torch.manual_seed(0)
     model = cp.CellPLM(
@@ -55,7 +56,7 @@ def _corpus_embedding(dm: TissueCorpus, model) -> tuple[np.ndarray, np.ndarray]:
 @pytest.mark.parametrize("k", [0, 1])  # Ensembl IDs; symbols (gene_key) plus unknown genes
 def test_new_adata_embeds_as_the_corpus_and_the_official_export(
     trained, corpus_files, k, tmp_path
-):  # noqa: E501, F811
+):
     dm, model = trained
     adata = _file_adata(dm, corpus_files[k], k)
     z = model.get_latent_representation(adata)
@@ -78,7 +79,29 @@ def test_new_adata_embeds_as_the_corpus_and_the_official_export(
     assert list(expression.columns) == list(official.matched_genes)
 
 
-def test_gene_order_and_unknown_genes_do_not_matter(trained, corpus_files):  # noqa: F811
+def test_spatial_encoding_with_and_without_coordinates(corpus_files, tmp_path):
+    """A corpus with a spatial file gives a model with the spatial encoding: the spatial file
+    (set up with its coordinates) and a file without coordinates (the learned missing-coordinate
+    encoding) embed as through the corpus loader."""
+    dm = _corpus(corpus_files, cache_dir=tmp_path, validation_size=0.5)
+    torch.manual_seed(0)
+    model = cp.CellPLM(adata=None, registry=dm.registry, n_hidden=16, n_layers=1, n_latent=4)
+    assert model.module.use_spatial_pe
+    model.train(datamodule=dm, max_epochs=1, **QUIET)
+    rows, z_corpus = _corpus_embedding(dm, model)
+    for k in (0, 2):
+        adata = ad.read_h5ad(corpus_files[k])
+        adata.obs["tissue"] = dm.tissue_codes[dm.offsets[k] : dm.offsets[k + 1]].astype(str)
+        spatial_key = "spatial" if k == 2 else None
+        cp.CellPLM.setup_anndata(adata, tissue_key="tissue", spatial_key=spatial_key)
+        z = model.get_latent_representation(adata)
+        in_file = (rows >= dm.offsets[k]) & (rows < dm.offsets[k + 1])
+        assert in_file.sum() > 20
+        np.testing.assert_allclose(z[rows[in_file] - dm.offsets[k]], z_corpus[in_file], atol=ATOL)
+    assert "_get_inference_input" not in model.module.__dict__
+
+
+def test_gene_order_and_unknown_genes_do_not_matter(trained, corpus_files):
     dm, model = trained
     adata = _file_adata(dm, corpus_files[0], 0)
     z = model.get_latent_representation(adata)
@@ -95,7 +118,7 @@ def test_gene_order_and_unknown_genes_do_not_matter(trained, corpus_files):  # n
     assert set(x.columns) == set(raw.var_names)  # unknown genes are not decoded
 
 
-def test_unusable_adata_is_refused(trained, corpus_files):  # noqa: F811
+def test_unusable_adata_is_refused(trained, corpus_files):
     _, model = trained
     raw = ad.read_h5ad(corpus_files[0])
     with pytest.raises(ValueError, match=r"not set up.*setup_anndata"):
@@ -110,7 +133,7 @@ def test_unusable_adata_is_refused(trained, corpus_files):  # noqa: F811
     assert model.module.embed_index is None
 
 
-def test_other_methods_and_save_load(trained, corpus_files, tmp_path):  # noqa: F811
+def test_other_methods_and_save_load(trained, corpus_files, tmp_path):
     dm, model = trained
     adata = _file_adata(dm, corpus_files[1], 1)
     z = model.get_latent_representation(adata)
@@ -136,7 +159,7 @@ def test_other_methods_and_save_load(trained, corpus_files, tmp_path):  # noqa: 
         cp.CellPLM.load(tmp_path / "saved", adata=unknown_adata)
 
 
-def test_continued_pretraining_of_an_official_checkpoint(corpus_files, tmp_path):  # noqa: F811
+def test_continued_pretraining_of_an_official_checkpoint(corpus_files, tmp_path):
     """``load_official`` then ``train(datamodule=corpus, **pretraining_recipe())``: the optimiser
     runs at the official lr 2e-4 / weight decay 1e-8, and the result exports and reloads."""
     recipe = pretraining_recipe()
@@ -165,7 +188,7 @@ def test_continued_pretraining_of_an_official_checkpoint(corpus_files, tmp_path)
     np.testing.assert_allclose(again.get_latent_representation(), z, atol=ATOL)
 
 
-def test_corpus_vocabulary_must_be_the_models(corpus_files, tmp_path):  # noqa: F811
+def test_corpus_vocabulary_must_be_the_models(corpus_files, tmp_path):
     prefix = tmp_path / "random_85M"
     random_official_checkpoint(prefix, n_hidden=16, n_layers=1, n_latent=4)
     adata = ad.read_h5ad(corpus_files[0])

@@ -9,6 +9,8 @@ Such a model has no AnnData of its own: its module reads minibatches in vocabula
   symbols); genes outside the vocabulary are ignored, vocabulary genes it lacks are not decoded;
 - the decoder's batch table (the corpus' files/samples) is used through its mean embedding, as
   for official checkpoints, since the AnnData's batches are not the corpus' batches;
+- with the spatial encoding on, an AnnData without coordinates gets the learned
+  missing-coordinate encoding, as the corpus' files without coordinates;
 - its ``measured_genes_key`` (and the genes :meth:`CellPLM.prepare_query_anndata` padded) say
   which genes each of its batches measured.
 
@@ -54,12 +56,6 @@ def validate(model: CellPLM, adata: AnnData | None) -> AnnData:
                 "adata is not set up: call CellPLM.setup_anndata(adata, layer=..., "
                 "gene_key=...) first (a model built from a registry reads any AnnData set up "
                 "that way, its genes aligned to the model's vocabulary)."
-            )
-        args = manager.registry["setup_args"]
-        if model.module.use_spatial_pe and args.get("spatial_key") is None:
-            raise ValueError(
-                "This model adds the spatial encoding (spatial_pe=True): set adata up with "
-                "coordinates, CellPLM.setup_anndata(adata, spatial_key=...)."
             )
         model._register_manager_for_instance(manager)
     else:
@@ -109,12 +105,27 @@ def reading(model: CellPLM, adata: AnnData):
     """The module reads ``adata``'s columns while inside (see the module docstring); the
     corpus' batch table is used through its mean embedding."""
     index, measured = gene_index(model, adata), model._measured_genes(adata)
+    manager = model.get_anndata_manager(adata, required=True)
+    no_coords = manager.registry["setup_args"].get("spatial_key") is None
+    module = model.module
     with _module_reads(model, index, measured, use_batch_covariate=False):
         setattr(model, _READING, adata)
+        if module.use_spatial_pe and no_coords:  # as the corpus' files without coordinates
+            module._get_inference_input = functools.partial(_missing_coords, module)
         try:
             yield
         finally:
+            module.__dict__.pop("_get_inference_input", None)
             setattr(model, _READING, None)
+
+
+def _missing_coords(module, tensors: dict, **kwargs) -> dict:
+    """Inference input with NaN coordinates (the learned missing-coordinate encoding), as the
+    corpus gives the cells of its files without coordinates."""
+    out = type(module)._get_inference_input(module, tensors, **kwargs)
+    if "x" in out and out.get("coords") is None:
+        out["coords"] = torch.full((out["x"].shape[0], 2), float("nan"), device=out["x"].device)
+    return out
 
 
 def training_on(model: CellPLM, datamodule):
