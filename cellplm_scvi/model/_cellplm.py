@@ -94,8 +94,8 @@ class CellPLM(TissueContextMixin, RNASeqMixin, VAEMixin, BaseMinifiedModeModelCl
         Gene vocabulary of the embedding table and decoder (e.g. an official checkpoint's
         Ensembl IDs). ``None``: the AnnData's genes. Genes outside it are ignored.
     gene_key
-        ``adata.var`` column with gene IDs or symbols to match ``vocabulary`` (default:
-        ``var_names``).
+        ``adata.var`` column with gene IDs or symbols to match ``vocabulary`` (default: the
+        ``gene_key`` given to :meth:`setup_anndata`, else ``var_names``).
     **module_kwargs
         Passed to :class:`~cellplm_scvi.module.CellPLMModule`.
 
@@ -299,7 +299,8 @@ class CellPLM(TissueContextMixin, RNASeqMixin, VAEMixin, BaseMinifiedModeModelCl
             ``var[gene_key]``) may be human Ensembl IDs or symbols, in any order and any subset
             of the vocabulary; genes outside it are ignored.
         gene_key
-            ``adata.var`` column holding the gene IDs or symbols.
+            ``adata.var`` column holding the gene IDs or symbols (default: the ``gene_key``
+            given to :meth:`setup_anndata`, else ``var_names``).
         spatial_pe
             Add the spatial encoding. The official code never does, so the pretrained weights
             were not trained with it: for experiments only.
