@@ -49,6 +49,7 @@ from .._constants import (
 )
 from .._genes import align_genes, available_configs, official_config
 from ..pp._tissues import assign_tissues
+from ._resume import ResumableLoader
 from ._tissue_loader import TissueBatchSampler, _to_csr_tensor
 
 logger = logging.getLogger("cellplm_scvi")
@@ -666,13 +667,10 @@ class TissueCorpus(LightningDataModule):
     def _loader(self, split: str) -> DataLoader | None:
         if (self.n_train if split == "train" else self.n_val) == 0:
             return None
-        return DataLoader(
-            self.dataset,
-            sampler=self.sampler(split),
-            batch_size=None,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        options = {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0}
+        if split == "train":  # its place in the epoch goes into checkpoints (resume mid-epoch)
+            return ResumableLoader(self.dataset, self.sampler(split), **options)
+        return DataLoader(self.dataset, sampler=self.sampler(split), batch_size=None, **options)
 
     def setup(self, stage: str | None = None) -> None:
         """Nothing to do: files are checked and split at construction."""

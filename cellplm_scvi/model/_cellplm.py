@@ -46,7 +46,7 @@ from .._validation import check_counts, check_obs_key, check_spatial
 from ..data import TissueDataLoader, TissueDataSplitter
 from ..module import CellPLMModule
 from ..pp import assign_tissues
-from . import _query, _registry_data
+from . import _checkpoints, _query, _registry_data
 from ._official import load_official
 from ._save_load import read_model_file, write_model_file
 from ._tissue_context import TissueContextMixin, _precision
@@ -830,6 +830,9 @@ class CellPLM(TissueContextMixin, RNASeqMixin, VAEMixin, BaseMinifiedModeModelCl
         drop_node_rate: float = 0.3,
         gradient_clip_val: float | None = 2.0,
         max_cells_per_step: int | None = None,
+        checkpoint_every_n_steps: int | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
+        ckpt_path: str | os.PathLike | None = None,
         **trainer_kwargs,
     ):
         """Train on tissue minibatches with scvi-tools' Lightning trainer.
@@ -873,6 +876,22 @@ class CellPLM(TissueContextMixin, RNASeqMixin, VAEMixin, BaseMinifiedModeModelCl
             Gradient norm clipping (official fine-tuning: 2.0).
         max_cells_per_step
             Alias of ``batch_size``.
+        checkpoint_every_n_steps
+            Write a Lightning checkpoint every N optimiser steps (weights, AdamW moments,
+            learning-rate schedulers, global step, the KL warm-up counter, random generators
+            and, with a :class:`~cellplm_scvi.data.TissueCorpus`, the place in the epoch), as
+            ``<checkpoint_dir>/last.ckpt``. scvi-tools' own ``enable_checkpointing`` saves
+            weights only at validation; this is the one to resume from.
+        checkpoint_dir
+            Folder of those checkpoints (default: ``<scvi.settings.logging_dir>/
+            cellplm_checkpoints``); under several nodes, on a shared file system.
+        ckpt_path
+            Resume from this Lightning checkpoint (scvi-tools' ``ckpt_path``, passed to
+            ``Trainer.fit``), or ``"last"``: the newest ``last.ckpt`` in ``checkpoint_dir`` if
+            there is one, else a fresh start (so the same command both starts and resumes a
+            run). Call it on a model built as the crashed one was, with the same data and
+            ``max_epochs``: the run continues at the saved step, and a corpus epoch continues
+            with the tissues it had not reached (see ``docs/pretraining.md``).
         **trainer_kwargs
             Passed to :class:`scvi.train.Trainer` (e.g. ``strategy="ddp"``,
             ``check_val_every_n_epoch``).
@@ -888,6 +907,11 @@ class CellPLM(TissueContextMixin, RNASeqMixin, VAEMixin, BaseMinifiedModeModelCl
                 raise ValueError("Pass max_epochs with a datamodule that has no n_obs.")
             max_epochs = get_max_epochs_heuristic(n_obs)
         trainer_kwargs = merge_kwargs(trainer_config, trainer_kwargs, name="trainer")
+        if ckpt_path is None:  # scvi-tools' spelling: inside the trainer arguments
+            ckpt_path = trainer_kwargs.pop("ckpt_path", None)
+        _checkpoints.check_resume_arguments(checkpoint_every_n_steps, checkpoint_dir, ckpt_path)
+        if ckpt_path is not None:
+            trainer_kwargs["ckpt_path"] = ckpt_path  # TrainRunner hands it to Trainer.fit
         distributed = use_distributed_sampler(trainer_kwargs.get("strategy"))
         if distributed:  # our tissue sampler shards across ranks itself
             trainer_kwargs.setdefault("use_distributed_sampler", False)
@@ -932,6 +956,9 @@ class CellPLM(TissueContextMixin, RNASeqMixin, VAEMixin, BaseMinifiedModeModelCl
             early_stopping=early_stopping,
             **trainer_kwargs,
         )
+        if checkpoint_every_n_steps is not None:  # not scvi's SaveCheckpoint: see _checkpoints
+            checkpoint = _checkpoints.step_checkpoint(checkpoint_every_n_steps, checkpoint_dir)
+            runner.trainer.callbacks.append(checkpoint)
         # scvi-tools extends only the keys already in `history_`. A model trained elsewhere
         # (official weights, or a query built from them) has none yet: this run starts it.
         starts_history = self.is_trained_ and not self.history_

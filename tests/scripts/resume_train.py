@@ -8,10 +8,10 @@ Used by tests/test_resume.py::
 of global step K, after the checkpoint of an earlier step was written) or ``resume`` (same
 command with ``ckpt_path="last"``). Every training step appends one JSON line to
 ``OUT_DIR/steps.jsonl`` *before* the step runs (global step, epoch, batch index, the tissues of
-the minibatch), so the steps a killed run took survive it. A finished run writes
-``OUT_DIR/result.json`` (per-epoch losses, final global step, final weights' checksum) and
-``OUT_DIR/start.json`` holds what the run found at its first step (global step, AdamW step
-count, KL warm-up counter, the loader's position).
+the minibatch), so the steps a killed run took survive it; ``OUT_DIR/losses.jsonl`` gets each
+step's loss. A finished run writes ``OUT_DIR/result.json`` (per-epoch losses, final global
+step, final weights); ``OUT_DIR/start.json`` holds what the run found at its first step
+(global step, AdamW step count, KL warm-up counter, the loader's position).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import cellplm_scvi as cp
 from cellplm_scvi._constants import TISSUE_KEY
 
 VOCAB_SIZE = 40
-MAX_EPOCHS = 3
+MAX_EPOCHS = 2
 EVERY_N_STEPS = int(os.environ.get("RESUME_EVERY_N_STEPS", 3))
 
 
@@ -67,6 +67,9 @@ class Recorder(Callback):
             f.write(json.dumps(record) + "\n")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = float(outputs["loss"] if isinstance(outputs, dict) else outputs)
+        with open(self.out / "losses.jsonl", "a") as f:
+            f.write(json.dumps({"global_step": trainer.global_step - 1, "loss": loss}) + "\n")
         if self.crash_at is not None and trainer.global_step == self.crash_at:
             os.kill(os.getpid(), signal.SIGKILL)  # a crash: no clean-up, no final save
 

@@ -1,0 +1,143 @@
+"""Checkpoints every N steps and resume after a crash (issue 13 item 2).
+
+The slow test kills a training process with SIGKILL mid-epoch, after it wrote a checkpoint,
+resumes it from ``last.ckpt`` and compares with an uninterrupted run of the same seed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import cellplm_scvi as cp
+from cellplm_scvi.data._resume import ResumableLoader
+from tests.test_corpus import _corpus, corpus_files  # noqa: F401 (fixture)
+
+SCRIPT = Path(__file__).parent / "scripts" / "resume_train.py"
+
+
+def _steps(loader) -> list[tuple[int, ...]]:
+    return [tuple(sorted(rows)) for rows in loader.sampler]
+
+
+def test_loader_state_skips_the_steps_taken(corpus_files, tmp_path):  # noqa: F811
+    dm = _corpus(corpus_files, cache_dir=tmp_path)
+    loader = dm.train_dataloader()
+    assert isinstance(loader, ResumableLoader)
+    loader.sampler.set_epoch(1)
+    epoch = _steps(loader)  # the whole epoch 1, in order
+    n = len(loader)
+    assert len(epoch) == n > 3
+
+    loader.sampler.set_epoch(1)
+    taken = []
+    for k, batch in enumerate(loader):  # a run that stops after 3 steps
+        taken.append(tuple(np.unique(batch["ind_x"].view(-1).numpy()).tolist()))
+        if k == 2:
+            break
+    state = loader.state_dict()
+    assert state == {"epoch": 1, "position": 3, "n_steps": n}
+
+    resumed = _corpus(corpus_files, cache_dir=tmp_path).train_dataloader()  # a new process
+    resumed.load_state_dict(state)
+    rest = [tuple(np.unique(b["ind_x"].view(-1).numpy()).tolist()) for b in resumed]
+    assert taken + rest == epoch  # the epoch, each step once, in the same order
+    assert resumed.state_dict()["position"] == n
+    # the next iteration is a whole epoch again
+    assert len(list(resumed.sampler)) == n
+
+    # a checkpoint after an epoch's last step continues with the next epoch's first
+    after_last = _corpus(corpus_files, cache_dir=tmp_path).train_dataloader()
+    after_last.load_state_dict({"epoch": 1, "position": n, "n_steps": n})
+    loader.sampler.set_epoch(2)
+    assert _steps(after_last) == _steps(loader)
+
+    with pytest.raises(ValueError, match="training steps per epoch"):
+        after_last.load_state_dict({"epoch": 0, "position": 1, "n_steps": n + 1})
+
+
+def test_train_refuses_resume_arguments_that_would_do_nothing(corpus_files, tmp_path):  # noqa: F811
+    dm = _corpus(corpus_files, cache_dir=tmp_path)
+    model = cp.CellPLM(adata=None, registry=dm.registry, n_hidden=8, n_layers=1, n_latent=2)
+    kwargs = {"datamodule": dm, "max_epochs": 1, "accelerator": "cpu"}
+    with pytest.raises(ValueError, match="checkpoint_every_n_steps"):
+        model.train(ckpt_path="last", **kwargs)
+    with pytest.raises(ValueError, match="checkpoint_every_n_steps"):
+        model.train(checkpoint_dir=tmp_path / "ck", **kwargs)
+    with pytest.raises(ValueError, match="not a file"):
+        model.train(ckpt_path=tmp_path / "missing.ckpt", **kwargs)
+    with pytest.raises(ValueError, match="positive int"):
+        model.train(checkpoint_every_n_steps=0, **kwargs)
+
+
+def _run(mode: str, out: Path, ckpt_dir: Path, files) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), mode, str(out), str(ckpt_dir), *map(str, files)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_where_its_checkpoint_stopped(corpus_files, tmp_path):  # noqa: F811
+    # uninterrupted: 2 epochs of 16 steps; checkpoints every 3 steps
+    full = _run("full", tmp_path / "full", tmp_path / "ck_full", corpus_files)
+    assert full.returncode == 0, full.stderr[-3000:]
+    # killed at the end of step 20 (epoch 1, its 5th step); the last checkpoint is step 18
+    crash = _run("crash:20", tmp_path / "crash", tmp_path / "ck", corpus_files)
+    assert crash.returncode == -9, crash.stderr[-3000:]  # SIGKILL
+    assert not (tmp_path / "crash" / "result.json").exists()
+    checkpoint = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=True)  # Lightning's way
+    assert checkpoint["global_step"] == 18
+    assert checkpoint["state_dict"]["module.latent.layers.1.kl_step_count"] == 18
+    adam = checkpoint["optimizer_states"][0]["state"]
+    assert {float(s["step"]) for s in adam.values()} == {18.0}
+    assert all(s["exp_avg_sq"].abs().sum() > 0 for s in adam.values())  # real moments
+    n_per_epoch = 16
+    loader_state = checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert loader_state == [{"epoch": 1, "position": 18 - n_per_epoch, "n_steps": n_per_epoch}]
+
+    resumed = _run("resume", tmp_path / "resumed", tmp_path / "ck", corpus_files)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Restored all states from the checkpoint" in resumed.stderr + resumed.stdout
+    start = json.loads((tmp_path / "resumed" / "start.json").read_text())
+    assert start["global_step"] == 18 and start["epoch"] == 1
+    assert start["adam_step"] == 18.0 and start["kl_step_count"] == 18
+    assert start["loader_state"]["epoch"] == 1  # the first resumed step is epoch 1's third
+    assert start["loader_state"]["position"] == 18 - n_per_epoch + 1
+
+    want = _records(tmp_path / "full" / "steps.jsonl")
+    crashed = [r for r in _records(tmp_path / "crash" / "steps.jsonl") if r["global_step"] < 18]
+    got = _records(tmp_path / "resumed" / "steps.jsonl")
+    assert got[0]["global_step"] == 18 and got[0]["batch_idx"] == 2
+    # the interrupted epoch is not replayed: saved steps + resumed steps = the uninterrupted run
+    assert [r["tissues"] for r in crashed + got] == [r["tissues"] for r in want]
+    epoch_1 = [tuple(r["tissues"]) for r in crashed + got if r["epoch"] == 1]
+    result = json.loads((tmp_path / "resumed" / "result.json").read_text())
+    assert sorted(t for step in epoch_1 for t in step) == result["train_tissues"]
+
+    # same seed, random generators restored: the resumed run is the uninterrupted one (CPU,
+    # one process: identical floats)
+    reference = json.loads((tmp_path / "full" / "result.json").read_text())
+    assert result["global_step"] == reference["global_step"] == 2 * n_per_epoch
+    assert result["kl_step_count"] == reference["kl_step_count"] == 2 * n_per_epoch
+    losses = {r["global_step"]: r["loss"] for r in _records(tmp_path / "full" / "losses.jsonl")}
+    resumed_losses = _records(tmp_path / "resumed" / "losses.jsonl")
+    assert [r["global_step"] for r in resumed_losses] == list(range(18, 2 * n_per_epoch))
+    for r in resumed_losses:
+        np.testing.assert_allclose(r["loss"], losses[r["global_step"]], rtol=1e-6)
+    np.testing.assert_allclose(result["weights"], reference["weights"], rtol=0, atol=1e-6)
