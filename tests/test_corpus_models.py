@@ -145,6 +145,10 @@ def test_other_methods_and_save_load(trained, corpus_files, tmp_path):
     unknown = ~adata.var["symbol"].str.startswith("NOT_A_GENE").to_numpy()
     assert (params["mean"][:, ~unknown] == 0).all() and (params["mean"][:, unknown] > 0).all()
     assert model.get_latent_library_size(adata).shape == (adata.n_obs, 1)
+    ensembl = _file_adata(dm, corpus_files[0], 0)  # every gene in the vocabulary
+    ensembl.obs["half"] = np.where(np.arange(ensembl.n_obs) % 2 == 0, "even", "odd")
+    de = model.differential_expression(ensembl, groupby="half", group1="even")
+    assert set(de.index) == set(ensembl.var_names)
 
     model.save(tmp_path / "saved")
     loaded = cp.CellPLM.load(tmp_path / "saved")

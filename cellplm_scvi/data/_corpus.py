@@ -282,9 +282,6 @@ class TissueCorpus(LightningDataModule):
     alignment_report
         DataFrame, one row per file: ``file``, ``n_genes``, ``n_matched``, ``n_cells``,
         ``n_tissues``, ``spatial``, ``cached`` (tissues read from the cache).
-    registry
-        A registry as :meth:`cellplm_scvi.CellPLM.setup_anndata` writes it, with the vocabulary
-        as ``var_names`` and the batches as categories.
     measured_genes
         (n_batch, n_vocab) bool: the vocabulary genes each batch (its file) measured.
 

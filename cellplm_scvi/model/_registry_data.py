@@ -179,8 +179,7 @@ METHODS = (
     "posterior_predictive_sample",
     "get_likelihood_parameters",
     "get_feature_correlation_matrix",
-    "get_latent_library_size",
-    "differential_expression",
+    "get_latent_library_size",  # differential_expression reads through the ones above
     "predict",
     "impute_genes",
 )
