@@ -13,8 +13,9 @@
    ``CellPLM.setup_anndata(adata, spatial_key="spatial", library_key="slide")`` (which
    computes the tissues: kNN graph + recursive bisection, <= ``--max-cells`` cells each).
 3. **Embed** with a small, *untrained* (random-weight) ``CellPLM`` (default n_hidden 128,
-   n_layers 2, n_latent 32, GMVAE) through ``get_latent_representation(progress_bar=True)``,
-   which reads one tissue at a time from the file. The result goes to
+   n_layers 2, n_latent 32, GMVAE) through ``get_latent_representation()``,
+   which reads one tissue at a time from the file (``--precision int8``: the encoder's
+   Linear layers int8, quantized in the call). The result goes to
    ``adata.obsm["X_cellplm"]`` (in memory; backed mode keeps only ``X`` on disk) and to an
    ``.npy`` file next to the ``.h5ad``.
 
@@ -162,6 +163,12 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the generated file")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--precision",
+        choices=["32", "int8"],
+        default="32",
+        help="inference precision; int8: the encoder's Linear layers int8 (CPU, issue 16)",
+    )
     args = parser.parse_args()
 
     import torch
@@ -244,6 +251,7 @@ def main() -> None:
     model = cp.CellPLM(
         adata, n_hidden=args.n_hidden, n_layers=args.n_layers, n_latent=args.n_latent
     )
+    model.is_trained_ = True  # random weights on purpose: speed and memory only
     t_model = time.perf_counter() - t0
     n_params = sum(p.numel() for p in model.module.parameters())
     print(
@@ -258,13 +266,13 @@ def main() -> None:
     reset_peak()
     base = rss_mb()
     t0 = time.perf_counter()
-    z = model.get_latent_representation(progress_bar=True)
+    z = model.get_latent_representation(precision=args.precision)
     t_embed = time.perf_counter() - t0
     adata.obsm["X_cellplm"] = z
     out_npy = path.with_suffix(".X_cellplm.npy")
     np.save(out_npy, z)
     print(
-        f"[embed] get_latent_representation: {t_embed:.1f}s = "
+        f"[embed] get_latent_representation(precision={args.precision!r}): {t_embed:.1f}s = "
         f"{adata.n_obs / t_embed:,.0f} cells/s, z {z.shape} {z.dtype} "
         f"(finite: {bool(np.isfinite(z).all())}); RSS before {base:.0f} MB, peak "
         f"{peak_mb():.0f} MB (+{peak_mb() - base:.0f} MB); saved {out_npy.name}"
