@@ -1,6 +1,7 @@
 """Multi-process training through Lightning DDP (gloo on CPU) with the tissue sampler."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import cellplm_scvi as cp
 from cellplm_scvi.data import TissueBatchSampler
+from tests.test_corpus import corpus_files  # noqa: F401 (fixture)
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_train.py"
 
@@ -54,3 +57,69 @@ def test_ddp_two_processes_trains_like_one(tmp_path):
     # epoch: the curves agree within 15% epoch by epoch and 5% at the end
     np.testing.assert_allclose(ddp, single, rtol=0.15)
     np.testing.assert_allclose(ddp[-1], single[-1], rtol=0.05)
+
+
+# ------------------------------------------------------------------------ a TissueCorpus
+
+
+CORPUS_SCRIPT = Path(__file__).parent / "scripts" / "ddp_corpus.py"
+
+
+@pytest.mark.slow
+def test_ddp_over_a_corpus_shares_tissues_and_averages_gradients(corpus_files, tmp_path):  # noqa: F811
+    import torch
+
+    sys.path.insert(0, str(CORPUS_SCRIPT.parent))
+    import ddp_corpus  # the script's corpus, model and per-tissue seeding
+
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.run(
+        [sys.executable, str(CORPUS_SCRIPT), str(out), "2", *map(str, corpus_files)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["world_size"] for r in ranks] == [2, 2]  # the processes Lightning really ran
+
+    # every epoch: each training tissue on one rank, one repeated to pad 15 tissues to 2 x 8
+    dm = ddp_corpus.corpus([str(f) for f in corpus_files], tmp_path / "cache")
+    train = set(dm.train_tissues.tolist())
+    assert len(train) == 15
+    for epoch in ("0", "1"):
+        per_rank = [[t for step in r["steps"][epoch] for t in step] for r in ranks]
+        assert all(len(steps) == 8 for steps in per_rank)  # one tissue per step, 8 steps each
+        seen = per_rank[0] + per_rank[1]
+        assert set(seen) == train
+        assert len(seen) - len(set(seen)) <= 2 - 1  # padding: at most world_size - 1 repeats
+    assert ranks[0]["steps"]["0"] != ranks[0]["steps"]["1"]  # reshuffled each epoch
+
+    # step 0 of 2 ranks x 1 tissue == one process, mean of the two tissues' gradients
+    step0 = torch.load(out / "step0.pt", weights_only=True)
+    model = cp.CellPLM(adata=None, registry=dm.registry, **ddp_corpus.MODEL_KWARGS)
+    module = model.module
+    expected = {}
+    for r in ranks:
+        (tissue,) = r["steps"]["0"][0]
+        module.load_state_dict(step0["weights"])  # also the KL counter: both ranks at step 0
+        module.train()
+        module.zero_grad()
+        batch = dm.dataset[np.flatnonzero(dm.tissue_codes == tissue).tolist()]
+        torch.manual_seed(ddp_corpus.tissue_seed(batch))
+        _, _, losses = module(batch, loss_kwargs={"kl_weight": 1.0})
+        losses.loss.backward()
+        for name, p in module.named_parameters():
+            if p.grad is not None:
+                expected[name] = expected.get(name, 0) + p.grad / 2
+    ddp_grads = step0["grads"]
+    assert set(expected) <= set(ddp_grads) and len(expected) > 10
+    for name, grad in ddp_grads.items():
+        if name not in expected:  # a floored GMVAE term: None here, all-reduced zeros in DDP
+            assert not grad.any(), name
+            continue
+        scale = max(float(expected[name].abs().max()), 1e-12)
+        err = float((grad - expected[name]).abs().max()) / scale
+        assert err <= 1e-5, (name, err)
