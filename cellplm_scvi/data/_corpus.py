@@ -50,7 +50,7 @@ from .._constants import (
 from .._genes import align_genes, available_configs, official_config
 from ..pp._tissues import assign_tissues
 from ._resume import ResumableLoader
-from ._tissue_loader import TissueBatchSampler, _to_csr_tensor
+from ._tissue_loader import TissueBatchSampler, _is_packed, _to_csr_tensor, pack_minibatches
 
 logger = logging.getLogger("cellplm_scvi")
 
@@ -194,7 +194,9 @@ class CorpusDataset(Dataset):
             handle.close()
         self._handles.clear()
 
-    def __getitem__(self, rows: list[int]) -> dict[str, torch.Tensor]:
+    def __getitem__(self, rows: list[int] | list[list[int]]) -> dict[str, torch.Tensor]:
+        if _is_packed(rows):  # several tissues (of any files): each read alone, then stacked
+            return pack_minibatches([self[tissue] for tissue in rows])
         rows = np.sort(np.asarray(rows, dtype=np.int64))  # global rows, one file
         k = int(np.searchsorted(self.offsets, rows[0], side="right") - 1)
         if rows[-1] >= self.offsets[k + 1]:
@@ -269,6 +271,11 @@ class TissueCorpus(LightningDataModule):
         Cap on cells per training step (larger tissues are subsampled each step).
     drop_node_rate
         Official node drop: fraction of a tissue's cells left out at each training step.
+    pack_tissues
+        Training steps hold several whole tissues, of any files, up to ``max_cells_per_step``
+        cells in all (each tissue capped at it); attention stays within each tissue and the
+        loss is the mean of the per-tissue losses (see ``docs/pretraining.md``). Validation
+        reads one tissue per step. Needs ``max_cells_per_step``.
     cache_dir
         Folder of the tissue cache (``None``: ``.cellplm_tissues`` beside the first file). One
         small ``.npz`` per file and setting; the corpus files are never written.
@@ -306,6 +313,7 @@ class TissueCorpus(LightningDataModule):
         seed: int = 0,
         max_cells_per_step: int | None = None,
         drop_node_rate: float = 0.0,
+        pack_tissues: bool = False,
         cache_dir: str | os.PathLike | None = None,
         num_workers: int = 0,
         num_replicas: int | None = None,
@@ -323,6 +331,12 @@ class TissueCorpus(LightningDataModule):
             raise ValueError(f"validation_size must be in [0, 1), got {validation_size}.")
         if max_cells is not None and max_cells < 2:
             raise ValueError(f"max_cells must be >= 2 or None, got {max_cells}.")
+        if pack_tissues and not max_cells_per_step:
+            raise ValueError(
+                "pack_tissues=True needs max_cells_per_step, the cell budget of a packed step "
+                "(e.g. 8 * max_cells)."
+            )
+        self.pack_tissues = pack_tissues
         self.vocabulary = self._vocabulary(vocabulary)
         self.seed, self.max_cells, self.validation_size = seed, max_cells, validation_size
         self.max_cells_per_step, self.drop_node_rate = max_cells_per_step, drop_node_rate
@@ -657,6 +671,7 @@ class TissueCorpus(LightningDataModule):
             drop_node_rate=self.drop_node_rate if train else 0.0,
             max_cells=self.max_cells_per_step if train else None,
             seed=self.seed,
+            pack_tissues=self.pack_tissues and train,
             num_replicas=default_replicas if num_replicas is None else num_replicas,
             rank=default_rank if rank is None else rank,
         )

@@ -4,7 +4,8 @@ scvi-tools' loaders draw random bags of cells. CellPLM needs every cell of a min
 come from the same tissue, because cells attend to each other. Three pieces do it:
 
 - :class:`TissueBatchSampler` yields, per step, the row indices of one tissue (shuffled tissue
-  order, node drop and a cell cap in training; one rank's share under DDP);
+  order, node drop and a cell cap in training; one rank's share under DDP), or, with
+  ``pack_tissues=True``, a list of several tissues' rows up to a cell budget;
 - :class:`TissueDataLoader` reads those rows (counts as a sparse CSR tensor);
 - :class:`TissueDataSplitter` splits whole tissues (or, ``split_by="cells"``, the cells within
   tissues) into train / validation / test.
@@ -14,6 +15,7 @@ Results are put back in AnnData order through the registered row index ``ind_x``
 
 from __future__ import annotations
 
+import heapq
 import math
 import warnings
 
@@ -24,7 +26,14 @@ from lightning.pytorch import LightningDataModule
 from scvi import settings
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .._constants import LOSS_MASK_KEY, REQUESTED_KEY, TISSUE_KEY, X_KEY
+from .._constants import (
+    LOSS_MASK_KEY,
+    MEASURED_KEY,
+    REQUESTED_KEY,
+    TISSUE_INDEX_KEY,
+    TISSUE_KEY,
+    X_KEY,
+)
 
 SPLIT_NAMES = {"train": 0, "validation": 1, "valid": 1, "test": 2}  # `split_key` values
 
@@ -46,6 +55,55 @@ def _to_csr_tensor(x) -> torch.Tensor:
             size=x.shape,
             check_invariants=False,
         )
+
+
+def _cat_csr(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Stack CSR tensors with the same columns along rows."""
+    dtype = torch.int64 if any(p.crow_indices().dtype == torch.int64 for p in parts) else None
+    dtype = dtype or parts[0].crow_indices().dtype
+    crows, offset = [torch.zeros(1, dtype=dtype)], 0
+    for p in parts:
+        crows.append(p.crow_indices()[1:].to(dtype) + offset)
+        offset += int(p.crow_indices()[-1])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(
+            torch.cat(crows),
+            torch.cat([p.col_indices().to(dtype) for p in parts]),
+            torch.cat([p.values() for p in parts]),
+            size=(sum(p.shape[0] for p in parts), parts[0].shape[1]),
+            check_invariants=False,
+        )
+
+
+def pack_minibatches(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One packed step from the minibatches of T tissues (each as read alone).
+
+    Rows are stacked tissue after tissue; ``"tissue_index"`` ((N,) long, 0..T-1) says which
+    tissue each row came from. The per-file ``"measured"`` genes ((G,) per tissue) become
+    (T, G); every other key is per row and is stacked.
+    """
+    out = {}
+    for key in parts[0]:
+        values = [p[key] for p in parts]
+        if key == X_KEY:
+            out[key] = (
+                _cat_csr(values) if values[0].layout == torch.sparse_csr else torch.cat(values)
+            )
+        elif key == MEASURED_KEY:
+            out[key] = torch.stack([v.view(-1) for v in values])  # (T, G)
+        else:
+            out[key] = torch.cat(values)
+    sizes = [p[X_KEY].shape[0] for p in parts]
+    out[TISSUE_INDEX_KEY] = torch.repeat_interleave(
+        torch.arange(len(parts)), torch.tensor(sizes, dtype=torch.long)
+    )
+    return out
+
+
+def _is_packed(rows) -> bool:
+    """Whether a sampler's step holds several tissues (a list of row lists)."""
+    return len(rows) > 0 and not np.isscalar(rows[0])
 
 
 def whole_tissues(codes: np.ndarray, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -80,7 +138,9 @@ class TissueDataset(Dataset):
     def __len__(self) -> int:
         return len(self.other)
 
-    def __getitem__(self, rows: list[int]) -> dict[str, torch.Tensor]:
+    def __getitem__(self, rows: list[int] | list[list[int]]) -> dict[str, torch.Tensor]:
+        if _is_packed(rows):  # several tissues: each read alone, then stacked
+            return pack_minibatches([self[tissue] for tissue in rows])
         rows = np.sort(np.asarray(rows, dtype=np.int64))
         out = {k: torch.as_tensor(v) for k, v in self.other[rows].items()}
         contiguous = len(rows) > 0 and rows[-1] - rows[0] + 1 == len(rows)  # rows are unique
@@ -95,8 +155,46 @@ class TissueDataset(Dataset):
         return out
 
 
+def _next_fit_decreasing(sizes: np.ndarray, budget: int, order: np.ndarray) -> list[list[int]]:
+    """Steps of tissues taken largest first (ties in ``order``), each closed when the next
+    tissue does not fit. How many there are depends on the sizes only."""
+    order = order[np.argsort(-sizes[order], kind="stable")]
+    steps, current, filled = [], [], 0
+    for i in order:
+        if current and filled + sizes[i] > budget:
+            steps.append(current)
+            current, filled = [], 0
+        current.append(int(i))
+        filled += sizes[i]
+    return steps + [current] if current else steps
+
+
+def pack_steps(sizes: np.ndarray, budget: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Group tissues of ``sizes`` cells (each <= ``budget``) into steps of <= ``budget`` cells.
+
+    The number of steps ``S`` is that of packing the tissues largest first (next fit,
+    decreasing): it depends on the sizes only, so every epoch has the steps Lightning was told.
+    Each epoch the tissues, in random order, go one by one to the least filled of the ``S``
+    steps, so steps mix tissues of all sizes and files at random; in the rare epoch where a
+    tissue does not fit that way, the largest-first packing (equal sizes in random order) is
+    used. The steps come in random order; each is an array of positions in ``sizes``.
+    """
+    sizes = np.asarray(sizes)
+    n_steps = len(_next_fit_decreasing(sizes, budget, np.arange(len(sizes))))
+    heap = [(0, k) for k in range(n_steps)]  # (cells so far, step)
+    steps: list[list[int]] = [[] for _ in range(n_steps)]
+    for i in rng.permutation(len(sizes)):
+        filled, k = heapq.heappop(heap)
+        if filled + sizes[i] > budget:
+            steps = _next_fit_decreasing(sizes, budget, rng.permutation(len(sizes)))
+            break
+        steps[k].append(int(i))
+        heapq.heappush(heap, (filled + int(sizes[i]), k))
+    return [np.array(steps[k]) for k in rng.permutation(len(steps))]
+
+
 class TissueBatchSampler(Sampler):
-    """Yield the rows of one tissue per step.
+    """Yield the rows of one tissue per step (or of several, ``pack_tissues``).
 
     Parameters
     ----------
@@ -118,6 +216,13 @@ class TissueBatchSampler(Sampler):
         DDP: every rank gets the same number of steps (tissues are repeated to pad).
     requested
         (n_obs,) bool. Context mode (inference): steps holding no requested row are skipped.
+    pack_tissues
+        Training only: a step holds several whole tissues (each after node drop and the cap),
+        at most ``max_cells`` cells in all, and is yielded as a list of their row lists
+        (:class:`TissueDataset` stacks them and numbers them in ``"tissue_index"``). Tissues are
+        grouped at random each epoch into a fixed number of steps (:func:`pack_steps`); the
+        steps, not the tissues, are shared across DDP ranks, so every tissue is still seen once
+        per epoch.
     """
 
     def __init__(
@@ -131,7 +236,20 @@ class TissueBatchSampler(Sampler):
         num_replicas: int = 1,
         rank: int = 0,
         requested: np.ndarray | None = None,
+        pack_tissues: bool = False,
     ):
+        if pack_tissues:
+            if not shuffle or requested is not None:
+                raise ValueError(
+                    "pack_tissues=True is for training steps (shuffle=True): evaluation and "
+                    "inference read one tissue per step."
+                )
+            if not max_cells:
+                raise ValueError(
+                    "pack_tissues=True needs a cell budget per step: pass max_cells (train(): "
+                    "batch_size / max_cells_per_step)."
+                )
+        self.pack_tissues = pack_tissues
         indices = np.asarray(indices, dtype=np.int64)
         self.requested = requested
         codes = np.asarray(tissue_codes).reshape(-1)
@@ -169,11 +287,18 @@ class TissueBatchSampler(Sampler):
         rng = np.random.default_rng([self.seed, self.epoch])
         steps = self._steps(rng)
         order = rng.permutation(len(steps)) if self.shuffle else np.arange(len(steps))
+        packs = None
+        if self.pack_tissues:  # several tissues per step
+            packs = pack_steps(np.array([len(s) for s in steps]), self.max_cells, rng)
+            order = np.arange(len(packs))
         if self.num_replicas > 1:
             total = math.ceil(len(order) / self.num_replicas) * self.num_replicas
             order = np.resize(order, total)[self.rank :: self.num_replicas]
         for i in order:
-            yield steps[i].tolist()
+            if packs is None:
+                yield steps[i].tolist()
+            else:
+                yield [steps[j].tolist() for j in packs[i]]
 
     def emission_order(self) -> np.ndarray:
         """Context mode: the requested rows in the order the model returns them (per step,
@@ -183,7 +308,11 @@ class TissueBatchSampler(Sampler):
         return np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
 
     def __len__(self) -> int:
-        n = len(self._steps(np.random.default_rng(0)))  # chunking is size-determined
+        steps = self._steps(np.random.default_rng(0))  # chunking is size-determined
+        n = len(steps)
+        if self.pack_tissues:  # as is packing (see pack_steps)
+            sizes = np.array([len(s) for s in steps])
+            n = len(pack_steps(sizes, self.max_cells, np.random.default_rng(0)))
         return math.ceil(n / self.num_replicas)
 
 
@@ -200,6 +329,10 @@ class TissueDataLoader(DataLoader):
 
     ``loss_rows`` ((n_obs,) bool) adds a ``"loss_mask"`` to each minibatch: the rows that enter
     the loss (within-tissue split: the other cells are context only).
+
+    ``pack_tissues=True`` (training, ``shuffle=True``) puts several whole tissues in one step,
+    ``batch_size`` cells at most in all (each tissue capped at it): see ``pack_tissues`` of
+    :class:`TissueBatchSampler`.
     """
 
     def __init__(
@@ -217,6 +350,7 @@ class TissueDataLoader(DataLoader):
         data_and_attributes=None,
         context: bool = False,
         loss_rows: np.ndarray | None = None,
+        pack_tissues: bool = False,
         **kwargs,
     ):
         n_obs = adata_manager.adata.n_obs
@@ -243,6 +377,7 @@ class TissueDataLoader(DataLoader):
             num_replicas=num_replicas,
             rank=rank,
             requested=requested,
+            pack_tissues=pack_tissues,
         )
         kwargs.pop("iter_ndarray", None)
         super().__init__(
@@ -276,6 +411,10 @@ class TissueDataSplitter(LightningDataModule):
         Official node drop: fraction of a tissue's cells left out at each training step.
     distributed_sampler
         Share tissues across DDP ranks.
+    pack_tissues
+        Training steps hold several whole tissues, ``max_cells_per_step`` cells at most in all
+        (see ``pack_tissues`` of :class:`TissueBatchSampler`); validation and test read one
+        tissue per step.
     split_by
         ``"tissues"``: whole tissues go to one split. ``"cells"`` (the official fine-tuning
         pipelines' ``split_field``): cells of one tissue go to different splits; every loader
@@ -299,9 +438,15 @@ class TissueDataSplitter(LightningDataModule):
         distributed_sampler: bool = False,
         split_by: str = "tissues",
         split_key: str | None = None,
+        pack_tissues: bool = False,
         **loader_kwargs,
     ):
         super().__init__()
+        if pack_tissues and not max_cells_per_step:
+            raise ValueError(
+                "pack_tissues=True needs max_cells_per_step, the cell budget of a packed step."
+            )
+        self.pack_tissues = pack_tissues
         self.adata_manager = adata_manager
         for unused in ("batch_size", "load_sparse_tensor", "drop_last", "drop_dataset_tail"):
             loader_kwargs.pop(unused, None)
@@ -383,6 +528,7 @@ class TissueDataSplitter(LightningDataModule):
             shuffle=train,
             drop_node_rate=self.drop_node_rate,
             distributed_sampler=self.distributed_sampler,
+            pack_tissues=self.pack_tissues and train,
             **self.loader_kwargs,
         )
 

@@ -830,6 +830,7 @@ class CellPLM(TissueContextMixin, RNASeqMixin, VAEMixin, BaseMinifiedModeModelCl
         drop_node_rate: float = 0.3,
         gradient_clip_val: float | None = 2.0,
         max_cells_per_step: int | None = None,
+        pack_tissues: bool = False,
         checkpoint_every_n_steps: int | None = None,
         checkpoint_dir: str | os.PathLike | None = None,
         ckpt_path: str | os.PathLike | None = None,
@@ -876,6 +877,18 @@ class CellPLM(TissueContextMixin, RNASeqMixin, VAEMixin, BaseMinifiedModeModelCl
             Gradient norm clipping (official fine-tuning: 2.0).
         max_cells_per_step
             Alias of ``batch_size``.
+        pack_tissues
+            Put several whole tissues in one training step, ``batch_size`` cells at most in all
+            (each tissue capped at it), instead of one tissue per step: faster with small
+            tissues. Attention stays within each tissue, each tissue is masked and spatially
+            scaled alone, and the step's loss is the mean of the per-tissue losses (each with
+            its own free-bits floors), so packing changes which tissues share an optimizer
+            step, not what is computed for a tissue. Steps per epoch drop about
+            ``batch_size / mean tissue size`` times (scale step-based schedules such as
+            ``n_steps_lr_warmup`` accordingly). Validation reads one tissue per step. Keeps the
+            registered tissues (``redraw_tissues=None`` means off; ``True`` raises). With
+            ``datamodule=``, set it on the data module instead
+            (:class:`~cellplm_scvi.data.TissueCorpus` ``pack_tissues``).
         checkpoint_every_n_steps
             Write a Lightning checkpoint every N optimiser steps (weights, AdamW moments,
             learning-rate schedulers, global step, the KL warm-up counter, random generators
@@ -900,6 +913,18 @@ class CellPLM(TissueContextMixin, RNASeqMixin, VAEMixin, BaseMinifiedModeModelCl
             if batch_size not in (None, 4000, max_cells_per_step):
                 raise ValueError("Pass batch_size or its alias max_cells_per_step, not both.")
             batch_size = max_cells_per_step
+        if pack_tissues:
+            if datamodule is not None:
+                raise ValueError(
+                    "pack_tissues applies to the AnnData's tissue splitter; with datamodule= set "
+                    "it on the data module (e.g. TissueCorpus(..., max_cells_per_step=8000, "
+                    "pack_tissues=True))."
+                )
+            if batch_size is None:
+                raise ValueError(
+                    "pack_tissues=True needs a cell budget per step: pass batch_size (or "
+                    "max_cells_per_step), e.g. 4000."
+                )
         if max_epochs is None:
             n_obs = getattr(datamodule, "n_obs", None) if datamodule is not None else None
             n_obs = self.adata.n_obs if datamodule is None else n_obs
@@ -924,6 +949,7 @@ class CellPLM(TissueContextMixin, RNASeqMixin, VAEMixin, BaseMinifiedModeModelCl
                 max_cells_per_step=batch_size,
                 drop_node_rate=drop_node_rate,
                 distributed_sampler=distributed,
+                **({"pack_tissues": True} if pack_tissues else {}),
                 **(datasplitter_kwargs or {}),
             )
         plan_kwargs = {"lr": lr, **merge_kwargs(plan_config, plan_kwargs, name="plan")}

@@ -25,12 +25,22 @@ from .._constants import (
     REQUESTED_KEY,
     SIZE_FACTOR_KEY,
     SPATIAL_KEY,
+    TISSUE_INDEX_KEY,
     X_KEY,
 )
-from ..nn import CellEmbedder, FlowformerEncoder, GMVAELatent, LatentStack, NBDecoder, VAELatent
+from ..nn import (
+    CellEmbedder,
+    FlowformerEncoder,
+    GMVAELatent,
+    LatentStack,
+    NBDecoder,
+    TissueSegments,
+    VAELatent,
+)
 from ..nn._int8 import Int8InferenceMixin
+from ..nn._segments import segment_mean
 from ._loss import masked_nb_loss, nb_nll
-from ._masking import TissueMask, apply_mask, sample_mask
+from ._masking import TissueMask, apply_mask, join_masks, sample_mask
 
 OBJECTIVES = ("pretrain", "imputation", "annotation")
 
@@ -44,8 +54,14 @@ class _PreLatentNorm(nn.Module):
         return self.norm(h)
 
 
-def scale_coordinates(coords: torch.Tensor) -> torch.Tensor:
-    """Min-max scale (N, 2) coordinates of one tissue to [0, 1] per axis (NaN rows kept)."""
+def scale_coordinates(coords: torch.Tensor, tissues: TissueSegments | None = None) -> torch.Tensor:
+    """Min-max scale (N, 2) coordinates of one tissue (or of each packed tissue) to [0, 1] per
+    axis (NaN rows kept)."""
+    if tissues is not None:
+        out = coords.clone()
+        for rows in tissues.rows():
+            out[rows] = scale_coordinates(coords[rows])
+        return out
     finite = ~coords.isnan().any(1)
     if not finite.any():
         return coords
@@ -220,6 +236,7 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
             "x": tensors[X_KEY],
             "coords": tensors.get(SPATIAL_KEY),
             "requested": tensors.get(REQUESTED_KEY),
+            "tissue_index": tensors.get(TISSUE_INDEX_KEY),
         }
 
     def _get_generative_input(self, tensors: dict, inference_outputs: dict, **kwargs) -> dict:
@@ -249,6 +266,7 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
         coords: torch.Tensor | None = None,
         requested: torch.Tensor | None = None,
         n_samples: int = 1,
+        tissue_index: torch.Tensor | None = None,
     ) -> dict:
         """Encode one tissue of N cells; keep the ``requested`` rows (R of them) after the encoder.
 
@@ -256,24 +274,51 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
         evaluation the posterior mean for ``n_samples=1``, else ``n_samples`` draws,
         (S, R, L)), ``qz_m``/``qz_v``, the pre-latent state ``h`` (R, d), the latent ``loss``,
         per-cell ``kl``, class ``logits`` (with a head) and, in training, the input ``mask``.
+
+        ``tissue_index`` ((N,) long, 0..T-1; a packed training step of T tissues): every tissue
+        is masked, scaled, attended over and given its latent loss as if it were alone (the
+        latent ``loss`` is the mean over tissues).
         """
         if x.layout == torch.sparse_csc or x.layout == torch.sparse_coo:
             x = x.to_sparse_csr()
+        tissues = None
+        if tissue_index is not None:
+            if requested is not None:
+                raise ValueError(
+                    "A packed minibatch (tissue_index) cannot select requested rows: inference "
+                    "reads one tissue per step."
+                )
+            tissues = TissueSegments.from_index(tissue_index.to(x.device))
         mask = None
-        if self.training and self.mask_cell_rate > 0 and self.mask_gene_rate > 0:
+        masking = self.training and self.mask_cell_rate > 0 and self.mask_gene_rate > 0
+        if masking and tissues is not None:  # one mask per tissue, drawn as for it alone
+            rows = tissues.rows()
+            masks = [
+                sample_mask(
+                    len(r),
+                    x.shape[1],
+                    self.mask_cell_rate,
+                    self.mask_gene_rate,
+                    x.device,
+                )
+                for r in rows
+            ]
+            mask = join_masks(masks, rows)
+            x = apply_mask(x, mask)
+        elif masking:
             mask = sample_mask(
                 x.shape[0], x.shape[1], self.mask_cell_rate, self.mask_gene_rate, x.device
             )
             x = apply_mask(x, mask)
         pe_coords = None
         if self.use_spatial_pe and coords is not None:
-            pe_coords = scale_coordinates(coords.float())
+            pe_coords = scale_coordinates(coords.float(), tissues)
         h = self.embedder(x, self.embed_index, pe_coords)  # (N, d)
         encoder = self.inference_module("encoder")  # int8 copy in int8_inference()
-        h = self.pre_latent_norm(encoder(h))  # (N, d): cells saw their whole tissue
+        h = self.pre_latent_norm(encoder(h, tissues))  # (N, d): cells saw their whole tissue
         if requested is not None:
             h = h[requested.view(-1).bool()]  # (R, d)
-        out = self.latent(h)
+        out = self.latent(h, tissues)
         out["h"] = h
         out["mask"] = mask
         if self.classifier is not None:
@@ -403,7 +448,9 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
         ``"pretrain"``: masked NB loss on masked cells (+ DAE term), latent loss and, with
         labels, the cross-entropy of labelled cells. In evaluation (no mask) every requested
         cell enters the NB loss and there is no DAE term. Rows outside a minibatch's
-        ``"loss_mask"`` enter no term.
+        ``"loss_mask"`` enter no term. A packed step (``"tissue_index"``, T tissues) gets the
+        mean over tissues of these losses, each tissue's NB and cross-entropy terms averaged over
+        its own cells (the latent loss is already per tissue, see the latent layers).
         """
         rows = _requested_rows(tensors)
         # float32 even under autocast: bf16 holds integers exactly only up to 256
@@ -444,7 +491,14 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
             loss = logits.sum() * 0.0 if ce is None else ce  # no labelled row: no gradient
             recon, kl = recon.detach(), kl.detach()
         else:
-            loss = (recon.mean() if recon.numel() else recon.sum()) + kl_weight * latent_loss
+            tissue_index = tensors.get(TISSUE_INDEX_KEY)
+            if tissue_index is None:
+                recon_mean = recon.mean() if recon.numel() else recon.sum()
+            else:  # packed step: the mean over tissues of each one's mean over its cells
+                tissue_index = tissue_index.view(-1).long().to(recon.device)
+                n_tissues = int(tissue_index.max()) + 1
+                recon_mean = segment_mean(recon, tissue_index[cells], n_tissues).mean()
+            loss = recon_mean + kl_weight * latent_loss
             if ce is not None:
                 loss = loss + self.classification_ratio * ce
         if ce is not None:
@@ -460,12 +514,15 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
 
     def measured_weights(self, tensors: dict) -> torch.Tensor | None:
         """(R, G_matched) bool: the genes each requested cell measured, or ``None``: the
-        minibatch's own ``"measured"`` mask ((G,) for all its cells, or (N, G); corpus files),
-        else the row of the cell's batch in ``measured_genes``."""
+        minibatch's own ``"measured"`` mask ((G,) for all its cells, or (N, G); corpus files;
+        (T, G), one row per tissue, in a packed step), else the row of the cell's batch in
+        ``measured_genes``."""
         measured = tensors.get(MEASURED_KEY)
         if measured is not None:
             measured = measured.bool()
-            if measured.dim() == 1 or measured.shape[0] == 1:
+            if TISSUE_INDEX_KEY in tensors and measured.dim() == 2:  # packed: (T, G)
+                measured = measured[tensors[TISSUE_INDEX_KEY].view(-1).long()]
+            elif measured.dim() == 1 or measured.shape[0] == 1:
                 n = tensors[X_KEY].shape[0]
                 measured = measured.view(1, -1).expand(n, -1)
             rows = measured[_requested_rows(tensors)]
@@ -489,7 +546,14 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
         if not known.any():
             return None
         logits = inference_outputs["logits"][known]
-        return nn.functional.cross_entropy(logits, labels[known])
+        tissue_index = tensors.get(TISSUE_INDEX_KEY)
+        if tissue_index is None:
+            return nn.functional.cross_entropy(logits, labels[known])
+        # packed step: the mean over tissues of each one's cross-entropy (0 with no label)
+        tissue_index = tissue_index.view(-1).long().to(known.device)
+        per_cell = nn.functional.cross_entropy(logits, labels[known], reduction="none")
+        n_tissues = int(tissue_index.max()) + 1
+        return segment_mean(per_cell, tissue_index[known], n_tissues).mean()
 
     @torch.inference_mode()
     def sample(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -49,3 +49,18 @@ def apply_mask(x: torch.Tensor, mask: TissueMask) -> torch.Tensor:
     return torch.sparse_csr_tensor(
         crow, col, values.masked_fill(hidden, 0.0), x.shape, check_invariants=False
     )
+
+
+def join_masks(masks: list[TissueMask], rows: list[torch.Tensor]) -> TissueMask:
+    """One mask of a packed step from the masks of its tissues, each drawn for that tissue alone.
+
+    ``rows[t]`` are the step's row indices of tissue ``t`` (the mask of tissue ``t`` indexes
+    them). Fully hidden cells (``n_hidden``) of every tissue come first, as in one tissue's mask.
+    """
+    n_hidden = [getattr(m, "n_hidden", 0) for m in masks]
+    parts = [(r[m.cells[:k]], m.entries[:k]) for m, r, k in zip(masks, rows, n_hidden)]
+    parts += [(r[m.cells[k:]], m.entries[k:]) for m, r, k in zip(masks, rows, n_hidden)]
+    cells = torch.cat([c for c, _ in parts])
+    entries = torch.cat([e for _, e in parts])
+    extra = {"n_hidden": sum(n_hidden)} if hasattr(masks[0], "n_hidden") else {}
+    return replace(masks[0], cells=cells, entries=entries, **extra)
