@@ -24,7 +24,7 @@ from torch import nn
 
 import cellplm_scvi as cp
 import cellplm_scvi.module._cellplm as module_impl
-from cellplm_scvi._constants import LABELS_KEY, SPATIAL_KEY, TISSUE_INDEX_KEY, X_KEY
+from cellplm_scvi._constants import LABELS_KEY, LOSS_MASK_KEY, SPATIAL_KEY, TISSUE_INDEX_KEY, X_KEY
 from cellplm_scvi._genes import official_config
 from cellplm_scvi.data import TissueBatchSampler
 from cellplm_scvi.data._tissue_loader import _to_csr_tensor, pack_minibatches, pack_steps
@@ -256,6 +256,21 @@ def test_packed_step_equals_tissues_one_by_one(latent, monkeypatch):
     )
     with torch.no_grad():
         assert abs(float(_step(module, big)[1]) - float(packed[1])) > 1e-3
+
+
+def test_packed_step_with_loss_mask(monkeypatch):
+    """Within-tissue split (``"loss_mask"``, ``split_by="cells"``): the packed step still
+    equals the tissues one by one, each NB mean over its masked cells inside the mask."""
+    masks = _masks()
+    masks.install(monkeypatch)
+    noise = RowNoise(sum(SIZES))
+    noise.install(monkeypatch)
+    module = _module("gmvae")
+    tissues = _tissues()
+    rng = np.random.default_rng(1)
+    for tensors in tissues:
+        tensors[LOSS_MASK_KEY] = torch.as_tensor(rng.random(tensors[X_KEY].shape[0]) < 0.6)
+    _assert_same(*_run_both(module, tissues, noise))
 
 
 @pytest.mark.parametrize("latent", ["gmvae", "vae"])

@@ -465,7 +465,7 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
         if mask is not None and self.objective == "pretrain":
             cells = mask.cells
         if in_loss is not None:
-            cells = in_loss if cells is None else cells & in_loss
+            cells = in_loss if cells is None else cells[in_loss[cells]]  # masked, in the loss
         cells = slice(None) if cells is None else cells
         entries = None  # hidden entries of the masked cells, for the DAE term
         if mask is not None and self.dae and self.objective == "pretrain":
