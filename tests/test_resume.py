@@ -53,6 +53,12 @@ def test_loader_state_skips_the_steps_taken(corpus_files, tmp_path):  # noqa: F8
     # the next iteration is a whole epoch again
     assert len(list(resumed.sampler)) == n
 
+    # DataLoader workers read ahead of the trainer: the position is still the trainer's
+    workers = _corpus(corpus_files, cache_dir=tmp_path, num_workers=2).train_dataloader()
+    workers.load_state_dict(state)
+    rest = [tuple(np.unique(b["ind_x"].view(-1).numpy()).tolist()) for b in workers]
+    assert taken + rest == epoch
+
     # a checkpoint after an epoch's last step continues with the next epoch's first
     after_last = _corpus(corpus_files, cache_dir=tmp_path).train_dataloader()
     after_last.load_state_dict({"epoch": 1, "position": n, "n_steps": n})

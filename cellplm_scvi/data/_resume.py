@@ -42,8 +42,9 @@ class _SkippingSampler(Sampler):
         return len(self.sampler)
 
     def __iter__(self):
-        start, self.start = self.start, 0  # only the first iteration after a resume skips
-        return itertools.islice(iter(self.sampler), start, None)
+        # the loader resets `start` once its iterator exists (a multi-process iterator calls
+        # this twice while it is built)
+        return itertools.islice(iter(self.sampler), self.start, None)
 
 
 class ResumableLoader(DataLoader):
@@ -77,7 +78,9 @@ class ResumableLoader(DataLoader):
 
     def __iter__(self):
         self.position = self.sampler.start
-        for batch in super().__iter__():
+        batches = super().__iter__()  # its sampler iteration skips `start` steps
+        self.sampler.start = 0  # only the first epoch after a resume skips
+        for batch in batches:
             self.position += 1
             yield batch
 
