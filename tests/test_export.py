@@ -317,7 +317,7 @@ def test_official_checkpoint_round_trips(latent, tmp_path):
 def test_spatial_encoding_is_refused(tmp_path):
     adata = make_adata()
     cp.CellPLM.setup_anndata(adata, spatial_key="spatial")
-    model = build_model(adata)
+    model = build_model(adata, spatial_pe=True)
     assert model.module.use_spatial_pe
     with pytest.raises(ValueError, match="spatial positional encoding.*spatial_pe=False"):
         model.save_official(tmp_path / "spatial")

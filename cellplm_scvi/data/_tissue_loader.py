@@ -20,6 +20,7 @@ import math
 import warnings
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 import torch
 from lightning.pytorch import LightningDataModule
@@ -27,13 +28,16 @@ from scvi import settings
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .._constants import (
+    BATCH_KEY,
     LOSS_MASK_KEY,
     MEASURED_KEY,
     REQUESTED_KEY,
+    SPATIAL_KEY,
     TISSUE_INDEX_KEY,
     TISSUE_KEY,
     X_KEY,
 )
+from ..pp._tissues import local_regions
 
 SPLIT_NAMES = {"train": 0, "validation": 1, "valid": 1, "test": 2}  # `split_key` values
 
@@ -216,6 +220,13 @@ class TissueBatchSampler(Sampler):
         DDP: every rank gets the same number of steps (tissues are repeated to pad).
     requested
         (n_obs,) bool. Context mode (inference): steps holding no requested row are skipped.
+    redraw
+        ``(coords, groups, size)`` of the rows in ``indices``: (n, 2) coordinates, (n,) slide
+        codes and the cells per re-drawn tissue (``None``: the registered tissues' mean size).
+        In training (``shuffle``) the tissues are then drawn anew each epoch: within each slide,
+        the Voronoi regions of ``round(n_slide / size)`` random cells, relaxed by two Lloyd
+        steps (local, whole; :func:`~cellplm_scvi.pp._tissues.local_regions`), so no cell
+        stays at one tissue border. Node drop and the cap apply as usual.
     pack_tissues
         Training only: a step holds several whole tissues (each after node drop and the cap),
         at most ``max_cells`` cells in all, and is yielded as a list of their row lists
@@ -236,6 +247,7 @@ class TissueBatchSampler(Sampler):
         num_replicas: int = 1,
         rank: int = 0,
         requested: np.ndarray | None = None,
+        redraw: tuple[np.ndarray, np.ndarray, int | None] | None = None,
         pack_tissues: bool = False,
     ):
         if pack_tissues:
@@ -249,6 +261,11 @@ class TissueBatchSampler(Sampler):
                     "pack_tissues=True needs a cell budget per step: pass max_cells (train(): "
                     "batch_size / max_cells_per_step)."
                 )
+            if redraw is not None:
+                raise ValueError(
+                    "pack_tissues=True is not supported with redrawn tissues (redraw=): their "
+                    "sizes change each epoch, and so would the number of packed steps."
+                )
         self.pack_tissues = pack_tissues
         indices = np.asarray(indices, dtype=np.int64)
         self.requested = requested
@@ -259,6 +276,25 @@ class TissueBatchSampler(Sampler):
         self.shuffle, self.drop_node_rate, self.max_cells = shuffle, drop_node_rate, max_cells
         self.seed, self.epoch = seed, 0
         self.num_replicas, self.rank = num_replicas, rank
+        self.redraw = None
+        if redraw is not None:
+            coords, groups, size = redraw
+            groups = np.asarray(groups)
+            if size is None:  # the registered tissues' mean size
+                size = len(indices) / max(1, len(self.tissues))
+            slides = [np.flatnonzero(groups == g) for g in np.unique(groups)]
+            self.redraw = (indices, np.asarray(coords, dtype=np.float64), slides, size)
+
+    def _redrawn_tissues(self, rng: np.random.Generator) -> list[np.ndarray]:
+        """This epoch's local tissues (see ``redraw``)."""
+        indices, coords, slides, size = self.redraw
+        tissues = []
+        for rows in slides:
+            region = local_regions(coords[rows], size, rng)
+            order = np.argsort(region, kind="stable")
+            bounds = np.flatnonzero(np.diff(region[order])) + 1
+            tissues += [indices[rows[part]] for part in np.split(order, bounds)]
+        return tissues
 
     def set_epoch(self, epoch: int) -> None:
         """Called by Lightning at the start of each epoch."""
@@ -266,7 +302,8 @@ class TissueBatchSampler(Sampler):
 
     def _steps(self, rng: np.random.Generator) -> list[np.ndarray]:
         steps = []
-        for cells in self.tissues:
+        redrawn = self.shuffle and self.redraw is not None
+        for cells in self._redrawn_tissues(rng) if redrawn else self.tissues:
             if self.shuffle:  # training: node drop, then cap
                 if self.drop_node_rate > 0:
                     n_keep = max(1, int(len(cells) * (1 - self.drop_node_rate)))
@@ -330,6 +367,9 @@ class TissueDataLoader(DataLoader):
     ``loss_rows`` ((n_obs,) bool) adds a ``"loss_mask"`` to each minibatch: the rows that enter
     the loss (within-tissue split: the other cells are context only).
 
+    ``redraw_tissues`` (training; ``True``, or the cells per tissue) draws local tissues anew
+    every epoch from the registered coordinates (see ``redraw`` of :class:`TissueBatchSampler`).
+
     ``pack_tissues=True`` (training, ``shuffle=True``) puts several whole tissues in one step,
     ``batch_size`` cells at most in all (each tissue capped at it): see ``pack_tissues`` of
     :class:`TissueBatchSampler`.
@@ -350,6 +390,7 @@ class TissueDataLoader(DataLoader):
         data_and_attributes=None,
         context: bool = False,
         loss_rows: np.ndarray | None = None,
+        redraw_tissues: bool | int = False,
         pack_tissues: bool = False,
         **kwargs,
     ):
@@ -377,6 +418,7 @@ class TissueDataLoader(DataLoader):
             num_replicas=num_replicas,
             rank=rank,
             requested=requested,
+            redraw=_redraw(adata_manager, indices, redraw_tissues) if redraw_tissues else None,
             pack_tissues=pack_tissues,
         )
         kwargs.pop("iter_ndarray", None)
@@ -391,6 +433,22 @@ class TissueDataLoader(DataLoader):
     def emission_order(self) -> np.ndarray:
         """Rows in the order the model's outputs come (context mode)."""
         return self.sampler.emission_order()
+
+
+def _redraw(adata_manager, indices: np.ndarray, redraw_tissues: bool | int) -> tuple:
+    """``redraw`` of :class:`TissueBatchSampler`: (coordinates, slide code) of ``indices`` and
+    the size (an int ``redraw_tissues``, else ``None``). Slides are the ``library_key`` values,
+    else the batches (re-drawn tissues never span two slides)."""
+    if SPATIAL_KEY not in adata_manager.data_registry:
+        raise ValueError("redraw_tissues needs coordinates: setup_anndata(spatial_key=...).")
+    coords = np.asarray(adata_manager.get_from_registry(SPATIAL_KEY), dtype=np.float64)[:, :2]
+    library_key = adata_manager.registry["setup_args"].get("library_key")
+    if library_key is not None:
+        slides = pd.Categorical(adata_manager.adata.obs[library_key]).codes
+    else:
+        slides = np.asarray(adata_manager.get_from_registry(BATCH_KEY)).reshape(-1)
+    size = None if redraw_tissues is True else int(redraw_tissues)
+    return coords[indices], np.asarray(slides)[indices], size
 
 
 class TissueDataSplitter(LightningDataModule):
@@ -425,6 +483,11 @@ class TissueDataSplitter(LightningDataModule):
     split_key
         ``adata.obs`` column with the split of each cell (``"train"``, ``"validation"`` or
         ``"valid"``, ``"test"``); implies ``split_by="cells"`` and replaces the sizes.
+    redraw_tissues
+        Training tissues drawn anew every epoch from the coordinates (local regions within each
+        ``library_key`` slide, else batch, of this many cells, or for ``True`` of the
+        registered tissues' mean size; see
+        ``redraw`` of :class:`TissueBatchSampler`); validation and test keep the registered ones.
     """
 
     def __init__(
@@ -438,6 +501,7 @@ class TissueDataSplitter(LightningDataModule):
         distributed_sampler: bool = False,
         split_by: str = "tissues",
         split_key: str | None = None,
+        redraw_tissues: bool | int = False,
         pack_tissues: bool = False,
         **loader_kwargs,
     ):
@@ -448,6 +512,7 @@ class TissueDataSplitter(LightningDataModule):
             )
         self.pack_tissues = pack_tissues
         self.adata_manager = adata_manager
+        self.redraw_tissues = redraw_tissues
         for unused in ("batch_size", "load_sparse_tensor", "drop_last", "drop_dataset_tail"):
             loader_kwargs.pop(unused, None)
         self.loader_kwargs = loader_kwargs
@@ -528,6 +593,7 @@ class TissueDataSplitter(LightningDataModule):
             shuffle=train,
             drop_node_rate=self.drop_node_rate,
             distributed_sampler=self.distributed_sampler,
+            redraw_tissues=self.redraw_tissues if train else False,
             pack_tissues=self.pack_tissues and train,
             **self.loader_kwargs,
         )

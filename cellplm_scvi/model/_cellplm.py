@@ -54,6 +54,11 @@ from ._training_plan import CellPLMTrainingPlan
 
 logger = logging.getLogger("cellplm_scvi")
 
+# of a from-scratch spatial model's training tissues, the fraction of cells hidden whole
+SPATIAL_HIDE_CELL_RATE = 0.3
+# its niche read-out attends within local windows of about this many cells of a tissue
+SPATIAL_NICHE_CELLS = 64
+
 
 class CellPLM(TissueContextMixin, RNASeqMixin, VAEMixin, BaseMinifiedModeModelClass):
     """CellPLM: cells are tokens, tissues are sentences (:cite:p:`Wen2024`).
@@ -84,10 +89,20 @@ class CellPLM(TissueContextMixin, RNASeqMixin, VAEMixin, BaseMinifiedModeModelCl
         Dropout throughout the network (official pretraining: 0.2).
     spatial_pe
         Add the 2-D sinusoidal encoding of coordinates (scaled to [0, 1] per tissue). ``None``:
-        on when coordinates are registered.
+        on when coordinates are registered and no cell is hidden (``hide_cell_rate=0``); off
+        for the default spatial model, whose niche read-out it degraded.
     mask_cell_rate, mask_gene_rate
         Masking of the training objective: fraction of a tissue's cells masked, and fraction of
         the entries of a masked cell hidden from the encoder.
+    hide_cell_rate
+        Fraction of a tissue's cells, among the masked ones, hidden whole (all genes) at each
+        training step and reconstructed from their tissue alone: the objective that makes the
+        encoder read a cell's niche, and the model behind
+        ``get_latent_representation(representation="niche")``. ``None``: ``0.3`` when
+        coordinates are registered (a from-scratch spatial model), else ``0`` (the official
+        objective; :meth:`load_official` always uses ``0``). A cell-hiding model on coordinates
+        reads the niche within windows of about 64 cells of each tissue (module argument
+        ``niche_cells``; ``niche_cells=None``: the whole tissue).
     dae
         Add the NB loss of the hidden entries alone (official ``dae``).
     vocabulary
@@ -130,6 +145,7 @@ class CellPLM(TissueContextMixin, RNASeqMixin, VAEMixin, BaseMinifiedModeModelCl
         spatial_pe: bool | None = None,
         mask_cell_rate: float = 0.75,
         mask_gene_rate: float = 0.25,
+        hide_cell_rate: float | None = None,
         dae: bool = True,
         vocabulary: Sequence[str] | None = None,
         gene_key: str | None = None,
@@ -140,7 +156,12 @@ class CellPLM(TissueContextMixin, RNASeqMixin, VAEMixin, BaseMinifiedModeModelCl
         self.registry_built_ = adata is None  # saved: `load` rebuilds it without an AnnData
         fields = self.registry_["field_registries"]
         has_coords = SPATIAL_KEY in fields
-        spatial_pe = has_coords if spatial_pe is None else spatial_pe
+        if hide_cell_rate is None:
+            hide_cell_rate = SPATIAL_HIDE_CELL_RATE if has_coords else 0.0
+        if hide_cell_rate > 0 and has_coords:  # the niche read-out's local windows
+            module_kwargs.setdefault("niche_cells", SPATIAL_NICHE_CELLS)
+        # the encoding hurt the niche read-out of cell-hiding models (benchmarks/README.md)
+        spatial_pe = has_coords and not hide_cell_rate if spatial_pe is None else spatial_pe
         if spatial_pe and not has_coords:
             raise ValueError(
                 "spatial_pe=True needs coordinates: call setup_anndata(spatial_key=...)."
@@ -182,6 +203,7 @@ class CellPLM(TissueContextMixin, RNASeqMixin, VAEMixin, BaseMinifiedModeModelCl
             use_spatial_pe=spatial_pe,
             mask_cell_rate=mask_cell_rate,
             mask_gene_rate=mask_gene_rate,
+            hide_cell_rate=hide_cell_rate,
             dae=dae,
             **{**derived, **module_kwargs},
         )
@@ -189,7 +211,7 @@ class CellPLM(TissueContextMixin, RNASeqMixin, VAEMixin, BaseMinifiedModeModelCl
         n_params = sum(p.numel() for p in self.module.parameters())
         self._model_summary_string = (
             f"CellPLM: n_hidden={n_hidden}, n_layers={n_layers}, n_latent={n_latent}, "
-            f"latent={latent!r}, spatial_pe={spatial_pe}, "
+            f"latent={latent!r}, spatial_pe={spatial_pe}, hide_cell_rate={hide_cell_rate}, "
             f"vocabulary={self.module.n_vocab} genes, {n_params:,} parameters"
         )
         self.init_params_ = self._get_init_params(locals())
@@ -830,6 +852,7 @@ class CellPLM(TissueContextMixin, RNASeqMixin, VAEMixin, BaseMinifiedModeModelCl
         drop_node_rate: float = 0.3,
         gradient_clip_val: float | None = 2.0,
         max_cells_per_step: int | None = None,
+        redraw_tissues: bool | int | None = None,
         pack_tissues: bool = False,
         checkpoint_every_n_steps: int | None = None,
         checkpoint_dir: str | os.PathLike | None = None,
@@ -877,6 +900,15 @@ class CellPLM(TissueContextMixin, RNASeqMixin, VAEMixin, BaseMinifiedModeModelCl
             Gradient norm clipping (official fine-tuning: 2.0).
         max_cells_per_step
             Alias of ``batch_size``.
+        redraw_tissues
+            Train on local tissues drawn anew every epoch (random Voronoi regions of the
+            coordinates within each slide, of the registered tissues' mean size, or of this
+            many cells for an int; see
+            :class:`~cellplm_scvi.data.TissueBatchSampler`), so no cell always sits at a tissue
+            border; validation and inference use the registered tissues. ``None``: on for a
+            model that hides cells (``hide_cell_rate > 0``) on registered coordinates whose
+            slides are known (``setup_anndata(library_key=...)``, or computed tissues without
+            it: one slide); with ``tissue_key`` and no ``library_key``, off.
         pack_tissues
             Put several whole tissues in one training step, ``batch_size`` cells at most in all
             (each tissue capped at it), instead of one tissue per step: faster with small
@@ -925,6 +957,12 @@ class CellPLM(TissueContextMixin, RNASeqMixin, VAEMixin, BaseMinifiedModeModelCl
                     "pack_tissues=True needs a cell budget per step: pass batch_size (or "
                     "max_cells_per_step), e.g. 4000."
                 )
+            if redraw_tissues:
+                raise ValueError(
+                    "pack_tissues=True and redraw_tissues=True cannot be combined: redrawn "
+                    "tissues change size every epoch, and so would the number of packed steps."
+                )
+            redraw_tissues = False
         if max_epochs is None:
             n_obs = getattr(datamodule, "n_obs", None) if datamodule is not None else None
             n_obs = self.adata.n_obs if datamodule is None else n_obs
@@ -949,6 +987,7 @@ class CellPLM(TissueContextMixin, RNASeqMixin, VAEMixin, BaseMinifiedModeModelCl
                 max_cells_per_step=batch_size,
                 drop_node_rate=drop_node_rate,
                 distributed_sampler=distributed,
+                redraw_tissues=self._redraw_default(redraw_tissues),
                 **({"pack_tissues": True} if pack_tissues else {}),
                 **(datasplitter_kwargs or {}),
             )
@@ -995,6 +1034,19 @@ class CellPLM(TissueContextMixin, RNASeqMixin, VAEMixin, BaseMinifiedModeModelCl
                 return runner()
         finally:
             self.is_trained_ = self.is_trained_ or starts_history
+
+    def _redraw_default(self, redraw_tissues: bool | int | None) -> bool | int:
+        """``train(redraw_tissues=None)``: on for a cell-hiding model on coordinates."""
+        has_coords = SPATIAL_KEY in self.adata_manager.data_registry
+        if redraw_tissues is None:  # slides known: library_key, or computed tissues of one slide
+            setup = self.adata_manager.registry["setup_args"]
+            slides = setup.get("library_key") is not None or setup.get("tissue_key") is None
+            redraw_tissues = has_coords and self.module.hide_cell_rate > 0 and slides
+        if redraw_tissues and not has_coords:
+            raise ValueError(
+                "redraw_tissues=True needs coordinates: call setup_anndata(spatial_key=...)."
+            )
+        return redraw_tissues if redraw_tissues else False
 
     # ------------------------------------------------------------------ CellPLM-specific
     @torch.inference_mode()

@@ -466,7 +466,8 @@ def load_official(
     replaced, latent = check_overrides(overrides, config)  # before reading a large checkpoint
     state = _checkpoint.read_state_dict(ckpt_path, trust_pickle=trust_pickle)
     kwargs = {**_checkpoint.model_kwargs(config), **replaced}
-    model = cls(adata, spatial_pe=spatial_pe, gene_key=gene_key, **kwargs)
+    # the official objective: no cell is hidden whole, whatever the AnnData registers
+    model = cls(adata, spatial_pe=spatial_pe, gene_key=gene_key, hide_cell_rate=0.0, **kwargs)
     if latent != config.get("latent_mod", "vae"):
         # a fresh latent layer: the checkpoint's latent weights give way to the new layer's
         state = {k: v for k, v in state.items() if not k.startswith("latent.")}

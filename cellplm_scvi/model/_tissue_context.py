@@ -107,6 +107,8 @@ class TissueContextMixin:
         return_dist: bool = False,
         dataloader=None,
         precision: Literal["32", "bf16", "16", "int8"] = "32",
+        representation: Literal["cell", "niche", "both"] = "cell",
+        seed: int = 0,
         **data_loader_kwargs,
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Cell embeddings, (n_cells, n_latent), in the order of ``adata`` (or ``indices``).
@@ -131,7 +133,28 @@ class TissueContextMixin:
             activations (fbgemm; see the user guide's speed table), quantized once and cached
             on the model, the float weights untouched; per-cell cosine to ``"32"`` about 0.9999
             (a GMVAE cell whose two best clusters nearly tie can pick the other one).
+        representation
+            ``"cell"``: the cell's own latent (above). ``"niche"``: the latent of the cell with
+            its own counts hidden, read from the rest of its registered tissue through the
+            encoder's attention (:meth:`~cellplm_scvi.module.CellPLMModule.niche_inference`;
+            a few encoder passes per tissue, each hiding a disjoint random group, within local
+            windows of about ``niche_cells`` cells of the tissue for the default spatial model;
+            always the posterior mean). ``"both"``: ``[cell, niche]``, (n_cells, 2 * n_latent). The niche
+            read-out needs a model trained with hidden cells (``hide_cell_rate > 0``, the
+            default for a from-scratch model on spatial data).
+        seed
+            Seed of the niche read-out's groups and windows (with the tissue code): the result is
+            deterministic and the same for any subset of ``indices``.
         """
+        if representation not in ("cell", "niche", "both"):
+            raise ValueError(
+                f"representation must be 'cell', 'niche' or 'both', got {representation!r}."
+            )
+        if representation != "cell":
+            return self._niche_representation(
+                adata, indices, give_mean, mc_samples, batch_size, return_dist, dataloader,
+                precision, representation, seed, **data_loader_kwargs,
+            )  # fmt: skip
         sampling = self.module.sampling_posterior() if not give_mean else nullcontext()
         with _precision(self.module, precision), sampling:
             if dataloader is not None:
@@ -151,6 +174,41 @@ class TissueContextMixin:
         if return_dist:
             return tuple(np.asarray(a, dtype=np.float32)[back] for a in out)
         return np.asarray(out, dtype=np.float32)[back]
+
+    def _niche_representation(
+        self, adata, indices, give_mean, mc_samples, batch_size, return_dist, dataloader,
+        precision, representation, seed, **data_loader_kwargs,
+    ) -> np.ndarray:  # fmt: skip
+        """``representation="niche"`` or ``"both"`` of :meth:`get_latent_representation`."""
+        if return_dist or dataloader is not None:
+            raise ValueError(
+                f"representation={representation!r} returns embeddings of adata/indices: "
+                "return_dist=True and dataloader= are for representation='cell' only."
+            )
+        if self.module.hide_cell_rate == 0:
+            raise ValueError(
+                f"representation={representation!r} needs a model trained to reconstruct "
+                "hidden cells from their tissue (CellPLM(..., hide_cell_rate > 0), the default "
+                "with setup_anndata(spatial_key=...)); this model has hide_cell_rate=0."
+            )
+        if self.module.minified_data_type is not None:
+            raise ValueError("The niche read-out needs the counts; this AnnData is minified.")
+        adata, emitted, back = self._tissue_order(adata, indices, batch_size)
+        with _precision(self.module, precision):
+            niche = [
+                self.module.niche_inference(tensors, seed).cpu()
+                for tensors in self._make_data_loader(
+                    adata, emitted, batch_size, **data_loader_kwargs
+                )
+            ]
+        niche = torch.cat(niche).numpy().astype(np.float32)[back]
+        if representation == "niche":
+            return niche
+        cell = self.get_latent_representation(
+            adata, indices, give_mean, mc_samples, batch_size, precision=precision,
+            **data_loader_kwargs,
+        )  # fmt: skip
+        return np.hstack([cell, niche])
 
     @torch.inference_mode()
     def get_elbo(
@@ -250,9 +308,11 @@ class TissueContextMixin:
 
         scvi-tools' :meth:`~scvi.model.base.RNASeqMixin.get_normalized_expression`. With
         ``n_samples=1`` CellPLM decodes the posterior mean (its official read-out); with
-        ``n_samples > 1`` it averages (or returns) posterior samples. Genes outside the model
-        vocabulary cannot be decoded: the default ``gene_list`` is the decoded genes; columns
-        come in the order of ``gene_list``.
+        ``n_samples > 1`` it averages (or returns) posterior samples. The default ``gene_list``
+        is every gene of ``adata`` (scvi-tools' shape, which ``differential_expression`` and
+        ``adata.layers[...] = ...`` need): a gene outside the model vocabulary cannot be
+        decoded and gets 0 (see :attr:`~cellplm_scvi.CellPLM.matched_genes`). A ``gene_list``
+        you pass must name decoded genes (``KeyError`` otherwise); columns come in its order.
 
         Parameters
         ----------
@@ -284,7 +344,10 @@ class TissueContextMixin:
         if dataloader is not None:
             return super().get_normalized_expression(dataloader=dataloader, **kwargs)
         adata, emitted, back = self._tissue_order(adata, indices, batch_size)
-        gene_list = self._check_decoded(adata, gene_list)
+        if gene_list is None:  # every var_name, 0 outside the vocabulary (as the module's px)
+            gene_list = list(adata.var_names)
+        else:
+            gene_list = self._check_decoded(adata, gene_list)
         out = super().get_normalized_expression(
             adata, emitted, gene_list=gene_list, batch_size=batch_size, return_numpy=True,
             data_loader_kwargs=data_loader_kwargs, **kwargs,

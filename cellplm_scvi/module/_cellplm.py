@@ -26,6 +26,7 @@ from .._constants import (
     SIZE_FACTOR_KEY,
     SPATIAL_KEY,
     TISSUE_INDEX_KEY,
+    TISSUE_KEY,
     X_KEY,
 )
 from ..nn import (
@@ -39,6 +40,7 @@ from ..nn import (
 )
 from ..nn._int8 import Int8InferenceMixin
 from ..nn._segments import segment_mean
+from ..pp._tissues import local_regions
 from ._loss import masked_nb_loss, nb_nll
 from ._masking import TissueMask, apply_mask, join_masks, sample_mask
 
@@ -99,6 +101,14 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
         Add the 2-D sinusoidal encoding of coordinates (scaled to [0, 1] per tissue).
     mask_cell_rate, mask_gene_rate
         Fraction of cells masked per training step, and of the entries of a masked cell.
+    hide_cell_rate
+        Fraction of each tissue's cells, among the ``mask_cell_rate`` masked ones, hidden whole
+        (all genes zeroed) at each training step: they are reconstructed from their tissue
+        alone, which teaches the encoder to read a cell's niche (see :meth:`niche_inference`).
+        ``0``: the official objective.
+    niche_cells
+        The niche read-out attends within local windows of about this many cells of each
+        tissue (see :meth:`niche_inference`). ``None``: the whole tissue.
     dae
         Add the masked-entry ("denoising") NB term.
     latent_kwargs
@@ -143,6 +153,8 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
         use_spatial_pe: bool = False,
         mask_cell_rate: float = 0.75,
         mask_gene_rate: float = 0.25,
+        hide_cell_rate: float = 0.0,
+        niche_cells: int | None = None,
         dae: bool = True,
         latent_kwargs: dict | None = None,
         n_labels: int = 0,
@@ -165,7 +177,16 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
         self.latent_type = latent
         self.use_batch_covariate = use_batch_covariate
         self.use_spatial_pe = use_spatial_pe
+        if not 0 <= hide_cell_rate <= mask_cell_rate:
+            raise ValueError(
+                f"hide_cell_rate must be in [0, mask_cell_rate={mask_cell_rate}] (the hidden "
+                f"cells are part of the masked ones), got {hide_cell_rate}."
+            )
         self.mask_cell_rate, self.mask_gene_rate, self.dae = mask_cell_rate, mask_gene_rate, dae
+        self.hide_cell_rate = hide_cell_rate
+        if niche_cells is not None and niche_cells < 2:
+            raise ValueError(f"niche_cells must be at least 2 or None, got {niche_cells}.")
+        self.niche_cells = niche_cells
         self._set_gene_index(n_vocab, gene_index)
         self.categorical_covariates = tuple(categorical_covariates)
         self.gene_likelihood = "nb"
@@ -266,9 +287,13 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
         coords: torch.Tensor | None = None,
         requested: torch.Tensor | None = None,
         n_samples: int = 1,
+        hidden: torch.Tensor | None = None,
         tissue_index: torch.Tensor | None = None,
     ) -> dict:
         """Encode one tissue of N cells; keep the ``requested`` rows (R of them) after the encoder.
+
+        ``hidden`` ((N,) bool, evaluation): cells whose counts are zeroed before the encoder, so
+        their outputs come from their tissue alone (the niche read-out).
 
         Returns ``qz`` (a :class:`torch.distributions.Normal`, (R, L)), ``z`` ((R, L); in
         evaluation the posterior mean for ``n_samples=1``, else ``n_samples`` draws,
@@ -300,6 +325,7 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
                     self.mask_cell_rate,
                     self.mask_gene_rate,
                     x.device,
+                    self.hide_cell_rate,
                 )
                 for r in rows
             ]
@@ -307,9 +333,18 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
             x = apply_mask(x, mask)
         elif masking:
             mask = sample_mask(
-                x.shape[0], x.shape[1], self.mask_cell_rate, self.mask_gene_rate, x.device
+                x.shape[0],
+                x.shape[1],
+                self.mask_cell_rate,
+                self.mask_gene_rate,
+                x.device,
+                self.hide_cell_rate,
             )
             x = apply_mask(x, mask)
+        if hidden is not None:
+            cells = hidden.view(-1).bool().nonzero().view(-1)  # (M,)
+            entries = torch.ones(len(cells), x.shape[1], dtype=torch.bool, device=x.device)
+            x = apply_mask(x, TissueMask(cells, entries, len(cells)))
         pe_coords = None
         if self.use_spatial_pe and coords is not None:
             pe_coords = scale_coordinates(coords.float(), tissues)
@@ -324,6 +359,42 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
         if self.classifier is not None:
             out["logits"] = self.classifier(h)
         return self._posterior(out, n_samples)
+
+    @torch.inference_mode()
+    def niche_inference(self, tensors: dict, seed: int = 0) -> torch.Tensor:
+        """(R, L) niche latent of the requested rows of one tissue minibatch.
+
+        A cell's niche latent is its posterior mean when its own counts are hidden, so it is
+        read from the rest of its tissue through the encoder's attention (the state the hidden
+        cells of the training objective are reconstructed from). The tissue's N cells are
+        dealt into ``max(2, ceil(1 / hide_cell_rate))`` disjoint random groups; pass ``k`` hides
+        group ``k`` and keeps the latents of its cells. With ``niche_cells`` (and coordinates)
+        the attention runs within local windows of about that many cells of the tissue
+        (:func:`~cellplm_scvi.pp._tissues.local_regions`) instead of the whole tissue. The
+        random draws are seeded by ``seed`` and the tissue code (the same for any requested
+        subset).
+        """
+        inputs = self._get_inference_input(tensors)
+        requested = inputs.pop("requested")
+        inputs.pop("tissue_index", None)
+        n_cells = tensors[X_KEY].shape[0]
+        n_passes = max(2, math.ceil(1.0 / self.hide_cell_rate)) if self.hide_cell_rate else 2
+        code = int(tensors[TISSUE_KEY].view(-1)[0]) if TISSUE_KEY in tensors else 0
+        rng = np.random.default_rng([int(seed), code])
+        group = torch.from_numpy(rng.permutation(n_cells) % n_passes)  # (N,)
+        regions = None
+        coords = tensors.get(SPATIAL_KEY)
+        if self.niche_cells is not None and coords is not None:
+            xy = coords.detach().cpu().double().numpy()[:, :2]
+            regions = torch.from_numpy(local_regions(xy, self.niche_cells, rng))  # (N,)
+        niche = None
+        for k in range(n_passes):
+            hidden = group == k
+            qz_m = self._regular_inference(**inputs, hidden=hidden, tissue_index=regions)["qz_m"]
+            niche = torch.zeros_like(qz_m) if niche is None else niche
+            rows = hidden.to(qz_m.device)
+            niche[rows] = qz_m[rows]  # (N, L)
+        return niche if requested is None else niche[requested.view(-1).bool().to(niche.device)]
 
     @auto_move_data
     def _cached_inference(self, qzm: torch.Tensor, qzv: torch.Tensor, n_samples: int = 1) -> dict:

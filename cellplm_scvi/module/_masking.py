@@ -17,21 +17,33 @@ class TissueMask:
         (M,) row indices of the masked cells.
     entries
         (M, G) bool: the hidden (cell, gene) entries of those cells, zeros included.
+    n_hidden
+        The first ``n_hidden`` of ``cells`` are fully hidden (every entry of their row is in
+        ``entries``): the encoder sees only their tissue, as in the niche read-out.
     """
 
     cells: torch.Tensor
     entries: torch.Tensor
+    n_hidden: int = 0
 
 
 def sample_mask(
-    n_cells: int, n_genes: int, cell_rate: float, gene_rate: float, device: torch.device
+    n_cells: int,
+    n_genes: int,
+    cell_rate: float,
+    gene_rate: float,
+    device: torch.device,
+    hide_rate: float = 0.0,
 ) -> TissueMask:
-    """Mask ``max(1, floor(cell_rate * N))`` random cells and, in them, each entry with
-    probability ``gene_rate``."""
+    """Mask ``M = max(1, floor(cell_rate * N))`` random cells and, in them, each entry with
+    probability ``gene_rate``; the first ``min(M, floor(hide_rate * N))`` of them are hidden
+    whole (all genes). ``hide_rate=0`` draws exactly the official mask."""
     n_masked = max(1, int(cell_rate * n_cells))
     cells = torch.randperm(n_cells, device=device)[:n_masked]
     entries = torch.rand(n_masked, n_genes, device=device) <= gene_rate
-    return TissueMask(cells, entries)
+    n_hidden = min(n_masked, int(hide_rate * n_cells))
+    entries[:n_hidden] = True
+    return TissueMask(cells, entries, n_hidden)
 
 
 def apply_mask(x: torch.Tensor, mask: TissueMask) -> torch.Tensor:
