@@ -139,8 +139,8 @@ class TissueContextMixin:
             encoder's attention (:meth:`~cellplm_scvi.module.CellPLMModule.niche_inference`;
             a few encoder passes per tissue, each hiding a disjoint random group, within local
             windows of about ``niche_cells`` cells of the tissue for the default spatial model;
-            always the posterior mean). ``"both"``: ``[cell, niche]``, (n_cells, 2 * n_latent). The niche
-            read-out needs a model trained with hidden cells (``hide_cell_rate > 0``, the
+            always the posterior mean). ``"both"``: ``[cell, niche]``, (n_cells, 2 * n_latent).
+            The niche read-out needs a model trained with hidden cells (``hide_cell_rate > 0``, the
             default for a from-scratch model on spatial data).
         seed
             Seed of the niche read-out's groups and windows (with the tissue code): the result is
