@@ -11,13 +11,16 @@ It
 2. groups the cells of each slide into spatially contiguous *tissues*
    (:func:`cellplm_scvi.pp.assign_tissues`), the sets of cells that attend to each other;
 3. trains :class:`~cellplm_scvi.CellPLM` for a few minutes on the CPU (or a GPU if there is one);
-4. stores the cell embedding in ``adata.obsm["X_cellplm"]``;
+4. stores the cell embedding in ``adata.obsm["X_cellplm"]`` and the niche read-out (each cell
+   encoded from its tissue with its own counts hidden,
+   ``get_latent_representation(representation="niche")``) in ``adata.obsm["X_cellplm_niche"]``;
 5. scores how well a linear classifier recovers the cell type, the niche and the responder flag
-   of every cell from the CellPLM embedding, from PCA, and from PCA plus the mean PCA of 10
-   spatial neighbours, and how well a k-means clustering of each (k = number of niches) matches
-   the niches (adjusted Rand index);
+   of every cell from the CellPLM embeddings (cell, niche, both), from PCA, and from PCA plus
+   the mean PCA of 10 spatial neighbours, and how well a k-means clustering of each (k = number
+   of niches) matches the niches (adjusted Rand index);
 6. writes a figure (UMAP of the embedding; one slide's tissues, true niches and niche clusters
-   of CellPLM and of PCA + spatial), the AnnData and the trained model into the output folder.
+   of CellPLM (cell + niche) and of PCA + spatial), the AnnData and the trained model into the
+   output folder.
 
 Its console shows only its own lines and the training progress bar: the start-up chatter of
 third-party libraries (docrep's docstring warnings, Lightning's hints and a torch deprecation
@@ -71,6 +74,7 @@ N_SPATIAL_NEIGHBORS = 10
 N_FOLDS = 5
 
 LATENT_KEY = "X_cellplm"
+NICHE_KEY = "X_cellplm_niche"
 TISSUE_KEY = "cellplm_tissue"
 FIGURE_NAME = "quickstart.png"
 ADATA_NAME = "quickstart.h5ad"
@@ -155,8 +159,9 @@ def run(
 
     Returns
     -------
-    The score table: for each representation (``"CellPLM"``, ``"PCA"``,
-    ``"PCA + spatial"``) a dict with
+    The score table: for each representation (``"CellPLM"``: the cell embedding,
+    ``"CellPLM niche"``: the niche read-out, ``"CellPLM cell + niche"``: both concatenated,
+    ``"PCA"``, ``"PCA + spatial"``) a dict with
 
     - ``"cell_type_f1"``: macro-F1 of the linear probe predicting ``obs["cell_type"]``;
     - ``"niche_f1"``: macro-F1 of the linear probe predicting ``obs["niche"]``;
@@ -225,15 +230,21 @@ def run(
     torch.set_num_threads(n_threads)
     model.train(max_epochs=epochs, accelerator=accelerator, enable_progress_bar=verbose)
 
-    # 4. the embedding
+    # 4. the embeddings: the cell's own, and its niche read from the rest of its tissue
     adata.obsm[LATENT_KEY] = model.get_latent_representation()
     time_cellplm = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    adata.obsm[NICHE_KEY] = model.get_latent_representation(representation="niche", seed=seed)
+    time_niche = time_cellplm + time.perf_counter() - t0
+    both = np.hstack([adata.obsm[LATENT_KEY], adata.obsm[NICHE_KEY]])
 
     # 5. linear probes and niche clusters
     n_niches = adata.obs["niche"].nunique()
     scores, clusters = {}, {}
     for name, features, seconds in [
         ("CellPLM", adata.obsm[LATENT_KEY], time_cellplm),
+        ("CellPLM niche", adata.obsm[NICHE_KEY], time_niche),
+        ("CellPLM cell + niche", both, time_niche),
         ("PCA", pca, time_pca),
         ("PCA + spatial", spatial, time_spatial),
     ]:
@@ -247,19 +258,19 @@ def run(
             "niche_ari": float(adjusted_rand_score(adata.obs["niche"], clusters[name])),
             "seconds": seconds,
         }
-    adata.obs[CLUSTER_KEY] = pd.Categorical(clusters["CellPLM"].astype(str))
+    adata.obs[CLUSTER_KEY] = pd.Categorical(clusters["CellPLM cell + niche"].astype(str))
 
     # 6. UMAP of the embedding, figure, AnnData and model
     sc.pp.neighbors(adata, use_rep=LATENT_KEY, random_state=seed)
     sc.tl.umap(adata, random_state=seed)
-    _plot(adata, clusters["CellPLM"], clusters["PCA + spatial"], out / FIGURE_NAME)
+    _plot(adata, clusters["CellPLM cell + niche"], clusters["PCA + spatial"], out / FIGURE_NAME)
     adata.write_h5ad(out / ADATA_NAME)
     model.save(out / MODEL_NAME, overwrite=True)
 
     say("")
     say(format_table(scores))
     say(f"\nTotal {time.perf_counter() - start:.0f} s. Wrote {out / FIGURE_NAME},")
-    say(f"{out / ADATA_NAME} (obsm[{LATENT_KEY!r}], obs[{CLUSTER_KEY!r}])")
+    say(f"{out / ADATA_NAME} (obsm[{LATENT_KEY!r}], obsm[{NICHE_KEY!r}], obs[{CLUSTER_KEY!r}])")
     say(f"and {out / MODEL_NAME}/.")
     return scores
 
@@ -420,7 +431,7 @@ def _plot(
     _spatial(axes[0, 2], xy, adata.obs[TISSUE_KEY].to_numpy()[one], f"{slide}: tissues")
     _spatial(axes[1, 0], xy, niche, f"{slide}: true niches")
     for ax, clusters, name in [
-        (axes[1, 1], cellplm_clusters, "CellPLM"),
+        (axes[1, 1], cellplm_clusters, "CellPLM cell + niche"),
         (axes[1, 2], spatial_clusters, "PCA + spatial"),
     ]:
         matched = _match_clusters(clusters[one], niche)

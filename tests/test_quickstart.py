@@ -41,6 +41,9 @@ def test_outputs_written(quickstart):
     adata = ad.read_h5ad(out / "quickstart.h5ad")
     assert adata.n_obs == N_CELLS
     assert adata.obsm["X_cellplm"].shape == (N_CELLS, N_LATENT)
+    assert adata.obsm["X_cellplm_niche"].shape == (N_CELLS, N_LATENT)
+    assert np.isfinite(adata.obsm["X_cellplm_niche"]).all()
+    assert not np.allclose(adata.obsm["X_cellplm_niche"], adata.obsm["X_cellplm"])
     assert np.isfinite(adata.obsm["X_cellplm"]).all()
     assert adata.obsm["X_umap"].shape == (N_CELLS, 2)
     assert "cellplm_tissue" in adata.obs
@@ -55,7 +58,9 @@ def test_outputs_written(quickstart):
 
 def test_scores(quickstart):
     _, scores = quickstart
-    assert set(scores) == {"CellPLM", "PCA", "PCA + spatial"}
+    assert set(scores) == {"CellPLM", "CellPLM niche", "CellPLM cell + niche", "PCA"} | {
+        "PCA + spatial"
+    }
     for row in scores.values():
         assert set(row) == {"cell_type_f1", "niche_f1", "responder_f1", "niche_ari", "seconds"}
         for key in ("cell_type_f1", "niche_f1", "responder_f1"):
@@ -146,10 +151,10 @@ OWN_LINES = [
     r"Training for \d+ epochs on the (CPU|GPU):",
     r"representation +cell-type F1 +niche F1 +responder F1 +niche ARI +time \(s\)",
     r"[- ]+",
-    r"(CellPLM|PCA|PCA \+ spatial)( +-?\d+\.\d+){5}",
+    r"(CellPLM|CellPLM niche|CellPLM cell \+ niche|PCA|PCA \+ spatial)( +-?\d+\.\d+){5}",
     r"\(F1: linear probe, .*\)",
     r"Total \d+ s\. Wrote .*quickstart\.png,",
-    r".*quickstart\.h5ad \(obsm\['X_cellplm'\], obs\['cellplm_niche_cluster'\]\)",
+    r".*quickstart\.h5ad \(obsm\['X_cellplm'\], obsm\['X_cellplm_niche'\], obs\[.*\]\)",
     r"and .*model/\.",
 ]
 # tqdm redraws its bar with carriage returns; each redraw is "Training:" or "Epoch i/n:" ...
@@ -179,4 +184,4 @@ def test_console_shows_only_own_lines(tmp_path):
     ]
     assert not foreign, "foreign lines on the console:\n" + "\n".join(foreign)
     assert any(PROGRESS.fullmatch(line) for line in lines)  # the progress bar is still there
-    assert sum(bool(re.fullmatch(OWN_LINES[9], line)) for line in lines) == 3
+    assert sum(bool(re.fullmatch(OWN_LINES[9], line)) for line in lines) == 5
