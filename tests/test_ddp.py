@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import cellplm_scvi as cp
 from cellplm_scvi.data import TissueBatchSampler
 from tests.test_corpus import corpus_files  # noqa: F401 (fixture)
 
@@ -66,11 +65,15 @@ CORPUS_SCRIPT = Path(__file__).parent / "scripts" / "ddp_corpus.py"
 
 
 @pytest.mark.slow
-def test_ddp_over_a_corpus_shares_tissues_and_averages_gradients(corpus_files, tmp_path):  # noqa: F811
+def test_ddp_over_a_corpus_shares_tissues_and_averages_gradients(
+    corpus_files,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+):
     import torch
 
     sys.path.insert(0, str(CORPUS_SCRIPT.parent))
-    import ddp_corpus  # the script's corpus, model and per-tissue seeding
+    import ddp_corpus  # the script's corpus, model and fixed randomness
 
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
@@ -97,29 +100,31 @@ def test_ddp_over_a_corpus_shares_tissues_and_averages_gradients(corpus_files, t
         assert len(seen) - len(set(seen)) <= 2 - 1  # padding: at most world_size - 1 repeats
     assert ranks[0]["steps"]["0"] != ranks[0]["steps"]["1"]  # reshuffled each epoch
 
-    # step 0 of 2 ranks x 1 tissue == one process, mean of the two tissues' gradients
+    # step 0 of 2 ranks x 1 tissue == one process: the mean of the two tissues' gradients, and
+    # the two tissues packed in one step (their mean loss), with the same fixed randomness
+    ddp_corpus.fix_randomness(monkeypatch.setattr)
     step0 = torch.load(out / "step0.pt", weights_only=True)
-    model = cp.CellPLM(adata=None, registry=dm.registry, **ddp_corpus.MODEL_KWARGS)
-    module = model.module
-    expected = {}
-    for r in ranks:
-        (tissue,) = r["steps"]["0"][0]
+    module = ddp_corpus.build_model(dm).module
+    rows = [np.flatnonzero(dm.tissue_codes == r["steps"]["0"][0][0]).tolist() for r in ranks]
+
+    def gradients(batch) -> dict:
         module.load_state_dict(step0["weights"])  # also the KL counter: both ranks at step 0
         module.train()
         module.zero_grad()
-        batch = dm.dataset[np.flatnonzero(dm.tissue_codes == tissue).tolist()]
-        torch.manual_seed(ddp_corpus.tissue_seed(batch))
         _, _, losses = module(batch, loss_kwargs={"kl_weight": 1.0})
         losses.loss.backward()
-        for name, p in module.named_parameters():
-            if p.grad is not None:
-                expected[name] = expected.get(name, 0) + p.grad / 2
+        return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+    one, two = (gradients(dm.dataset[r]) for r in rows)
+    mean = {n: (one.get(n, 0) + two.get(n, 0)) / 2 for n in one.keys() | two.keys()}
+    packed = gradients(dm.dataset[rows])  # a list of row lists: one packed step
     ddp_grads = step0["grads"]
-    assert set(expected) <= set(ddp_grads) and len(expected) > 10
-    for name, grad in ddp_grads.items():
-        if name not in expected:  # a floored GMVAE term: None here, all-reduced zeros in DDP
-            assert not grad.any(), name
-            continue
-        scale = max(float(expected[name].abs().max()), 1e-12)
-        err = float((grad - expected[name]).abs().max()) / scale
-        assert err <= 1e-5, (name, err)
+    for expected in (mean, packed):
+        assert set(expected) <= set(ddp_grads) and len(expected) > 10
+        for name, grad in ddp_grads.items():
+            if name not in expected:  # a floored GMVAE term: None here, all-reduced zeros
+                assert not grad.any(), name
+                continue
+            scale = max(float(expected[name].abs().max()), 1e-12)
+            err = float((grad - expected[name]).abs().max()) / scale
+            assert err <= 1e-5, (name, err)

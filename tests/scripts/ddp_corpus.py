@@ -9,9 +9,11 @@ from the minibatches the trainer really got). Rank 0 also writes ``OUT_DIR/step0
 module's weights before the first step, and the gradients of the first optimiser step after
 DDP's all-reduce (before clipping and the GMVAE floor).
 
-Each training step re-seeds torch from its tissue code right before the forward pass, so a
-tissue's mask, dropout and latent noise are fixed by the tissue alone (the injected masks of
-the gradient test): one process can recompute the step tissue by tissue.
+Randomness is fixed (the injected masks of the gradient test, as in tests/test_packing.py):
+``sample_mask`` returns one mask per tissue size, drawn by the official rule from a generator
+seeded by the size; ``torch.rand_like`` / ``torch.randn_like`` (Gumbel and reparameterisation
+noise) return 0.5 / 0; dropout is 0. So one process can recompute the step, tissue by tissue
+or packed.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from lightning.pytorch.callbacks import Callback
 
 import cellplm_scvi as cp
 from cellplm_scvi._constants import TISSUE_KEY
-from cellplm_scvi.model import CellPLMTrainingPlan
+from cellplm_scvi.module import _cellplm as module_impl
+from cellplm_scvi.module._masking import TissueMask
 
 VOCAB_SIZE = 40
 MAX_EPOCHS = 2
@@ -37,20 +40,33 @@ CORPUS_KWARGS = {
     "max_cells": 64,
     "validation_size": 0.25,  # 15 training tissues: one rank gets a padding repeat
 }
-MODEL_KWARGS = {"n_hidden": 16, "n_layers": 1, "n_latent": 4}
+MODEL_KWARGS = {"n_hidden": 16, "n_layers": 1, "n_latent": 4, "dropout": 0.0}
 
 
-def tissue_seed(batch: dict) -> int:
-    """The seed of a one-tissue minibatch: its tissue code."""
-    return 1000 + int(batch[TISSUE_KEY].view(-1)[0])
+def fix_randomness(setattr=setattr) -> None:
+    """Fixed masks (one per tissue size) and constant noise; ``setattr`` may be pytest's
+    ``monkeypatch.setattr``."""
+    masks = {}
+
+    def fixed_mask(n_cells, n_genes, cell_rate, gene_rate, device, hide_rate=0.0):
+        if (n_cells, n_genes) not in masks:
+            gen = torch.Generator().manual_seed(n_cells)
+            cells = torch.randperm(n_cells, generator=gen)[: max(1, int(cell_rate * n_cells))]
+            entries = torch.rand(len(cells), n_genes, generator=gen) <= gene_rate
+            masks[n_cells, n_genes] = TissueMask(cells, entries)
+        return masks[n_cells, n_genes]
+
+    setattr(module_impl, "sample_mask", fixed_mask)
+    setattr(torch, "rand_like", lambda t, **kw: torch.full_like(t, 0.5))
+    setattr(torch, "randn_like", lambda t, **kw: torch.zeros_like(t))
 
 
-class SeededPlan(CellPLMTrainingPlan):
-    """Seeds torch from the tissue before each training step (fixed masks and noise)."""
-
-    def training_step(self, batch, batch_idx):
-        torch.manual_seed(tissue_seed(batch))
-        return super().training_step(batch, batch_idx)
+def build_model(dm) -> cp.CellPLM:
+    model = cp.CellPLM(adata=None, registry=dm.registry, **MODEL_KWARGS)
+    for layer in model.module.modules():
+        if isinstance(layer, torch.nn.Dropout):
+            layer.p = 0.0  # includes the flow attention's fixed 0.01
+    return model
 
 
 class Recorder(Callback):
@@ -92,8 +108,8 @@ def main(out: str, devices: int, files: list[str]) -> None:
     torch.set_num_threads(1)
     scvi.settings.seed = 0
     dm = corpus(files, out_dir / "tissue_cache")
-    model = cp.CellPLM(adata=None, registry=dm.registry, **MODEL_KWARGS)
-    model._training_plan_cls = SeededPlan
+    fix_randomness()
+    model = build_model(dm)
     kwargs = {"strategy": "ddp", "devices": devices} if devices > 1 else {"devices": 1}
     model.train(
         datamodule=dm,
