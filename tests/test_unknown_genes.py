@@ -83,6 +83,7 @@ def test_normalized_expression_has_the_anndatas_genes(official):
         model.get_normalized_expression(gene_list=[UNKNOWN[1], genes[0]])
 
 
+@pytest.mark.slow  # alone ~30 s: the first sparse.GCXS of a process compiles numba code
 def test_sampling_and_likelihood_methods_have_the_anndatas_genes(official):
     model, adata = official
     n, g = adata.n_obs, adata.n_vars
