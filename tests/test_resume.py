@@ -69,6 +69,60 @@ def test_loader_state_skips_the_steps_taken(corpus_files, tmp_path):  # noqa: F8
         after_last.load_state_dict({"epoch": 0, "position": 1, "n_steps": n + 1})
 
 
+def _anndata_splitter(**kwargs) -> cp.data.TissueDataSplitter:
+    """24 tissues of 10 cells in one AnnData, set up for CellPLM."""
+    import anndata as ad
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(0)
+    adata = ad.AnnData(sp.csr_matrix(rng.poisson(1.0, (240, 30)).astype(np.float32)))
+    adata.var_names = cp._genes.official_config()["gene_list"][:30]
+    adata.obs["tissue"] = [f"t{i // 10}" for i in range(240)]
+    cp.CellPLM.setup_anndata(adata, tissue_key="tissue")
+    manager = cp.CellPLM(adata, n_hidden=8, n_layers=1, n_latent=2).adata_manager
+    return cp.data.TissueDataSplitter(
+        manager, train_size=0.75, shuffle_set_split=False, **kwargs
+    )
+
+
+def _rows(batch) -> tuple[int, ...]:
+    return tuple(np.unique(batch["ind_x"].view(-1).numpy()).tolist())
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_anndata_loader_state_skips_the_steps_taken(pack):
+    kwargs = {"max_cells_per_step": 25, "drop_node_rate": 0.3, "pack_tissues": pack}
+    loader = _anndata_splitter(**kwargs).train_dataloader()
+    assert isinstance(loader, ResumableLoader)
+    loader.sampler.set_epoch(1)
+    epoch = [_rows(b) for b in loader]  # the whole epoch 1, in order
+    n = len(loader)
+    assert len(epoch) == n >= 6
+
+    loader.sampler.set_epoch(1)
+    taken = []
+    for k, batch in enumerate(loader):  # a run that stops after 4 steps
+        taken.append(_rows(batch))
+        if k == 3:
+            break
+    state = loader.state_dict()
+    assert state == {"epoch": 1, "position": 4, "n_steps": n}
+
+    resumed = _anndata_splitter(**kwargs).train_dataloader()  # a new process
+    resumed.load_state_dict(state)
+    assert taken + [_rows(b) for b in resumed] == epoch  # each step once, in the same order
+    resumed.sampler.set_epoch(2)
+    assert len(list(resumed)) == n  # the next epoch is whole again
+    with pytest.raises(ValueError, match="training steps per epoch"):
+        resumed.load_state_dict({"epoch": 0, "position": 1, "n_steps": n + 1})
+
+    # inference loaders: whole tissues in registered order, emission_order unchanged
+    splitter = _anndata_splitter(**kwargs)
+    val = splitter.val_dataloader()
+    assert val.generator is None and val.sampler.start == 0
+    assert [len(r) for r in val.sampler] == [10] * 6
+
+
 def test_train_refuses_resume_arguments_that_would_do_nothing(corpus_files, tmp_path):  # noqa: F811
     dm = _corpus(corpus_files, cache_dir=tmp_path)
     model = cp.CellPLM(adata=None, registry=dm.registry, n_hidden=8, n_layers=1, n_latent=2)

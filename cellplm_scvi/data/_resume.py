@@ -4,11 +4,14 @@ Lightning 2.x saves ``loader.state_dict()`` in every checkpoint for each trainin
 has ``state_dict`` / ``load_state_dict`` (``CombinedLoader._state_dicts``), and on resume calls
 ``load_state_dict`` before it creates the epoch's iterator. A plain ``DataLoader`` has neither, so
 a run resumed mid-epoch starts the epoch's tissues from the first one again (Lightning warns
-"your dataloader is not resumable"). :class:`ResumableLoader` keeps ``(epoch, position)``:
+"your dataloader is not resumable"). :class:`ResumableLoader` (the training loader of
+:class:`~cellplm_scvi.data.TissueCorpus`, and the base of
+:class:`~cellplm_scvi.data.TissueDataLoader`, the AnnData path's) keeps ``(epoch, position)``:
 the steps it has handed to the trainer, counted where they leave the loader (DataLoader workers
 read ahead of the trainer, so the sampler's own count would be ahead), and on resume skips that
-many steps of the same epoch's order. Skipping reads no data: the sampler's order is a
-function of ``(seed, epoch)`` only.
+many steps of the same epoch's order (the sampler's ``start``: see
+:class:`~cellplm_scvi.data.TissueBatchSampler`). Skipping reads no data: the sampler's order is
+a function of ``(seed, epoch)`` only.
 
 Under DDP the checkpoint holds rank 0's state; every rank has the same number of steps per
 epoch (:class:`~cellplm_scvi.data.TissueBatchSampler` pads), so rank 0's position is every
@@ -17,34 +20,8 @@ rank's, and each rank skips its own share.
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
-
-
-class _SkippingSampler(Sampler):
-    """Wraps a tissue sampler: its next iteration starts ``start`` steps into the epoch."""
-
-    def __init__(self, sampler: Sampler):
-        self.sampler = sampler
-        self.start = 0
-
-    @property
-    def epoch(self) -> int:
-        return int(getattr(self.sampler, "epoch", 0))
-
-    def set_epoch(self, epoch: int) -> None:
-        """Called by Lightning at the start of each epoch."""
-        self.sampler.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    def __iter__(self):
-        # the loader resets `start` once its iterator exists (a multi-process iterator calls
-        # this twice while it is built)
-        return itertools.islice(iter(self.sampler), self.start, None)
 
 
 class ResumableLoader(DataLoader):
@@ -54,9 +31,12 @@ class ResumableLoader(DataLoader):
     Parameters
     ----------
     dataset
-        Reads one step's rows (e.g. :class:`~cellplm_scvi.data._corpus.CorpusDataset`).
+        Reads one step's rows (:class:`~cellplm_scvi.data._corpus.CorpusDataset`; for
+        :class:`~cellplm_scvi.data.TissueDataLoader`, a subclass,
+        :class:`~cellplm_scvi.data.TissueDataset`).
     sampler
-        A sampler with ``set_epoch`` and ``epoch`` whose order depends on the epoch only
+        A sampler with ``set_epoch``, ``epoch`` and ``start`` (its next iteration begins that
+        many steps into the epoch) whose order depends on the epoch only
         (:class:`~cellplm_scvi.data.TissueBatchSampler`).
     **kwargs
         Passed to :class:`torch.utils.data.DataLoader` (``num_workers``, ...).
@@ -68,18 +48,20 @@ class ResumableLoader(DataLoader):
         kwargs.setdefault(
             "generator", torch.Generator().manual_seed(int(getattr(sampler, "seed", 0)))
         )
-        super().__init__(dataset, sampler=_SkippingSampler(sampler), batch_size=None, **kwargs)
+        super().__init__(dataset, sampler=sampler, batch_size=None, **kwargs)
         self.position = 0  # steps of the current epoch handed out so far
 
     @property
     def tissue_sampler(self) -> Sampler:
-        """The wrapped tissue sampler."""
-        return self.sampler.sampler
+        """The tissue sampler (``self.sampler``)."""
+        return self.sampler
 
     def __iter__(self):
         self.position = self.sampler.start
         batches = super().__iter__()  # its sampler iteration skips `start` steps
-        self.sampler.start = 0  # only the first epoch after a resume skips
+        # only the first epoch after a resume skips (a multi-process iterator iterates the
+        # sampler twice while it is built, so `start` is reset once it exists)
+        self.sampler.start = 0
         for batch in batches:
             self.position += 1
             yield batch

@@ -25,7 +25,7 @@ import scipy.sparse as sp
 import torch
 from lightning.pytorch import LightningDataModule
 from scvi import settings
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset, Sampler
 
 from .._constants import (
     BATCH_KEY,
@@ -38,6 +38,7 @@ from .._constants import (
     X_KEY,
 )
 from ..pp._tissues import local_regions
+from ._resume import ResumableLoader
 
 SPLIT_NAMES = {"train": 0, "validation": 1, "valid": 1, "test": 2}  # `split_key` values
 
@@ -234,6 +235,9 @@ class TissueBatchSampler(Sampler):
         grouped at random each epoch into a fixed number of steps (:func:`pack_steps`); the
         steps, not the tissues, are shared across DDP ranks, so every tissue is still seen once
         per epoch.
+
+    Attribute ``start`` (0): the next iteration begins that many steps into the epoch (this
+    rank's steps); a resumed :class:`~cellplm_scvi.data._resume.ResumableLoader` sets it.
     """
 
     def __init__(
@@ -274,7 +278,7 @@ class TissueBatchSampler(Sampler):
         bounds = np.flatnonzero(np.diff(codes[order])) + 1
         self.tissues = np.split(indices[order], bounds) if len(indices) else []
         self.shuffle, self.drop_node_rate, self.max_cells = shuffle, drop_node_rate, max_cells
-        self.seed, self.epoch = seed, 0
+        self.seed, self.epoch, self.start = seed, 0, 0
         self.num_replicas, self.rank = num_replicas, rank
         self.redraw = None
         if redraw is not None:
@@ -321,6 +325,11 @@ class TissueBatchSampler(Sampler):
         return steps
 
     def __iter__(self):
+        # `start` is read now, not at the first step: a DataLoader iterator that exists has
+        # its sampler iterator, and the loader then resets `start` (ResumableLoader)
+        return self._iter_from(self.start)
+
+    def _iter_from(self, start: int):
         rng = np.random.default_rng([self.seed, self.epoch])
         steps = self._steps(rng)
         order = rng.permutation(len(steps)) if self.shuffle else np.arange(len(steps))
@@ -331,7 +340,7 @@ class TissueBatchSampler(Sampler):
         if self.num_replicas > 1:
             total = math.ceil(len(order) / self.num_replicas) * self.num_replicas
             order = np.resize(order, total)[self.rank :: self.num_replicas]
-        for i in order:
+        for i in order[start:]:  # a resumed epoch skips the steps taken
             if packs is None:
                 yield steps[i].tolist()
             else:
@@ -353,8 +362,12 @@ class TissueBatchSampler(Sampler):
         return math.ceil(n / self.num_replicas)
 
 
-class TissueDataLoader(DataLoader):
+class TissueDataLoader(ResumableLoader):
     """DataLoader whose minibatches are tissues (see :class:`TissueBatchSampler`).
+
+    A :class:`~cellplm_scvi.data._resume.ResumableLoader`: Lightning checkpoints its place in
+    the epoch (``state_dict()``) and a resumed run skips the steps taken
+    (``load_state_dict()``; see ``start`` of :class:`TissueBatchSampler`).
 
     Accepts the keyword arguments scvi-tools passes to a data loader; ``batch_size`` is the
     cap on cells per step (``None``: whole tissues).
@@ -422,17 +435,18 @@ class TissueDataLoader(DataLoader):
             pack_tissues=pack_tissues,
         )
         kwargs.pop("iter_ndarray", None)
+        if not shuffle:  # evaluation / inference: the DataLoader's default generator, as before
+            kwargs.setdefault("generator", None)
         super().__init__(
             TissueDataset(adata_manager, requested, loss_rows),
-            sampler=sampler,
-            batch_size=None,
+            sampler,
             pin_memory=pin_memory,
             **kwargs,
         )
 
     def emission_order(self) -> np.ndarray:
         """Rows in the order the model's outputs come (context mode)."""
-        return self.sampler.emission_order()
+        return self.tissue_sampler.emission_order()
 
 
 def _redraw(adata_manager, indices: np.ndarray, redraw_tissues: bool | int) -> tuple:
