@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import uuid
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -499,7 +500,7 @@ class TissueCorpus(LightningDataModule):
         """(n_obs,) int64 tissue code per cell of one file, from the cache or computed."""
         digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
         cache = self.cache_dir / f"{digest}.npz"
-        if cache.exists():
+        if cache.exists():  # complete if there: written whole, then renamed (below)
             with np.load(cache) as stored:
                 codes = stored["tissue"]
             if len(codes) == len(obs_names):
@@ -519,13 +520,17 @@ class TissueCorpus(LightningDataModule):
             key_added="tissue",
         )
         codes = light.obs["tissue"].cat.codes.to_numpy().astype(np.int64)
+        # a temporary file of this process (DDP ranks may build the same cache at once), then
+        # an atomic rename: a reader sees no cache or a whole one, and the last writer wins
+        # (every writer computed the same codes)
+        tmp = cache.with_name(f"{digest}.{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp.npz")
         try:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(".tmp.npz")
             np.savez(tmp, tissue=codes.astype(np.int32), settings=json.dumps(settings))
             os.replace(tmp, cache)
         except OSError as e:
             logger.warning("Tissue cache %s not written (%s); tissues are recomputed.", cache, e)
+            tmp.unlink(missing_ok=True)
         return codes, False
 
     def _split(self) -> None:
