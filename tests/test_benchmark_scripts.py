@@ -66,6 +66,7 @@ def test_niche_benchmark_smoke_run_with_peers():
     }
     expected = ["CellPLM squidpy tissues (1 ep)", "PCA (50)", "scVI"]
     expected += ["scVIVA (1 ep, uses true cell types)"]
+    expected += [f"{expected[0]}, representation={r!r}" for r in ("niche", "both")]
     if importlib.util.find_spec("cellcharter") is None:
         assert "# skipped CellCharter" in out, out
     else:
