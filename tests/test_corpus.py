@@ -196,45 +196,46 @@ def test_tissue_cache_deterministic_and_outside_the_files(corpus_files):
     assert np.bincount(other.tissue_codes).max() <= 32
 
 
-def test_concurrent_first_builds_of_one_cache(corpus_files, tmp_path):
-    """DDP ranks constructing the corpus at once, before any cache exists: each writes through
-    a temporary file of its own, so none fails and the cache is whole."""
+def _build_as_a_rank(barrier, queue, files, cache_dir) -> None:
+    """One "DDP rank": construct the corpus once all ranks are ready; send back its tissue
+    codes and the cache warnings it logged (or the error)."""
     import logging
-    import threading
 
     records = []
     handler = logging.Handler()
     handler.emit = records.append
-    logger = logging.getLogger("cellplm_scvi")
-    logger.addHandler(handler)
+    logging.getLogger("cellplm_scvi").addHandler(handler)
+    barrier.wait()
     try:
-        for round_ in range(3):
-            cache_dir = tmp_path / f"cache{round_}"
-            barrier, built, errors = threading.Barrier(4), [], []
+        codes = _corpus(files, cache_dir=cache_dir).tissue_codes
+        queue.put((codes, [r.getMessage() for r in records if "not written" in r.getMessage()]))
+    except Exception as e:  # reported by the test
+        queue.put((None, [repr(e)]))
 
-            def build(barrier, cache_dir, built, errors):
-                barrier.wait()
-                try:
-                    built.append(_corpus(corpus_files, cache_dir=cache_dir).tissue_codes)
-                except Exception as e:  # reported below
-                    errors.append(e)
 
-            args = (barrier, cache_dir, built, errors)
-            threads = [threading.Thread(target=build, args=args) for _ in range(4)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            assert errors == [] and len(built) == 4
-            assert sorted(p.name for p in cache_dir.iterdir() if "tmp" in p.name) == []
-            assert len(list(cache_dir.glob("*.npz"))) == 4  # one entry per file
-            again = _corpus(corpus_files, cache_dir=cache_dir)  # reads the cache whole
-            assert again.alignment_report["cached"].all()
-            for codes in built:
-                np.testing.assert_array_equal(codes, again.tissue_codes)
-    finally:
-        logger.removeHandler(handler)
-    assert [r.getMessage() for r in records if "not written" in r.getMessage()] == []
+def test_concurrent_first_builds_of_one_cache(corpus_files, tmp_path):
+    """Ranks constructing the corpus at once, before any cache exists: each writes through a
+    temporary file of its own, so none fails and the cache is whole."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")  # ranks are processes
+    for round_ in range(3):
+        cache_dir = tmp_path / f"cache{round_}"
+        barrier, queue = context.Barrier(4), context.Queue()
+        args = (barrier, queue, corpus_files, cache_dir)
+        ranks = [context.Process(target=_build_as_a_rank, args=args) for _ in range(4)]
+        for rank in ranks:
+            rank.start()
+        results = [queue.get(timeout=120) for _ in ranks]
+        for rank in ranks:
+            rank.join(timeout=60)
+        assert [problems for _, problems in results] == [[]] * 4  # no error, no failed write
+        assert [p.name for p in cache_dir.iterdir() if "tmp" in p.name] == []
+        assert len(list(cache_dir.glob("*.npz"))) == 4  # one entry per file
+        again = _corpus(corpus_files, cache_dir=cache_dir)  # reads the cache whole
+        assert again.alignment_report["cached"].all()
+        for codes, _ in results:
+            np.testing.assert_array_equal(codes, again.tissue_codes)
 
 
 def test_split_by_whole_tissues_deterministic(corpus_files, tmp_path):

@@ -151,12 +151,15 @@ def _records(path: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_where_its_checkpoint_stopped(corpus_files, tmp_path):  # noqa: F811
-    # uninterrupted: 2 epochs of 16 steps; checkpoints every 3 steps
-    full = _run("full", tmp_path / "full", tmp_path / "ck_full", corpus_files)
+@pytest.mark.parametrize("data", ["corpus", "anndata"])
+def test_killed_run_resumes_where_its_checkpoint_stopped(data, corpus_files, tmp_path):  # noqa: F811
+    # a TissueCorpus, or one AnnData (the tissue splitter); both have 16 training steps per
+    # epoch. Uninterrupted: 2 epochs of 16 steps; checkpoints every 3 steps
+    files = corpus_files if data == "corpus" else ["anndata"]
+    full = _run("full", tmp_path / "full", tmp_path / "ck_full", files)
     assert full.returncode == 0, full.stderr[-3000:]
     # killed at the end of step 20 (epoch 1, its 5th step); the last checkpoint is step 18
-    crash = _run("crash:20", tmp_path / "crash", tmp_path / "ck", corpus_files)
+    crash = _run("crash:20", tmp_path / "crash", tmp_path / "ck", files)
     assert crash.returncode == -9, crash.stderr[-3000:]  # SIGKILL
     assert not (tmp_path / "crash" / "result.json").exists()
     checkpoint = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=True)  # Lightning's way
@@ -169,7 +172,7 @@ def test_killed_run_resumes_where_its_checkpoint_stopped(corpus_files, tmp_path)
     loader_state = checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"]
     assert loader_state == [{"epoch": 1, "position": 18 - n_per_epoch, "n_steps": n_per_epoch}]
 
-    resumed = _run("resume", tmp_path / "resumed", tmp_path / "ck", corpus_files)
+    resumed = _run("resume", tmp_path / "resumed", tmp_path / "ck", files)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Restored all states from the checkpoint" in resumed.stderr + resumed.stdout
     start = json.loads((tmp_path / "resumed" / "start.json").read_text())
@@ -191,6 +194,7 @@ def test_killed_run_resumes_where_its_checkpoint_stopped(corpus_files, tmp_path)
     # same seed, random generators restored: the resumed run is the uninterrupted one (CPU,
     # one process: identical floats)
     reference = json.loads((tmp_path / "full" / "result.json").read_text())
+    assert reference["n_steps_per_epoch"] == n_per_epoch
     assert result["global_step"] == reference["global_step"] == 2 * n_per_epoch
     assert result["kl_step_count"] == reference["kl_step_count"] == 2 * n_per_epoch
     losses = {r["global_step"]: r["loss"] for r in _records(tmp_path / "full" / "losses.jsonl")}

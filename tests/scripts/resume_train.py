@@ -3,6 +3,10 @@
 Used by tests/test_resume.py::
 
     python tests/scripts/resume_train.py MODE OUT_DIR CKPT_DIR FILE [FILE ...]
+    python tests/scripts/resume_train.py MODE OUT_DIR CKPT_DIR anndata
+
+The second form trains on one in-memory AnnData (the tissue splitter) instead: 20 tissues of
+12 cells, 16 of them for training, so it has the corpus run's 16 steps per epoch.
 
 ``MODE``: ``full`` (uninterrupted run, checkpoints on), ``crash:K`` (SIGKILL itself at the end
 of global step K, after the checkpoint of an earlier step was written) or ``resume`` (same
@@ -74,28 +78,35 @@ class Recorder(Callback):
             os.kill(os.getpid(), signal.SIGKILL)  # a crash: no clean-up, no final save
 
 
+def _anndata(vocab: list[str]):
+    """20 tissues of 12 cells (counts seeded), set up for CellPLM."""
+    import anndata as ad
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(0)
+    adata = ad.AnnData(sp.csr_matrix(rng.poisson(1.0, (240, len(vocab))).astype(np.float32)))
+    adata.var_names = vocab
+    adata.obs["tissue"] = [f"t{i // 12:02d}" for i in range(240)]
+    cp.CellPLM.setup_anndata(adata, tissue_key="tissue")
+    return adata
+
+
 def main(mode: str, out: str, ckpt_dir: str, files: list[str]) -> None:
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
     scvi.settings.seed = 0
     vocab = cp._genes.official_config()["gene_list"][:VOCAB_SIZE]
-    dm = cp.data.TissueCorpus(
-        files,
-        vocabulary=vocab,
-        gene_key=[None, "symbol", None, None],
-        batch_key="sample",
-        spatial_key=[None, None, "spatial", None],
-        max_cells=64,
-        validation_size=0.2,
-        cache_dir=Path(ckpt_dir).parent / "tissue_cache",
-    )
-    model = cp.CellPLM(
-        adata=None, registry=dm.registry, n_hidden=16, n_layers=1, n_latent=4, latent="vae"
-    )
+    arch = {"n_hidden": 16, "n_layers": 1, "n_latent": 4, "latent": "vae"}
+    if files == ["anndata"]:
+        model = cp.CellPLM(_anndata(vocab), **arch)
+        data_kwargs = {"train_size": 0.8}
+    else:
+        dm = _corpus(files, vocab, ckpt_dir)
+        model = cp.CellPLM(adata=None, registry=dm.registry, **arch)
+        data_kwargs = {"datamodule": dm}
     crash_at = int(mode.split(":")[1]) if mode.startswith("crash:") else None
     model.train(
-        datamodule=dm,
         max_epochs=MAX_EPOCHS,
         accelerator="cpu",
         devices=1,
@@ -106,17 +117,37 @@ def main(mode: str, out: str, ckpt_dir: str, files: list[str]) -> None:
         checkpoint_every_n_steps=EVERY_N_STEPS,
         checkpoint_dir=ckpt_dir,
         ckpt_path="last" if mode == "resume" else None,
+        **data_kwargs,
     )
     weights = torch.cat([p.detach().flatten() for p in model.module.parameters()])
+    if files == ["anndata"]:
+        splitter = model.trainer.datamodule
+        train_tissues = np.unique(splitter._codes[splitter.train_idx])
+        n_steps = len(splitter.train_dataloader())
+    else:
+        train_tissues, n_steps = np.asarray(dm.train_tissues), len(dm.sampler("train"))
     result = {
         "train_loss": model.history["train_loss"]["train_loss"].astype(float).tolist(),
         "global_step": model.trainer.global_step,
         "weights": weights.double().numpy().tolist(),
         "kl_step_count": int(model.module.latent.layers[1].kl_step_count),
-        "n_steps_per_epoch": len(dm.sampler("train")),
-        "train_tissues": np.asarray(dm.train_tissues).tolist(),
+        "n_steps_per_epoch": n_steps,
+        "train_tissues": train_tissues.tolist(),
     }
     (out_dir / "result.json").write_text(json.dumps(result))
+
+
+def _corpus(files: list[str], vocab: list[str], ckpt_dir: str) -> cp.data.TissueCorpus:
+    return cp.data.TissueCorpus(
+        files,
+        vocabulary=vocab,
+        gene_key=[None, "symbol", None, None],
+        batch_key="sample",
+        spatial_key=[None, None, "spatial", None],
+        max_cells=64,
+        validation_size=0.2,
+        cache_dir=Path(ckpt_dir).parent / "tissue_cache",
+    )
 
 
 if __name__ == "__main__":
