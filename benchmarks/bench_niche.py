@@ -14,8 +14,9 @@ Representations:
   spatial data), as its cell embedding, its niche read-out
   (``get_latent_representation(representation="niche")``) and both concatenated;
 - the same model configuration with *random* tissues of the same sizes (the squidpy tissue
-  labels permuted within each slide, passed as ``tissue_key``): the control for context;
-- CellPLM, squidpy tissues, ``spatial_pe=False`` (context only, as the official code);
+  labels permuted within each slide, passed as ``tissue_key``; ``niche_cells=None``, so that
+  the read-out attends to the whole random tissue instead of re-grouping nearby cells): the
+  control for context;
 - PCA (50 PCs of log1p CP10k) and PCA + the mean PCA of the 10 nearest spatial neighbours;
 - peers (issue 14), on the same data and folds: CellCharter-style neighbour aggregation
   (``cellcharter.gr.aggregate_neighbors``, 3 layers of a Delaunay graph with CellCharter's
@@ -137,10 +138,7 @@ def main() -> None:
     p.add_argument("--n-layers", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--max-cells", type=int, default=500, help="cells per CellPLM tissue")
-    p.add_argument("--skip-no-pe", action="store_true", help="skip the spatial_pe=False model")
-    p.add_argument(
-        "--skip-controls", action="store_true", help="skip the random-tissue and no-PE models"
-    )
+    p.add_argument("--skip-controls", action="store_true", help="skip the random-tissue model")
     p.add_argument(
         "--peers",
         nargs="*",
@@ -206,11 +204,8 @@ def main() -> None:
             random_tissues[idx] = tissues[rng.permutation(idx)]
         a = adata.copy()
         a.obs["random_tissue"] = random_tissues
-        cellplm(f"CellPLM random tissues ({args.epochs} ep)", a, {"tissue_key": "random_tissue"})
-
-    if not (args.skip_no_pe or args.skip_controls):
-        name = f"CellPLM squidpy tissues, no spatial PE ({args.epochs} ep)"
-        cellplm(name, adata.copy(), squidpy_tissues, spatial_pe=False)
+        name = f"CellPLM random tissues ({args.epochs} ep)"
+        cellplm(name, a, {"tissue_key": "random_tissue"}, readouts=True, niche_cells=None)
 
     # --- PCA baselines
     with timer(times, "PCA (50)"):
