@@ -236,8 +236,11 @@ class TissueBatchSampler(Sampler):
         steps, not the tissues, are shared across DDP ranks, so every tissue is still seen once
         per epoch.
 
-    Attribute ``start`` (0): the next iteration begins that many steps into the epoch (this
-    rank's steps); a resumed :class:`~cellplm_scvi.data._resume.ResumableLoader` sets it.
+    Attributes
+    ----------
+    start
+        0, or the number of this rank's steps that the next iteration skips: a resumed
+        :class:`~cellplm_scvi.data._resume.ResumableLoader` sets it.
     """
 
     def __init__(
