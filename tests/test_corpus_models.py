@@ -80,12 +80,14 @@ def test_new_adata_embeds_as_the_corpus_and_the_official_export(
 
 
 def test_spatial_encoding_with_and_without_coordinates(corpus_files, tmp_path):
-    """A corpus with a spatial file gives a model with the spatial encoding: the spatial file
-    (set up with its coordinates) and a file without coordinates (the learned missing-coordinate
-    encoding) embed as through the corpus loader."""
+    """A model with the spatial encoding (asked for: a spatial from-scratch model leaves it off
+    by default, issue 14) reads the spatial file (set up with its coordinates) and a file
+    without coordinates (the learned missing-coordinate encoding) as the corpus loader does."""
     dm = _corpus(corpus_files, cache_dir=tmp_path, validation_size=0.5)
     torch.manual_seed(0)
-    model = cp.CellPLM(adata=None, registry=dm.registry, n_hidden=16, n_layers=1, n_latent=4)
+    model = cp.CellPLM(
+        adata=None, registry=dm.registry, n_hidden=16, n_layers=1, n_latent=4, spatial_pe=True
+    )
     assert model.module.use_spatial_pe
     model.train(datamodule=dm, max_epochs=1, **QUIET)
     rows, z_corpus = _corpus_embedding(dm, model)
@@ -115,7 +117,10 @@ def test_gene_order_and_unknown_genes_do_not_matter(trained, corpus_files):
     cp.CellPLM.setup_anndata(other, tissue_key="tissue")
     np.testing.assert_allclose(model.get_latent_representation(other), z, atol=ATOL)
     x = model.get_normalized_expression(other)
-    assert set(x.columns) == set(raw.var_names)  # unknown genes are not decoded
+    assert list(x.columns) == list(other.var_names)  # one column per gene, in order
+    unknown = ["NOT_A_GENE", "ALSO_NOT", "XYZ123"]
+    assert (x[unknown].to_numpy() == 0).all()  # genes outside the vocabulary are not decoded
+    assert (x.drop(columns=unknown).to_numpy() > 0).all()
 
 
 def test_unusable_adata_is_refused(trained, corpus_files):

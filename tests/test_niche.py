@@ -290,4 +290,4 @@ def test_niche_readout_carries_niche_signal():
         name: linear_probe(rep, adata.obs["niche"], seed=0)
         for name, rep in {"niche": niche, "cell": cell, "pca": pcs}.items()
     }
-    assert f1["niche"] > f1["pca"] + 0.08 and f1["niche"] > f1["cell"] + 0.03, f1
+    assert f1["niche"] > f1["pca"] + 0.04 and f1["niche"] > f1["cell"] + 0.03, f1

@@ -682,7 +682,9 @@ def test_reduced_precision_inference(trained):
     assert np.linalg.norm(z_bf16 - z) / np.linalg.norm(z) < 5e-2
     assert not np.array_equal(z_bf16, z)  # autocast was really on
     np.testing.assert_array_equal(model.get_latent_representation(), z)  # weights untouched
-    with pytest.raises(ValueError, match=r"precision must be one of \['32', 'bf16', '16'\]"):
+    with pytest.raises(
+        ValueError, match=r"precision must be one of \['32', 'bf16', '16', 'int8'\]"
+    ):
         model.get_latent_representation(precision="bogus")
 
 
