@@ -315,31 +315,13 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
                 )
             tissues = TissueSegments.from_index(tissue_index.to(x.device))
         mask = None
-        masking = self.training and self.mask_cell_rate > 0 and self.mask_gene_rate > 0
-        if masking and tissues is not None:  # one mask per tissue, drawn as for it alone
-            rows = tissues.rows()
-            masks = [
-                sample_mask(
-                    len(r),
-                    x.shape[1],
-                    self.mask_cell_rate,
-                    self.mask_gene_rate,
-                    x.device,
-                    self.hide_cell_rate,
-                )
-                for r in rows
-            ]
-            mask = join_masks(masks, rows)
-            x = apply_mask(x, mask)
-        elif masking:
-            mask = sample_mask(
-                x.shape[0],
-                x.shape[1],
-                self.mask_cell_rate,
-                self.mask_gene_rate,
-                x.device,
-                self.hide_cell_rate,
-            )
+        if self.training and self.mask_cell_rate > 0 and self.mask_gene_rate > 0:
+            rates = (self.mask_cell_rate, self.mask_gene_rate, x.device, self.hide_cell_rate)
+            if tissues is None:
+                mask = sample_mask(x.shape[0], x.shape[1], *rates)
+            else:  # one mask per tissue, drawn as for it alone
+                rows = tissues.rows()
+                mask = join_masks([sample_mask(len(r), x.shape[1], *rates) for r in rows], rows)
             x = apply_mask(x, mask)
         if hidden is not None:
             cells = hidden.view(-1).bool().nonzero().view(-1)  # (M,)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -69,10 +69,8 @@ def join_masks(masks: list[TissueMask], rows: list[torch.Tensor]) -> TissueMask:
     ``rows[t]`` are the step's row indices of tissue ``t`` (the mask of tissue ``t`` indexes
     them). Fully hidden cells (``n_hidden``) of every tissue come first, as in one tissue's mask.
     """
-    n_hidden = [getattr(m, "n_hidden", 0) for m in masks]
-    parts = [(r[m.cells[:k]], m.entries[:k]) for m, r, k in zip(masks, rows, n_hidden)]
-    parts += [(r[m.cells[k:]], m.entries[k:]) for m, r, k in zip(masks, rows, n_hidden)]
+    parts = [(r[m.cells[: m.n_hidden]], m.entries[: m.n_hidden]) for m, r in zip(masks, rows)]
+    parts += [(r[m.cells[m.n_hidden :]], m.entries[m.n_hidden :]) for m, r in zip(masks, rows)]
     cells = torch.cat([c for c, _ in parts])
     entries = torch.cat([e for _, e in parts])
-    extra = {"n_hidden": sum(n_hidden)} if hasattr(masks[0], "n_hidden") else {}
-    return replace(masks[0], cells=cells, entries=entries, **extra)
+    return TissueMask(cells, entries, sum(m.n_hidden for m in masks))
