@@ -160,6 +160,13 @@ class TissueDataset(Dataset):
         return out
 
 
+def _group_by(rows: np.ndarray, codes: np.ndarray) -> list[np.ndarray]:
+    """``rows`` split by their ``codes`` (one array per code, in code order, rows in order)."""
+    order = np.argsort(codes, kind="stable")
+    bounds = np.flatnonzero(np.diff(codes[order])) + 1
+    return np.split(rows[order], bounds) if len(rows) else []
+
+
 def _next_fit_decreasing(sizes: np.ndarray, budget: int, order: np.ndarray) -> list[list[int]]:
     """Steps of tissues taken largest first (ties in ``order``), each closed when the next
     tissue does not fit. How many there are depends on the sizes only."""
@@ -276,10 +283,7 @@ class TissueBatchSampler(Sampler):
         self.pack_tissues = pack_tissues
         indices = np.asarray(indices, dtype=np.int64)
         self.requested = requested
-        codes = np.asarray(tissue_codes).reshape(-1)
-        order = np.argsort(codes, kind="stable")
-        bounds = np.flatnonzero(np.diff(codes[order])) + 1
-        self.tissues = np.split(indices[order], bounds) if len(indices) else []
+        self.tissues = _group_by(indices, np.asarray(tissue_codes).reshape(-1))
         self.shuffle, self.drop_node_rate, self.max_cells = shuffle, drop_node_rate, max_cells
         self.seed, self.epoch, self.start = seed, 0, 0
         self.num_replicas, self.rank = num_replicas, rank
@@ -297,10 +301,7 @@ class TissueBatchSampler(Sampler):
         indices, coords, slides, size = self.redraw
         tissues = []
         for rows in slides:
-            region = local_regions(coords[rows], size, rng)
-            order = np.argsort(region, kind="stable")
-            bounds = np.flatnonzero(np.diff(region[order])) + 1
-            tissues += [indices[rows[part]] for part in np.split(order, bounds)]
+            tissues += _group_by(indices[rows], local_regions(coords[rows], size, rng))
         return tissues
 
     def set_epoch(self, epoch: int) -> None:
