@@ -68,6 +68,23 @@ CONFIGS = {
         "the defaults for spatial data: 30% hidden + 45% partial, no PE, tissues re-drawn "
         "every epoch (registered mean size); niche read-out in ~64-cell windows",
     ),
+    "local": (
+        {"n_local_heads": 4},
+        {},
+        "the spatial defaults + 4 of 8 heads attending through a distance-decaying spatial "
+        "kernel (4 x 4 anchor lattice, width 1/3 of the tissue side)",
+    ),
+    "local_all": (
+        {"n_local_heads": 8},
+        {},
+        "the spatial defaults + all 8 heads through the spatial kernel",
+    ),
+    "local_fine": (
+        {"n_local_heads": 4, "local_grid": 7},
+        {},
+        "the spatial defaults + 4 of 8 heads through a narrower kernel (7 x 7 lattice, width "
+        "1/6 of the tissue side)",
+    ),
     "hide_redraw_pe": (
         {"hide_cell_rate": 0.3, "spatial_pe": True},
         {"redraw_tissues": True},
@@ -165,6 +182,11 @@ def main() -> None:
                 niche = model.get_latent_representation(representation="niche")
                 score(config, seed, "niche", niche, t_train, a)
                 score(config, seed, "both", np.hstack([cell, niche]), t_train, a)
+            if model.module.n_local_heads and model.module.niche_cells is not None:
+                model.module.niche_cells = None  # the local heads may make windows unneeded
+                niche = model.get_latent_representation(representation="niche")
+                score(config, seed, "niche (whole tissue)", niche, t_train, a)
+                score(config, seed, "both (whole tissue)", np.hstack([cell, niche]), t_train, a)
 
     print_table(
         f"Niche context ablation ({args.n_cells} cells, {args.n_slides} slides, "

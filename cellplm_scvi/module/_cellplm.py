@@ -40,6 +40,7 @@ from ..nn import (
 )
 from ..nn._int8 import Int8InferenceMixin
 from ..nn._segments import segment_mean
+from ..nn._spatial_kernel import spatial_kernel_features
 from ..pp._tissues import local_regions
 from ._loss import masked_nb_loss, nb_nll
 from ._masking import TissueMask, apply_mask, join_masks, sample_mask
@@ -109,6 +110,14 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
     niche_cells
         The niche read-out attends within local windows of about this many cells of each
         tissue (see :meth:`niche_inference`). ``None``: the whole tissue.
+    n_local_heads
+        Heads of each encoder layer that attend through a distance-decaying spatial kernel
+        (:func:`~cellplm_scvi.nn.spatial_kernel_features` on a ``local_grid`` x ``local_grid``
+        lattice) when coordinates are registered. ``0``: every head sees the whole tissue
+        evenly (the official model).
+    local_grid
+        Anchors per side of the kernel's lattice: its width is ``1 / (local_grid - 1)`` of the
+        tissue's larger side.
     dae
         Add the masked-entry ("denoising") NB term.
     latent_kwargs
@@ -155,6 +164,8 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
         mask_gene_rate: float = 0.25,
         hide_cell_rate: float = 0.0,
         niche_cells: int | None = None,
+        n_local_heads: int = 0,
+        local_grid: int = 4,
         dae: bool = True,
         latent_kwargs: dict | None = None,
         n_labels: int = 0,
@@ -187,13 +198,14 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
         if niche_cells is not None and niche_cells < 2:
             raise ValueError(f"niche_cells must be at least 2 or None, got {niche_cells}.")
         self.niche_cells = niche_cells
+        self.n_local_heads, self.local_grid = n_local_heads, local_grid
         self._set_gene_index(n_vocab, gene_index)
         self.categorical_covariates = tuple(categorical_covariates)
         self.gene_likelihood = "nb"
         self._sample_posterior = False
 
         self.embedder = CellEmbedder(n_vocab, n_hidden, dropout)
-        self.encoder = FlowformerEncoder(n_hidden, n_layers, n_heads, dropout)
+        self.encoder = FlowformerEncoder(n_hidden, n_layers, n_heads, dropout, n_local_heads)
         self.pre_latent_norm = _PreLatentNorm(n_hidden)
         latent_kwargs = latent_kwargs or {}
         if latent == "gmvae":
@@ -330,9 +342,12 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
         pe_coords = None
         if self.use_spatial_pe and coords is not None:
             pe_coords = scale_coordinates(coords.float(), tissues)
+        spatial = None  # (N, grid^2) kernel features of the local heads
+        if self.n_local_heads and coords is not None:
+            spatial = spatial_kernel_features(coords, self.local_grid, tissues)
         h = self.embedder(x, self.embed_index, pe_coords)  # (N, d)
         encoder = self.inference_module("encoder")  # int8 copy in int8_inference()
-        h = self.pre_latent_norm(encoder(h, tissues))  # (N, d): cells saw their whole tissue
+        h = self.pre_latent_norm(encoder(h, tissues, spatial))  # (N, d): cells saw their tissue
         if requested is not None:
             h = h[requested.view(-1).bool()]  # (R, d)
         out = self.latent(h, tissues)

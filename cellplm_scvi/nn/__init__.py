@@ -5,6 +5,7 @@ from ._embedder import CellEmbedder, Sinusoidal2dPE, sinusoidal_2d_table
 from ._flowformer import FlowAttention, FlowformerEncoder, FlowformerLayer
 from ._latent import GMVAELatent, LatentStack, VAELatent
 from ._segments import TissueSegments
+from ._spatial_kernel import spatial_kernel_features
 
 __all__ = [
     "CellEmbedder",
@@ -19,4 +20,5 @@ __all__ = [
     "TissueSegments",
     "VAELatent",
     "sinusoidal_2d_table",
+    "spatial_kernel_features",
 ]

@@ -8,6 +8,10 @@ cells x cells matrix is ever built. Attribute names follow the official CellPLM 
 A packed minibatch (several tissues per step, :class:`~cellplm_scvi.nn.TissueSegments`) runs
 every reduction over cells per tissue, so attention never crosses tissues: each tissue's rows
 get exactly what a forward pass of that tissue alone would give.
+
+With ``n_local_heads`` and cell positions, that many heads of each layer attend through a
+distance-decaying spatial kernel (:mod:`~cellplm_scvi.nn._spatial_kernel`): a cell reads its
+neighbourhood there, and the whole tissue in the other heads. Official checkpoints have none.
 """
 
 from __future__ import annotations
@@ -31,13 +35,28 @@ class FlowAttention(nn.Module):
         Dropout on the output projection (the official model hard-codes 0.01).
     eps
         Stabiliser added to the flows.
+    n_local_heads
+        Heads (the first ones) whose scores are multiplied by the spatial kernel when
+        ``forward`` gets kernel features; 0: none.
     """
 
-    def __init__(self, n_hidden: int, n_heads: int, dropout: float = 0.01, eps: float = 1e-6):
+    def __init__(
+        self,
+        n_hidden: int,
+        n_heads: int,
+        dropout: float = 0.01,
+        eps: float = 1e-6,
+        n_local_heads: int = 0,
+    ):
         super().__init__()
         if n_hidden % n_heads:
             raise ValueError(f"n_hidden={n_hidden} must be divisible by n_heads={n_heads}.")
+        if not 0 <= n_local_heads <= n_heads:
+            raise ValueError(
+                f"n_local_heads must be in [0, n_heads={n_heads}], got {n_local_heads}."
+            )
         self.n_heads = n_heads
+        self.n_local_heads = n_local_heads
         self.eps = eps
         self.query_projection = nn.Linear(n_hidden, n_hidden)
         self.key_projection = nn.Linear(n_hidden, n_hidden)
@@ -49,8 +68,14 @@ class FlowAttention(nn.Module):
         n, d = x.shape
         return x.view(n, self.n_heads, d // self.n_heads).transpose(0, 1)  # (H, N, dh)
 
-    def forward(self, x: torch.Tensor, tissues: TissueSegments | None = None) -> torch.Tensor:
-        """(N, d) -> (N, d); with ``tissues``, each tissue's rows attend to that tissue only."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        tissues: TissueSegments | None = None,
+        spatial: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(N, d) -> (N, d); with ``tissues``, each tissue's rows attend to that tissue only;
+        with ``spatial`` ((N, M) kernel features), the local heads through the kernel."""
         n, d = x.shape
         eps = self.eps
         q = torch.sigmoid(self._heads(self.query_projection(x)))  # (H, N, dh), non-negative
@@ -61,12 +86,23 @@ class FlowAttention(nn.Module):
         dtype = v.dtype
         with torch.autocast(x.device.type, enabled=False):
             q, k, v = q.float(), k.float(), v.float()
-            if tissues is None:
-                out = self._flow(q, k, v, n, eps).to(dtype)
-            else:
-                out = tissues.unpad(self._packed_flow(q, k, v, tissues, eps)).to(dtype)
+            if spatial is None or not self.n_local_heads:
+                out = self._attend(q, k, v, tissues, eps).to(dtype)
+            else:  # local heads on (dh * M)-wide features: score * psi_i . psi_j
+                lh, psi = self.n_local_heads, spatial.float()[None, :, None, :]  # (1, N, 1, M)
+                q_local = (q[:lh, ..., None] * psi).flatten(-2)  # (lh, N, dh * M)
+                k_local = (k[:lh, ..., None] * psi).flatten(-2)
+                local = self._attend(q_local, k_local, v[:lh], tissues, eps)
+                rest = self._attend(q[lh:], k[lh:], v[lh:], tissues, eps)
+                out = torch.cat([local, rest]).to(dtype)
         out = out.transpose(0, 1).reshape(n, d)  # (N, d)
         return self.dropout(self.out_projection(out))
+
+    def _attend(self, q, k, v, tissues: TissueSegments | None, eps: float) -> torch.Tensor:
+        """Flow-Attention of (H, N, D) queries/keys and (H, N, dh) values -> (H, N, dh)."""
+        if tissues is None:
+            return self._flow(q, k, v, q.shape[1], eps)
+        return tissues.unpad(self._packed_flow(q, k, v, tissues, eps))
 
     @staticmethod
     def _flow(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int, eps: float):
@@ -120,10 +156,10 @@ class FlowAttention(nn.Module):
 class FlowformerLayer(nn.Module):
     """Pre-LayerNorm transformer block with Flow-Attention and a GELU feed-forward (x2)."""
 
-    def __init__(self, n_hidden: int, n_heads: int, dropout: float):
+    def __init__(self, n_hidden: int, n_heads: int, dropout: float, n_local_heads: int = 0):
         super().__init__()
         self.norm1 = nn.LayerNorm(n_hidden)
-        self.self_attn = FlowAttention(n_hidden, n_heads)
+        self.self_attn = FlowAttention(n_hidden, n_heads, n_local_heads=n_local_heads)
         self.dropout1 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(n_hidden)
         self._ff_block = nn.Sequential(
@@ -134,24 +170,37 @@ class FlowformerLayer(nn.Module):
             nn.Dropout(dropout),
         )
 
-    def forward(self, x: torch.Tensor, tissues: TissueSegments | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        tissues: TissueSegments | None = None,
+        spatial: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """(N, d) -> (N, d)."""
-        x = x + self.dropout1(self.self_attn(self.norm1(x), tissues))
+        x = x + self.dropout1(self.self_attn(self.norm1(x), tissues, spatial))
         return x + self._ff_block(self.norm2(x))
 
 
 class FlowformerEncoder(nn.Module):
     """A stack of :class:`FlowformerLayer` (no final norm: the model's pre-latent norm follows)."""
 
-    def __init__(self, n_hidden: int, n_layers: int, n_heads: int, dropout: float):
+    def __init__(
+        self, n_hidden: int, n_layers: int, n_heads: int, dropout: float, n_local_heads: int = 0
+    ):
         super().__init__()
         self.layers = nn.ModuleList(
-            FlowformerLayer(n_hidden, n_heads, dropout) for _ in range(n_layers)
+            FlowformerLayer(n_hidden, n_heads, dropout, n_local_heads) for _ in range(n_layers)
         )
 
-    def forward(self, x: torch.Tensor, tissues: TissueSegments | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        tissues: TissueSegments | None = None,
+        spatial: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """(N, d) -> (N, d): every cell attends to every other cell of its tissue (one tissue,
-        or each of the packed ``tissues``)."""
+        or each of the packed ``tissues``); with ``spatial`` kernel features, the local heads
+        weigh them by distance."""
         for layer in self.layers:
-            x = layer(x, tissues)
+            x = layer(x, tissues, spatial)
         return x
