@@ -38,7 +38,7 @@ from ..nn import (
     TissueSegments,
     VAELatent,
 )
-from ..nn._int8 import Int8InferenceMixin
+from ..nn._int8 import Int8InferenceMixin, encode_refining_ties
 from ..nn._segments import segment_mean
 from ..nn._spatial_kernel import spatial_kernel_features
 from ..pp._tissues import local_regions
@@ -347,7 +347,12 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
             spatial = spatial_kernel_features(coords, self.local_grid, tissues)
         h = self.embedder(x, self.embed_index, pe_coords)  # (N, d)
         encoder = self.inference_module("encoder")  # int8 copy in int8_inference()
-        h = self.pre_latent_norm(encoder(h, tissues, spatial))  # (N, d): cells saw their tissue
+        if encoder is not self.encoder and self.latent_type == "gmvae":  # int8 near-ties
+            logits = self.latent.layers[1].cluster_logits
+            args = (self.pre_latent_norm, logits, h, tissues, spatial)
+            h = encode_refining_ties(encoder, self.encoder, *args)  # (N, d), float32 ties
+        else:
+            h = self.pre_latent_norm(encoder(h, tissues, spatial))  # (N, d): saw its tissue
         if requested is not None:
             h = h[requested.view(-1).bool()]  # (R, d)
         out = self.latent(h, tissues)

@@ -125,6 +125,47 @@ class FlowAttention(nn.Module):
         kv = torch.einsum("hnd,hnm->hdm", k, v * competition[..., None])  # (H, dh, dh)
         return torch.einsum("hnd,hdm->hnm", q * sink_in[..., None], kv) * allocation[..., None]
 
+    # ------------------------------------- int8 refinement of a few rows (see nn/_int8.py)
+    @staticmethod
+    def flow_sums(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int, eps: float):
+        """What a sink of :meth:`_flow` reads from the whole tissue (the same operations):
+        ``k.sum`` (H, D), the conserved key flow ``(k * source_out).sum`` (H, D) and the
+        competition-weighted ``kv`` (H, D, dh)."""
+        sink_in = 1.0 / torch.einsum("hnd,hd->hn", q + eps, k.sum(1) + eps)
+        source_out = 1.0 / torch.einsum("hnd,hd->hn", k + eps, q.sum(1) + eps)
+        conserved_source = torch.einsum(
+            "hnd,hd->hn", k + eps, (q * sink_in[..., None]).sum(1) + eps
+        )
+        competition = torch.softmax(conserved_source.clamp(-1.0, 1.0), dim=-1) * n
+        kv = torch.einsum("hnd,hnm->hdm", k, v * competition[..., None])  # (H, D, dh)
+        return k.sum(1), (k * source_out[..., None]).sum(1), kv
+
+    @staticmethod
+    def sink_flow(q: torch.Tensor, sums: tuple, eps: float) -> torch.Tensor:
+        """(H, R, D) queries of R sinks -> (H, R, dh), given a tissue's :meth:`flow_sums`
+        (``sink_flow(q, flow_sums(q, k, v, n, eps), eps)`` is ``_flow(q, k, v, n, eps)``)."""
+        k_sum, k_conserved, kv = sums
+        sink_in = 1.0 / torch.einsum("hnd,hd->hn", q + eps, k_sum + eps)
+        allocation = torch.sigmoid(torch.einsum("hnd,hd->hn", q + eps, k_conserved + eps))
+        return torch.einsum("hnd,hdm->hnm", q * sink_in[..., None], kv) * allocation[..., None]
+
+    def attend_rows(
+        self, x: torch.Tensor, sums: list[tuple], spatial: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(R, d) -> (R, d): :meth:`forward` (evaluation) of R rows of one tissue, given the
+        :meth:`flow_sums` of each ``_flow`` call of a pass over the whole tissue (one; with
+        local heads and ``spatial``, (R, M), two: the local heads', then the others')."""
+        r, d = x.shape
+        q = torch.sigmoid(self._heads(self.query_projection(x))).float()  # (H, R, dh)
+        if len(sums) == 1:
+            out = self.sink_flow(q, sums[0], self.eps)
+        else:
+            lh, psi = self.n_local_heads, spatial.float()[None, :, None, :]  # (1, R, 1, M)
+            q_local = (q[:lh, ..., None] * psi).flatten(-2)  # (lh, R, dh * M)
+            local = self.sink_flow(q_local, sums[0], self.eps)
+            out = torch.cat([local, self.sink_flow(q[lh:], sums[1], self.eps)])
+        return self.out_projection(out.transpose(0, 1).reshape(r, d))
+
     @staticmethod
     def _packed_flow(q, k, v, tissues: TissueSegments, eps: float) -> torch.Tensor:
         """:meth:`_flow` of each tissue: (H, N, dh) -> padded (H, T, n_max, dh).
@@ -180,6 +221,14 @@ class FlowformerLayer(nn.Module):
         x = x + self.dropout1(self.self_attn(self.norm1(x), tissues, spatial))
         return x + self._ff_block(self.norm2(x))
 
+    def forward_rows(
+        self, x: torch.Tensor, sums: list[tuple], spatial: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(R, d) -> (R, d): :meth:`forward` of R rows of a tissue, given the attention's
+        sums of a pass over the whole tissue (:meth:`FlowAttention.attend_rows`)."""
+        x = x + self.dropout1(self.self_attn.attend_rows(self.norm1(x), sums, spatial))
+        return x + self._ff_block(self.norm2(x))
+
 
 class FlowformerEncoder(nn.Module):
     """A stack of :class:`FlowformerLayer` (no final norm: the model's pre-latent norm follows)."""
@@ -203,4 +252,13 @@ class FlowformerEncoder(nn.Module):
         weigh them by distance."""
         for layer in self.layers:
             x = layer(x, tissues, spatial)
+        return x
+
+    def forward_rows(
+        self, x: torch.Tensor, sums: list[list[tuple]], spatial: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(R, d) -> (R, d): :meth:`forward` of R rows of one tissue, reading the rest of it
+        through each layer's attention ``sums`` of a pass over the whole tissue."""
+        for layer, layer_sums in zip(self.layers, sums, strict=True):
+            x = layer.forward_rows(x, layer_sums, spatial)
         return x

@@ -120,6 +120,78 @@ def int8_copy(module: nn.Module, keep: Callable[[str], bool] = lambda name: Fals
     return clone.eval()  # requires_grad stays: the shared parameters are the original's
 
 
+# ------------------------------------------------ GMVAE near-ties: a float32 refinement
+INT8_TIE_MARGIN = 0.05  # top-2 cluster-logit margin below which a row is refined in float32
+
+
+@contextmanager
+def recording_flow_sums(encoder: nn.Module) -> Iterator[list[list[tuple]]]:
+    """Inside, each layer's attention of ``encoder`` (a ``FlowformerEncoder``) appends the
+    :meth:`~cellplm_scvi.nn._flowformer.FlowAttention.flow_sums` of its one-tissue ``_flow``
+    calls to that layer's list (packed tissues record nothing)."""
+    log = []
+    attentions = [layer.self_attn for layer in encoder.layers]
+    for attention in attentions:
+        log.append([])
+        attention._flow = _recording_flow(attention, log[-1])  # shadows the staticmethod
+    try:
+        yield log
+    finally:
+        for attention in attentions:
+            del attention._flow
+
+
+def _recording_flow(attention: nn.Module, calls: list) -> Callable:
+    def flow(q, k, v, n, eps):  # the same numbers as FlowAttention._flow
+        sums = attention.flow_sums(q, k, v, n, eps)
+        calls.append(sums)
+        return attention.sink_flow(q, sums, eps)
+
+    return flow
+
+
+def encode_refining_ties(
+    encoder: nn.Module,
+    float_encoder: nn.Module,
+    finish: Callable[[torch.Tensor], torch.Tensor],
+    cluster_logits: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    tissues=None,
+    spatial: torch.Tensor | None = None,
+    margin: float | None = None,
+) -> torch.Tensor:
+    """``finish(encoder(x))`` (N, d) with the rows whose two best GMVAE clusters nearly tie
+    recomputed in float32.
+
+    A GMVAE embedding is ``E[z | h, argmax_y q(y|h)]``: where the top-2 cluster logits are
+    closer than the int8 error, int8 may pick the other cluster and the embedding jumps. The
+    rows whose int8 top-2 margin is below ``margin`` run again through ``float_encoder``,
+    layer by layer, reading the rest of the tissue through the attention sums of the int8
+    pass (:meth:`~cellplm_scvi.nn._flowformer.FlowformerEncoder.forward_rows`): a row's own
+    path is float32, the tissue sums keep their small int8 error (see the module docstring).
+    Packed ``tissues`` (local niche windows): each tissue holding such a row runs again
+    alone in float32 (exact; these tissues are small). ``margin``: default
+    :data:`INT8_TIE_MARGIN` (0: no refinement).
+    """
+    margin = INT8_TIE_MARGIN if margin is None else margin
+    with recording_flow_sums(encoder) as sums:
+        h = finish(encoder(x, tissues, spatial))  # (N, d)
+    top2 = cluster_logits(h).topk(2, dim=-1).values  # (N, 2)
+    tied = top2[:, 0] - top2[:, 1] < margin  # (N,)
+    if not bool(tied.any()):
+        return h
+    if tissues is None:
+        rows = tied.nonzero().view(-1)  # (R,)
+        near = None if spatial is None else spatial[rows]
+        h[rows] = finish(float_encoder.forward_rows(x[rows], sums, near))
+        return h
+    for rows in tissues.rows():
+        if bool(tied[rows].any()):
+            near = None if spatial is None else spatial[rows]
+            h[rows] = finish(float_encoder(x[rows], None, near))
+    return h
+
+
 class Int8InferenceMixin:
     """int8 copies of a torch module's heavy submodules, for CPU inference.
 
