@@ -10,10 +10,12 @@ temporary directory and, in the same process, times
     ``CellPLM.load_official(prefix, adata)`` + ``get_latent_representation()`` (all cells in one
     tissue, i.e. the same attention context as the official call);
 (c) ours with ``get_latent_representation(precision="int8")`` (the encoder's Linear layers int8,
-    issue 16; quantized in the warm-up call, whose time is printed apart).
+    issue 16; quantized in the warm-up call, whose time is printed apart);
+(d) the same without the float32 refinement of the GMVAE's near-tied cells
+    (``INT8_TIE_MARGIN = 0``, see ``cellplm_scvi/nn/_int8.py``): its cost and accuracy gain.
 
-The three calls alternate within each of ``--repeats`` rounds (the machine is shared: alternating
-spreads the load over all three); the speed-ups are ratios of the medians.
+The four calls alternate within each of ``--repeats`` rounds (the machine is shared: alternating
+spreads the load over all four); the speed-ups are ratios of the medians.
 
 Peak RSS increase per call: freed heap is returned to the OS (``malloc_trim``) and VmHWM is
 reset (``5`` -> ``/proc/self/clear_refs``) before each measured call; the increase is VmHWM after
@@ -177,6 +179,7 @@ def main() -> None:
     from CellPLM.utils import set_seed
 
     import cellplm_scvi as cp
+    from cellplm_scvi.nn import _int8
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -229,6 +232,13 @@ def main() -> None:
         t_quantize = time.perf_counter() - t0
 
         # ---------------------------------------------------------------- alternating runs
+        def int8_unrefined():
+            margin, _int8.INT8_TIE_MARGIN = _int8.INT8_TIE_MARGIN, 0.0
+            try:
+                return model.get_latent_representation(precision="int8")
+            finally:
+                _int8.INT8_TIE_MARGIN = margin
+
         calls = {
             "official predict": (official, False),
             "ours get_latent_representation": (model.get_latent_representation, True),
@@ -236,6 +246,7 @@ def main() -> None:
                 lambda: model.get_latent_representation(precision="int8"),
                 True,
             ),
+            "ours int8, no tie refinement": (int8_unrefined, True),
         }
         times = {name: [] for name in calls}
         peaks = {name: [] for name in calls}
@@ -248,7 +259,7 @@ def main() -> None:
                 peaks[name].append(peak)
         emb_off = results["official predict"].numpy()
         emb, emb_int8 = results["ours get_latent_representation"], results["ours precision='int8'"]
-        off_times, our_times, int8_times = times.values()
+        off_times, our_times, int8_times, _ = times.values()
         off_peaks, our_peaks = peaks["official predict"], peaks["ours get_latent_representation"]
 
         # ---------------------------------------------------------------- report
@@ -273,10 +284,14 @@ def main() -> None:
             f"+{max(off_peaks):.0f} MB, ours +{max(our_peaks):.0f} MB"
         )
         med = {name: float(np.median(t)) for name, t in times.items()}
-        med_off, med_ours, med_int8 = med.values()
+        med_off, med_ours, med_int8, med_unrefined = med.values()
         int8_peak = max(peaks["ours precision='int8'"])
         cosine = (emb * emb_int8).sum(1) / np.linalg.norm(emb, axis=1)
         cosine /= np.linalg.norm(emb_int8, axis=1)
+        emb_unrefined = results["ours int8, no tie refinement"]
+        cosine_unrefined = (emb * emb_unrefined).sum(1) / np.linalg.norm(emb, axis=1)
+        cosine_unrefined /= np.linalg.norm(emb_unrefined, axis=1)
+        n_refined = int((emb_int8 != emb_unrefined).any(1).sum())
         print(
             f"median of {args.repeats} alternating runs: official {n / med_off:.0f} cells/s, "
             f"ours fp32 {n / med_ours:.0f} cells/s (x{med_off / med_ours:.2f}), ours int8 "
@@ -284,6 +299,12 @@ def main() -> None:
             f"vs fp32); int8 quantization (once per model) {t_quantize:.2f}s, "
             f"peak RSS increase int8 +{int8_peak:.0f} MB; per-cell "
             f"cosine int8 vs fp32 min {cosine.min():.5f}, mean {cosine.mean():.6f}"
+        )
+        print(
+            f"without the tie refinement: int8 {n / med_unrefined:.0f} cells/s "
+            f"(x{med_off / med_unrefined:.2f} the official), min cosine "
+            f"{cosine_unrefined.min():.5f}; the refinement re-ran {n_refined} of {n} cells "
+            f"in float32 (+{100 * (med_int8 / med_unrefined - 1):.0f}% time)"
         )
         # sanity: the official GMVAE samples its cluster (Gumbel), ours takes the argmax, so
         # only the rows where both pick the same cluster agree

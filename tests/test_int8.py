@@ -160,6 +160,14 @@ def test_refinement_recomputes_the_near_tied_rows_only():
             torch.testing.assert_close(h[rows], encoder(x[rows]), rtol=0, atol=1e-6)
         no_refinement = encode_refining_ties(quantized, encoder, nn.Identity(), head, x, margin=0)
         assert torch.equal(no_refinement, int8)
+        # a margin below the int8 error widens to 1.25x the margin shift of the refined rows
+        margins = (lambda t: t[:, 0] - t[:, 1])(head(int8).topk(2, -1).values)
+        tiny = float(margins.min()) + 1e-7  # only the closest tie at first
+        error = head(int8) - head(fp32)
+        h = encode_refining_ties(quantized, encoder, nn.Identity(), head, x, margin=tiny)
+        changed = (h != int8).any(1)
+        assert changed.sum() > 1
+        assert (margins[changed] < 1.25 * (error.amax(1) - error.amin(1)).max() + 1e-3).all()
 
 
 # ------------------------------------------------------------------------------ the model

@@ -170,25 +170,37 @@ def encode_refining_ties(
     pass (:meth:`~cellplm_scvi.nn._flowformer.FlowformerEncoder.forward_rows`): a row's own
     path is float32, the tissue sums keep their small int8 error (see the module docstring).
     Packed ``tissues`` (local niche windows): each tissue holding such a row runs again
-    alone in float32 (exact; these tissues are small). ``margin``: default
+    alone in float32 (exact; these tissues are small).
+
+    The refined rows measure the int8 error: if int8 moved one of their margins (the spread
+    of the per-cluster logit errors) by more than ``margin / 1.25``, the margin widens to
+    1.25 times that shift and the rows newly below it are refined too (a model whose int8
+    error exceeds the default still gets its ties refined). ``margin``: default
     :data:`INT8_TIE_MARGIN` (0: no refinement).
     """
     margin = INT8_TIE_MARGIN if margin is None else margin
     with recording_flow_sums(encoder) as sums:
         h = finish(encoder(x, tissues, spatial))  # (N, d)
-    top2 = cluster_logits(h).topk(2, dim=-1).values  # (N, 2)
-    tied = top2[:, 0] - top2[:, 1] < margin  # (N,)
-    if not bool(tied.any()):
-        return h
-    if tissues is None:
-        rows = tied.nonzero().view(-1)  # (R,)
-        near = None if spatial is None else spatial[rows]
-        h[rows] = finish(float_encoder.forward_rows(x[rows], sums, near))
-        return h
-    for rows in tissues.rows():
-        if bool(tied[rows].any()):
+    logits = cluster_logits(h)  # (N, K), int8
+    top2 = logits.topk(2, dim=-1).values  # (N, 2)
+    margins = top2[:, 0] - top2[:, 1]  # (N,)
+    refined = torch.zeros_like(margins, dtype=torch.bool)
+    while bool((new := (margins < margin) & ~refined).any()):
+        if tissues is None:
+            rows = new.nonzero().view(-1)  # (R,)
             near = None if spatial is None else spatial[rows]
-            h[rows] = finish(float_encoder(x[rows], None, near))
+            h[rows] = finish(float_encoder.forward_rows(x[rows], sums, near))
+        else:
+            for tissue in tissues.rows():
+                if bool(new[tissue].any()):
+                    near = None if spatial is None else spatial[tissue]
+                    h[tissue] = finish(float_encoder(x[tissue], None, near))
+                    new[tissue] = True
+            rows = new.nonzero().view(-1)
+        refined[rows] = True
+        error = logits[rows] - cluster_logits(h[rows])  # (R, K): int8 - float32
+        shift = float((error.amax(1) - error.amin(1)).max())  # the most a margin moved
+        margin = max(margin, 1.25 * shift)
     return h
 
 
