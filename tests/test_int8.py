@@ -248,6 +248,31 @@ def test_int8_on_a_trained_gmvae_model(monkeypatch):
     assert agree >= 0.99
 
 
+def test_int8_refinement_on_a_spatial_gmvae_with_local_heads_and_niche_windows(monkeypatch):
+    """End to end through the model: with every row below the tie margin, the niche read-out
+    (packed local windows: each re-run alone in float32) is float32's, and the cell latent
+    (local kernel heads: rows re-run from the int8 pass's sums) is closer to float32."""
+    adata = cp.datasets.simulate_tissue(n_cells=300, n_slides=2, seed=0)
+    kwargs = {"layer": "counts", "spatial_key": "spatial", "library_key": "slide"}
+    cp.CellPLM.setup_anndata(adata, max_cells=100, **kwargs)
+    scvi.settings.seed = 0
+    model = cp.CellPLM(
+        adata, n_hidden=64, n_layers=2, n_heads=4, n_latent=8, latent="gmvae", n_local_heads=2
+    )
+    model.train(max_epochs=1, train_size=1.0, **FIT)
+    model.module.niche_cells = 20
+    monkeypatch.setattr(_int8, "INT8_TIE_MARGIN", 100.0)  # every row
+    for representation, tolerance in (("niche", 1e-5), ("cell", None)):
+        fp32 = model.get_latent_representation(representation=representation)
+        refined = model.get_latent_representation(representation=representation, precision="int8")
+        monkeypatch.setattr(_int8, "INT8_TIE_MARGIN", 0.0)
+        int8 = model.get_latent_representation(representation=representation, precision="int8")
+        monkeypatch.setattr(_int8, "INT8_TIE_MARGIN", 100.0)
+        error, int8_error = np.abs(refined - fp32).max(), np.abs(int8 - fp32).max()
+        print(f"{representation}: all rows refined {error:.2e}, int8 {int8_error:.2e}")
+        assert error < (tolerance or 0.5 * int8_error)
+
+
 def test_int8_cache_lifecycle_and_float_weights(trained, tmp_path):
     module = trained.module
     state = {k: v.clone() for k, v in module.state_dict().items()}

@@ -12,6 +12,22 @@ whose ``nn.Linear`` children are replaced; every other submodule (LayerNorm, GEL
 *shared* with the original, not copied. :class:`Int8InferenceMixin` caches that copy on a
 torch module and drops it whenever the float weights may change.
 
+GMVAE near-ties. A GMVAE embedding is ``E[z | h, argmax_y q(y|h)]``, which jumps where two
+clusters tie. int8 moves a cluster logit by up to 0.03 and the margin between two logits by
+up to 0.041 (random official 85M GMVAE, 2 x 2,000 cells; 0.038 on a trained 128-wide
+GMVAE), so about 1% of a random 85M GMVAE's cells switched cluster (min cosine 0.9985).
+:func:`encode_refining_ties` re-runs in float32 the rows whose int8 top-2 margin is below
+``INT8_TIE_MARGIN = 0.05`` (above every margin shift measured, so no cell that int8 could
+switch is left out; it widens itself if the refined rows show a larger shift). Such a row
+reads the rest of its tissue only through the flow attention's sums over cells (``k.sum``,
+the conserved key flow, the competition-weighted ``kv``: ``FlowAttention.flow_sums``),
+which are taken from the int8 pass (:func:`recording_flow_sums`), so the re-run costs
+O(rows), not a float32 pass over the tissue. Measured on the random 85M GMVAE: the row's own
+path carries nearly all the int8 error (refined logits within 0.0009-0.0013 of float32,
+from 0.026-0.037; running the flagged rows in float32 in every Linear of a full int8 pass
+gives the same), so only cells whose float32 margin is below about 0.0013 can still switch.
+The flagged rows are 13-15% of a random 85M GMVAE's cells (4% of a trained one's).
+
 torch 2.13 deprecates the quantized tensor API (``torch.quantize_per_channel`` and friends,
 pytorch/pytorch#184982). Its warning is raised once, when weights are quantized; it is
 silenced there, so users never see it. :func:`int8_unsupported` is the capability check: the
