@@ -29,66 +29,83 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import QUIET_TRAIN, log1p_cp10k, parser, pca, print_table, setup
 
+# The configurations before the local heads: the official latent, every head global, the niche
+# read-out over the whole tissue unless a config says otherwise.
+GLOBAL = {"latent": "gmvae", "n_local_heads": 0, "niche_cells": None}
+HIDE = {**GLOBAL, "hide_cell_rate": 0.3, "spatial_pe": False}
+LOCAL = {"hide_cell_rate": 0.3, "spatial_pe": False, "latent": "gmvae"}
+
 # name: (CellPLM kwargs, train kwargs, description)
 CONFIGS = {
     "default": (
-        {"hide_cell_rate": 0.0, "spatial_pe": True},
+        {**GLOBAL, "hide_cell_rate": 0.0, "spatial_pe": True},
         {"redraw_tissues": False},
         "official objective (75% cells masked, 25% of their genes), spatial PE",
     ),
     "default_nope": (
-        {"hide_cell_rate": 0.0, "spatial_pe": False},
+        {**GLOBAL, "hide_cell_rate": 0.0, "spatial_pe": False},
         {"redraw_tissues": False},
         "official objective, no spatial PE",
     ),
     "hide": (
-        {"hide_cell_rate": 0.3, "spatial_pe": False},
+        HIDE,
         {"redraw_tissues": False},
         "30% of cells hidden whole + 45% partially masked, no PE",
     ),
     "hide_pe": (
-        {"hide_cell_rate": 0.3, "spatial_pe": True},
+        {**HIDE, "spatial_pe": True},
         {"redraw_tissues": False},
         "30% hidden + 45% partial, spatial PE",
     ),
     "hide_redraw": (
-        {"hide_cell_rate": 0.3, "spatial_pe": False},
+        HIDE,
         {"redraw_tissues": True},
         "30% hidden + 45% partial, no PE, tissues re-drawn every epoch",
     ),
+    "hide_redraw_pe": (
+        {**HIDE, "spatial_pe": True},
+        {"redraw_tissues": True},
+        "30% hidden + 45% partial, spatial PE, tissues re-drawn every epoch",
+    ),
     "hide_window": (
-        {"hide_cell_rate": 0.3, "spatial_pe": False, "niche_cells": 64},
+        {**HIDE, "niche_cells": 64},
         {"redraw_tissues": 64},
         "30% hidden + 45% partial, no PE, 64-cell tissues re-drawn every epoch (run with "
         "--epochs 20: the same number of steps); niche read-out in ~64-cell windows",
+    ),
+    "hide_redraw_windows": (
+        {**HIDE, "niche_cells": 64},
+        {"redraw_tissues": True},
+        "`hide_redraw` with the niche read-out in ~64-cell windows (the spatial default "
+        "before the local heads)",
+    ),
+    "local": (
+        {**LOCAL, "n_local_heads": 4, "local_grid": 4, "niche_cells": 64},
+        {"redraw_tissues": True},
+        "`hide_redraw_windows` + 4 of 8 heads attending through a distance-decaying spatial "
+        "kernel (4 x 4 anchor lattice, width 1/3 of the tissue side)",
+    ),
+    "local_all": (
+        {**LOCAL, "n_local_heads": 8, "local_grid": 4, "niche_cells": 64},
+        {"redraw_tissues": True},
+        "`local` with all 8 heads through the spatial kernel",
+    ),
+    "local_fine": (
+        {**LOCAL, "n_local_heads": 4, "local_grid": 7, "niche_cells": 64},
+        {"redraw_tissues": True},
+        "`local` with a narrower kernel (7 x 7 lattice, width 1/6 of the tissue side)",
+    ),
+    "local_vae": (
+        {**LOCAL, "n_local_heads": 4, "local_grid": 7, "niche_cells": 64, "latent": "vae"},
+        {"redraw_tissues": True},
+        "`local_fine` with the plain VAE latent instead of the Gaussian mixture",
     ),
     "spatial_default": (
         {},
         {},
         "the defaults for spatial data: 30% hidden + 45% partial, no PE, tissues re-drawn "
-        "every epoch (registered mean size); niche read-out in ~64-cell windows",
-    ),
-    "local": (
-        {"n_local_heads": 4},
-        {},
-        "the spatial defaults + 4 of 8 heads attending through a distance-decaying spatial "
-        "kernel (4 x 4 anchor lattice, width 1/3 of the tissue side)",
-    ),
-    "local_all": (
-        {"n_local_heads": 8},
-        {},
-        "the spatial defaults + all 8 heads through the spatial kernel",
-    ),
-    "local_fine": (
-        {"n_local_heads": 4, "local_grid": 7},
-        {},
-        "the spatial defaults + 4 of 8 heads through a narrower kernel (7 x 7 lattice, width "
-        "1/6 of the tissue side)",
-    ),
-    "hide_redraw_pe": (
-        {"hide_cell_rate": 0.3, "spatial_pe": True},
-        {"redraw_tissues": True},
-        "30% hidden + 45% partial, spatial PE, tissues re-drawn every epoch",
+        "every epoch, 4 of 8 heads local (7 x 7 lattice), VAE latent, niche read-out over the "
+        "whole tissue (= `local_vae`, read out over the whole tissue)",
     ),
 }
 
@@ -183,7 +200,7 @@ def main() -> None:
                 score(config, seed, "niche", niche, t_train, a)
                 score(config, seed, "both", np.hstack([cell, niche]), t_train, a)
             if model.module.n_local_heads and model.module.niche_cells is not None:
-                model.module.niche_cells = None  # the local heads may make windows unneeded
+                model.module.niche_cells = None  # the local heads make the windows unneeded
                 niche = model.get_latent_representation(representation="niche")
                 score(config, seed, "niche (whole tissue)", niche, t_train, a)
                 score(config, seed, "both (whole tissue)", np.hstack([cell, niche]), t_train, a)

@@ -115,11 +115,16 @@ def test_defaults_spatial_nonspatial_official(tmp_path):
     adata = _spatial(300)
     model = CellPLM(adata, **ARCH)
     assert model.module.hide_cell_rate == 0.3 and not model.module.use_spatial_pe
+    assert model.module.latent_type == "vae" and model.module.niche_cells is None
+    assert model.module.n_local_heads == ARCH["n_heads"] // 2 and model.module.local_grid == 7
+    assert CellPLM(adata, latent="gmvae", n_local_heads=0, **ARCH).module.n_local_heads == 0
     assert model._redraw_default(None) is True
     assert model._redraw_default(False) is False
     official_objective = CellPLM(adata, hide_cell_rate=0.0, **ARCH)
     assert official_objective._redraw_default(None) is False
     assert official_objective.module.use_spatial_pe  # as before issue 14
+    assert official_objective.module.latent_type == "gmvae"
+    assert official_objective.module.n_local_heads == 0
     # given tissues (e.g. fields of view) without library_key: slides unknown, no re-drawing
     fov = cp.datasets.simulate_tissue(n_cells=300, n_slides=2, seed=0)
     fov.obs["fov"] = fov.obs["slide"].astype(str) + (fov.obsm["spatial"][:, 0] > 500).astype(str)
@@ -131,6 +136,7 @@ def test_defaults_spatial_nonspatial_official(tmp_path):
     CellPLM.setup_anndata(plain, layer="counts")
     flat = CellPLM(plain, **ARCH)
     assert flat.module.hide_cell_rate == 0.0
+    assert flat.module.latent_type == "gmvae" and flat.module.n_local_heads == 0
     assert flat._redraw_default(None) is False
     with pytest.raises(ValueError, match="redraw_tissues=True needs coordinates"):
         flat.train(max_epochs=1, redraw_tissues=True, **FIT)
@@ -141,7 +147,7 @@ def test_defaults_spatial_nonspatial_official(tmp_path):
     flat.save_official(tmp_path / "official")
     spatial = _spatial(300)
     official = CellPLM.load_official(tmp_path / "official", spatial)
-    assert official.module.hide_cell_rate == 0.0
+    assert official.module.hide_cell_rate == 0.0 and official.module.n_local_heads == 0
     assert official._redraw_default(None) is False
 
 

@@ -115,6 +115,15 @@ def test_model_with_local_heads_trains_saves_and_loads(tmp_path):
     loaded = CellPLM.load(tmp_path / "m", adata=adata)
     assert loaded.module.n_local_heads == 2
     np.testing.assert_allclose(loaded.get_latent_representation(), z, atol=1e-6)
+    # a file written before the local heads (no n_local_heads saved) loads without them
+    payload = torch.load(tmp_path / "m" / "model.pt", weights_only=True)
+    del payload["attr_dict"]["init_params_"]["kwargs"]["module_kwargs"]["n_local_heads"]
+    torch.save(payload, tmp_path / "m" / "model.pt")
+    old = CellPLM.load(tmp_path / "m", adata=adata)
+    assert (
+        old.module.n_local_heads == 0 and old.module.encoder.layers[0].self_attn.n_local_heads == 0
+    )
+    assert not np.allclose(old.get_latent_representation(), z, atol=1e-4)
     int8 = loaded.get_latent_representation(precision="int8")
     cosine = (int8 * z).sum(1) / np.linalg.norm(int8, axis=1) / np.linalg.norm(z, axis=1)
     assert cosine.min() > 0.99

@@ -54,10 +54,13 @@ from ._training_plan import CellPLMTrainingPlan
 
 logger = logging.getLogger("cellplm_scvi")
 
-# of a from-scratch spatial model's training tissues, the fraction of cells hidden whole
+# A from-scratch model on coordinates (benchmarks/README.md, "Niche context (issue 14)"):
+# the fraction of its training tissues' cells hidden whole,
 SPATIAL_HIDE_CELL_RATE = 0.3
-# its niche read-out attends within local windows of about this many cells of a tissue
-SPATIAL_NICHE_CELLS = 64
+# the anchors per side of the spatial kernel of its local heads (half of the heads),
+SPATIAL_LOCAL_GRID = 7
+# and its latent (the Gaussian mixture cost cell identity there)
+SPATIAL_LATENT = "vae"
 
 
 class CellPLM(TissueContextMixin, RNASeqMixin, VAEMixin, BaseMinifiedModeModelClass):
@@ -82,7 +85,9 @@ class CellPLM(TissueContextMixin, RNASeqMixin, VAEMixin, BaseMinifiedModeModelCl
     n_latent
         Embedding width (official: 512).
     latent
-        ``"gmvae"`` (Gaussian mixture, ``n_clusters`` components) or ``"vae"``.
+        ``"gmvae"`` (Gaussian mixture, ``n_clusters`` components) or ``"vae"``. ``None``:
+        ``"vae"`` for a model that hides cells on coordinates (the default spatial model, see
+        ``hide_cell_rate``), else ``"gmvae"`` (the official latent).
     n_clusters
         GMVAE components.
     dropout
@@ -101,8 +106,9 @@ class CellPLM(TissueContextMixin, RNASeqMixin, VAEMixin, BaseMinifiedModeModelCl
         ``get_latent_representation(representation="niche")``. ``None``: ``0.3`` when
         coordinates are registered (a from-scratch spatial model), else ``0`` (the official
         objective; :meth:`load_official` always uses ``0``). A cell-hiding model on coordinates
-        reads the niche within windows of about 64 cells of each tissue (module argument
-        ``niche_cells``; ``niche_cells=None``: the whole tissue).
+        also attends locally: half of its heads (module argument ``n_local_heads``, ``0`` for
+        none) weigh the other cells by a distance-decaying spatial kernel of width 1/6 of the
+        tissue's side (``local_grid=7``; see :func:`cellplm_scvi.nn.spatial_kernel_features`).
     dae
         Add the NB loss of the hidden entries alone (official ``dae``).
     vocabulary
@@ -139,7 +145,7 @@ class CellPLM(TissueContextMixin, RNASeqMixin, VAEMixin, BaseMinifiedModeModelCl
         n_layers: int = 2,
         n_heads: int = 8,
         n_latent: int = 32,
-        latent: Literal["gmvae", "vae"] = "gmvae",
+        latent: Literal["gmvae", "vae"] | None = None,
         n_clusters: int = 16,
         dropout: float = 0.1,
         spatial_pe: bool | None = None,
@@ -158,8 +164,12 @@ class CellPLM(TissueContextMixin, RNASeqMixin, VAEMixin, BaseMinifiedModeModelCl
         has_coords = SPATIAL_KEY in fields
         if hide_cell_rate is None:
             hide_cell_rate = SPATIAL_HIDE_CELL_RATE if has_coords else 0.0
-        if hide_cell_rate > 0 and has_coords:  # the niche read-out's local windows
-            module_kwargs.setdefault("niche_cells", SPATIAL_NICHE_CELLS)
+        reads_niches = hide_cell_rate > 0 and has_coords
+        if latent is None:
+            latent = SPATIAL_LATENT if reads_niches else "gmvae"
+        if reads_niches:  # half of the heads attend through the spatial kernel
+            module_kwargs.setdefault("n_local_heads", n_heads // 2)
+            module_kwargs.setdefault("local_grid", SPATIAL_LOCAL_GRID)
         # the encoding hurt the niche read-out of cell-hiding models (benchmarks/README.md)
         spatial_pe = has_coords and not hide_cell_rate if spatial_pe is None else spatial_pe
         if spatial_pe and not has_coords:

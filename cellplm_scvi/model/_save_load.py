@@ -127,7 +127,7 @@ def read_model_file(path: Path) -> tuple[dict, list[str], dict]:
         raise ValueError(f"Could not read {path} (corrupt or truncated?): {err}") from None
     if isinstance(payload, dict) and payload.get("format") == _LEGACY_FORMAT:
         attributes = _decode_legacy(json.loads(payload["attributes"]))
-        return payload["model_state_dict"], payload["var_names"], attributes
+        return payload["model_state_dict"], payload["var_names"], _no_local_heads(attributes)
     attr_dict = payload.get("attr_dict") if isinstance(payload, dict) else None
     if not isinstance(attr_dict, dict) or attr_dict.get("cellplm_format_") != FORMAT:
         raise ValueError(f"{path} is not a CellPLM model file (no '{FORMAT}' marker).")
@@ -135,7 +135,20 @@ def read_model_file(path: Path) -> tuple[dict, list[str], dict]:
     types = attr_dict.pop(_ARRAYS, {})
     attr_dict.pop("cellplm_format_")
     attributes = {k: _restore(v, f"/{k}", types) for k, v in attr_dict.items()}
-    return payload["model_state_dict"], payload["var_names"], attributes
+    return payload["model_state_dict"], payload["var_names"], _no_local_heads(attributes)
+
+
+def _no_local_heads(attributes: dict) -> dict:
+    """Rebuild a model saved without ``n_local_heads`` with none.
+
+    ``CellPLM`` writes the local heads it defaults to into its init parameters, so a file
+    without them predates them (or is a model without coordinates, which gets none anyway):
+    without this its spatial model would be rebuilt with the current spatial default.
+    """
+    params = attributes.get("init_params_")
+    if isinstance(params, dict) and isinstance(params.get("kwargs"), dict):
+        params["kwargs"].setdefault("module_kwargs", {}).setdefault("n_local_heads", 0)
+    return attributes
 
 
 def _decode_legacy(obj):
