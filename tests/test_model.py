@@ -128,7 +128,8 @@ def test_latents_and_spatial_encoding(simulated, latent, spatial_pe):
     adata = simulated.copy()
     CellPLM.setup_anndata(adata, layer="counts", spatial_key="spatial", tissue_key="fov")
     scvi.settings.seed = 0
-    model = CellPLM(adata, latent=latent, spatial_pe=spatial_pe, **ARCH)
+    # no local heads: they too read the coordinates (tests/test_spatial_kernel.py)
+    model = CellPLM(adata, latent=latent, spatial_pe=spatial_pe, n_local_heads=0, **ARCH)
     assert model.module.latent_type == latent
     assert model.module.use_spatial_pe is spatial_pe
     model.train(max_epochs=1, **FIT)
