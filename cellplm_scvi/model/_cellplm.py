@@ -222,6 +222,7 @@ class CellPLM(TissueContextMixin, RNASeqMixin, VAEMixin, BaseMinifiedModeModelCl
         self._model_summary_string = (
             f"CellPLM: n_hidden={n_hidden}, n_layers={n_layers}, n_latent={n_latent}, "
             f"latent={latent!r}, spatial_pe={spatial_pe}, hide_cell_rate={hide_cell_rate}, "
+            f"n_local_heads={self.module.n_local_heads}, "
             f"vocabulary={self.module.n_vocab} genes, {n_params:,} parameters"
         )
         self.init_params_ = self._get_init_params(locals())
