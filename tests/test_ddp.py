@@ -121,10 +121,14 @@ def test_ddp_over_a_corpus_shares_tissues_and_averages_gradients(
     ddp_grads = step0["grads"]
     for expected in (mean, packed):
         assert set(expected) <= set(ddp_grads) and len(expected) > 10
+        largest = max(float(g.abs().max()) for g in expected.values())
         for name, grad in ddp_grads.items():
             if name not in expected:  # a floored GMVAE term: None here, all-reduced zeros
                 assert not grad.any(), name
                 continue
-            scale = max(float(expected[name].abs().max()), 1e-12)
+            # relative to the tensor's largest entry, or 1% of the largest gradient for a
+            # tensor whose gradient nearly cancels (the key biases: attention is almost
+            # invariant to them), where float32 summation order dominates
+            scale = max(float(expected[name].abs().max()), 1e-2 * largest, 1e-12)
             err = float((grad - expected[name]).abs().max()) / scale
             assert err <= 1e-5, (name, err)
