@@ -24,7 +24,7 @@ the conserved key flow, the competition-weighted ``kv``: ``FlowAttention.flow_su
 which are taken from the int8 pass (:func:`recording_flow_sums`), so the re-run costs
 O(rows), not a float32 pass over the tissue. Measured on the random 85M GMVAE: the row's own
 path carries nearly all the int8 error (refined logits within 0.0009-0.0013 of float32,
-from 0.026-0.037; running the flagged rows in float32 in every Linear of a full int8 pass
+from 0.025-0.026; running the flagged rows in float32 in every Linear of a full int8 pass
 gives the same), so only cells whose float32 margin is below about 0.0013 can still switch.
 The flagged rows are 13-15% of a random 85M GMVAE's cells (4% of a trained one's).
 
