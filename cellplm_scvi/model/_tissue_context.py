@@ -137,9 +137,9 @@ class TissueContextMixin:
             ``"cell"``: the cell's own latent (above). ``"niche"``: the latent of the cell with
             its own counts hidden, read from the rest of its registered tissue through the
             encoder's attention (:meth:`~cellplm_scvi.module.CellPLMModule.niche_inference`;
-            a few encoder passes per tissue, each hiding a disjoint random group, within local
-            windows of about ``niche_cells`` cells of the tissue for the default spatial model;
-            always the posterior mean). ``"both"``: ``[cell, niche]``, (n_cells, 2 * n_latent).
+            a few encoder passes per tissue, each hiding a disjoint random group; within local
+            windows of about ``niche_cells`` cells of the tissue if the module has them; always
+            the posterior mean). ``"both"``: ``[cell, niche]``, (n_cells, 2 * n_latent).
             The niche read-out needs a model trained with hidden cells (``hide_cell_rate > 0``, the
             default for a from-scratch model on spatial data).
         seed
