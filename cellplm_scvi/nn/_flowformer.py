@@ -57,6 +57,7 @@ class FlowAttention(nn.Module):
             )
         self.n_heads = n_heads
         self.n_local_heads = n_local_heads
+        self.recorded_sums: list | None = None  # see nn/_int8.py, recording_flow_sums
         self.eps = eps
         self.query_projection = nn.Linear(n_hidden, n_hidden)
         self.key_projection = nn.Linear(n_hidden, n_hidden)
@@ -100,52 +101,43 @@ class FlowAttention(nn.Module):
 
     def _attend(self, q, k, v, tissues: TissueSegments | None, eps: float) -> torch.Tensor:
         """Flow-Attention of (H, N, D) queries/keys and (H, N, dh) values -> (H, N, dh)."""
-        if tissues is None:
-            return self._flow(q, k, v, q.shape[1], eps)
-        return tissues.unpad(self._packed_flow(q, k, v, tissues, eps))
+        if tissues is not None:
+            return tissues.unpad(self._packed_flow(q, k, v, tissues, eps))
+        sums = self.flow_sums(q, k, v, q.shape[1], eps)
+        if self.recorded_sums is not None:  # the int8 tie refinement reads them (nn/_int8.py)
+            self.recorded_sums.append(sums)
+        return self.sink_flow(q, sums, eps)
 
     @staticmethod
     def _flow(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int, eps: float):
-        """Flow-Attention on (H, N, dh) queries, keys and values -> (H, N, dh)."""
-        # incoming flow of each sink (query) and outgoing flow of each source (key): (H, N)
-        sink_in = 1.0 / torch.einsum("hnd,hd->hn", q + eps, k.sum(1) + eps)
-        source_out = 1.0 / torch.einsum("hnd,hd->hn", k + eps, q.sum(1) + eps)
-        # conservation: flows re-measured after normalising the other side: (H, N)
-        conserved_sink = torch.einsum(
-            "hnd,hd->hn", q + eps, (k * source_out[..., None]).sum(1) + eps
-        )
-        conserved_source = torch.einsum(
-            "hnd,hd->hn", k + eps, (q * sink_in[..., None]).sum(1) + eps
-        )
-        conserved_source = conserved_source.clamp(-1.0, 1.0)
-        # allocation (per sink) and competition (softmax over the N source cells): (H, N)
-        allocation = torch.sigmoid(conserved_sink)  # official: * N_q / N_k, which is 1 here
-        competition = torch.softmax(conserved_source, dim=-1) * n
+        """Flow-Attention of one tissue: (H, N, D) queries and keys, (H, N, dh) values ->
+        (H, N, dh)."""
+        return FlowAttention.sink_flow(q, FlowAttention.flow_sums(q, k, v, n, eps), eps)
 
-        kv = torch.einsum("hnd,hnm->hdm", k, v * competition[..., None])  # (H, dh, dh)
-        return torch.einsum("hnd,hdm->hnm", q * sink_in[..., None], kv) * allocation[..., None]
-
-    # ------------------------------------- int8 refinement of a few rows (see nn/_int8.py)
     @staticmethod
     def flow_sums(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int, eps: float):
-        """What a sink of :meth:`_flow` reads from the whole tissue (the same operations):
-        ``k.sum`` (H, D), the conserved key flow ``(k * source_out).sum`` (H, D) and the
-        competition-weighted ``kv`` (H, D, dh)."""
+        """What every sink (query) reads from the whole tissue: ``k.sum`` (H, D), the conserved
+        key flow ``(k * source_out).sum`` (H, D) and the competition-weighted ``kv`` (H, D, dh).
+        """
+        # incoming flow of each sink and outgoing flow of each source (key): (H, N)
         sink_in = 1.0 / torch.einsum("hnd,hd->hn", q + eps, k.sum(1) + eps)
         source_out = 1.0 / torch.einsum("hnd,hd->hn", k + eps, q.sum(1) + eps)
+        # conservation: a source's flow re-measured after normalising the sinks: (H, N)
         conserved_source = torch.einsum(
             "hnd,hd->hn", k + eps, (q * sink_in[..., None]).sum(1) + eps
         )
+        # competition: softmax over the N source cells
         competition = torch.softmax(conserved_source.clamp(-1.0, 1.0), dim=-1) * n
         kv = torch.einsum("hnd,hnm->hdm", k, v * competition[..., None])  # (H, D, dh)
         return k.sum(1), (k * source_out[..., None]).sum(1), kv
 
     @staticmethod
     def sink_flow(q: torch.Tensor, sums: tuple, eps: float) -> torch.Tensor:
-        """(H, R, D) queries of R sinks -> (H, R, dh), given a tissue's :meth:`flow_sums`
-        (``sink_flow(q, flow_sums(q, k, v, n, eps), eps)`` is ``_flow(q, k, v, n, eps)``)."""
+        """(H, R, D) queries of R sinks -> (H, R, dh), given their tissue's :meth:`flow_sums`."""
         k_sum, k_conserved, kv = sums
-        sink_in = 1.0 / torch.einsum("hnd,hd->hn", q + eps, k_sum + eps)
+        sink_in = 1.0 / torch.einsum("hnd,hd->hn", q + eps, k_sum + eps)  # (H, R)
+        # allocation: a sink's flow re-measured after normalising the sources (official:
+        # times N_q / N_k, which is 1 here)
         allocation = torch.sigmoid(torch.einsum("hnd,hd->hn", q + eps, k_conserved + eps))
         return torch.einsum("hnd,hdm->hnm", q * sink_in[..., None], kv) * allocation[..., None]
 

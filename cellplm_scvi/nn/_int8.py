@@ -143,27 +143,18 @@ INT8_TIE_MARGIN = 0.05  # top-2 cluster-logit margin below which a row is refine
 @contextmanager
 def recording_flow_sums(encoder: nn.Module) -> Iterator[list[list[tuple]]]:
     """Inside, each layer's attention of ``encoder`` (a ``FlowformerEncoder``) appends the
-    :meth:`~cellplm_scvi.nn._flowformer.FlowAttention.flow_sums` of its one-tissue ``_flow``
-    calls to that layer's list (packed tissues record nothing)."""
+    :meth:`~cellplm_scvi.nn.FlowAttention.flow_sums` of its one-tissue flows to that layer's
+    list (packed tissues record nothing)."""
     log = []
     attentions = [layer.self_attn for layer in encoder.layers]
     for attention in attentions:
         log.append([])
-        attention._flow = _recording_flow(attention, log[-1])  # shadows the staticmethod
+        attention.recorded_sums = log[-1]
     try:
         yield log
     finally:
         for attention in attentions:
-            del attention._flow
-
-
-def _recording_flow(attention: nn.Module, calls: list) -> Callable:
-    def flow(q, k, v, n, eps):  # the same numbers as FlowAttention._flow
-        sums = attention.flow_sums(q, k, v, n, eps)
-        calls.append(sums)
-        return attention.sink_flow(q, sums, eps)
-
-    return flow
+            attention.recorded_sums = None
 
 
 def encode_refining_ties(
