@@ -40,7 +40,7 @@ from ..nn import (
 )
 from ..nn._int8 import Int8InferenceMixin, encode_refining_ties
 from ..nn._segments import segment_mean
-from ..nn._spatial_kernel import spatial_kernel_features
+from ..nn._spatial_kernel import scale_coordinates, spatial_kernel_features
 from ..pp._tissues import local_regions
 from ._loss import masked_nb_loss, nb_nll
 from ._masking import TissueMask, apply_mask, join_masks, sample_mask
@@ -55,22 +55,6 @@ class _PreLatentNorm(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.norm(h)
-
-
-def scale_coordinates(coords: torch.Tensor, tissues: TissueSegments | None = None) -> torch.Tensor:
-    """Min-max scale (N, 2) coordinates of one tissue (or of each packed tissue) to [0, 1] per
-    axis (NaN rows kept)."""
-    if tissues is not None:
-        out = coords.clone()
-        for rows in tissues.rows():
-            out[rows] = scale_coordinates(coords[rows])
-        return out
-    finite = ~coords.isnan().any(1)
-    if not finite.any():
-        return coords
-    lo = coords[finite].min(0).values
-    span = (coords[finite].max(0).values - lo).clamp_min(1e-12)
-    return (coords - lo) / span
 
 
 class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):

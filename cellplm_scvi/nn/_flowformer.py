@@ -90,9 +90,8 @@ class FlowAttention(nn.Module):
             if spatial is None or not self.n_local_heads:
                 out = self._attend(q, k, v, tissues, eps).to(dtype)
             else:  # local heads on (dh * M)-wide features: score * psi_i . psi_j
-                lh, psi = self.n_local_heads, spatial.float()[None, :, None, :]  # (1, N, 1, M)
-                q_local = (q[:lh, ..., None] * psi).flatten(-2)  # (lh, N, dh * M)
-                k_local = (k[:lh, ..., None] * psi).flatten(-2)
+                lh = self.n_local_heads
+                q_local, k_local = self._through_kernel(q[:lh], k[:lh], spatial=spatial)
                 local = self._attend(q_local, k_local, v[:lh], tissues, eps)
                 rest = self._attend(q[lh:], k[lh:], v[lh:], tissues, eps)
                 out = torch.cat([local, rest]).to(dtype)
@@ -103,21 +102,31 @@ class FlowAttention(nn.Module):
         """Flow-Attention of (H, N, D) queries/keys and (H, N, dh) values -> (H, N, dh)."""
         if tissues is not None:
             return tissues.unpad(self._packed_flow(q, k, v, tissues, eps))
-        sums = self.flow_sums(q, k, v, q.shape[1], eps)
+        sums, sink_in = self.flow_sums(q, k, v, q.shape[1], eps)
         if self.recorded_sums is not None:  # the int8 tie refinement reads them (nn/_int8.py)
             self.recorded_sums.append(sums)
-        return self.sink_flow(q, sums, eps)
+        return self.sink_flow(q, sums, eps, sink_in)
+
+    @staticmethod
+    def _through_kernel(*features: torch.Tensor, spatial: torch.Tensor) -> list[torch.Tensor]:
+        """(h, N, dh) queries or keys of the local heads -> (h, N, dh * M): each times its
+        cell's (N, M) kernel features, so that their products carry ``psi_i . psi_j``."""
+        psi = spatial.float()[None, :, None, :]  # (1, N, 1, M)
+        return [(f[..., None] * psi).flatten(-2) for f in features]
 
     @staticmethod
     def _flow(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int, eps: float):
         """Flow-Attention of one tissue: (H, N, D) queries and keys, (H, N, dh) values ->
         (H, N, dh)."""
-        return FlowAttention.sink_flow(q, FlowAttention.flow_sums(q, k, v, n, eps), eps)
+        sums, sink_in = FlowAttention.flow_sums(q, k, v, n, eps)
+        return FlowAttention.sink_flow(q, sums, eps, sink_in)
 
     @staticmethod
     def flow_sums(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int, eps: float):
         """What every sink (query) reads from the whole tissue: ``k.sum`` (H, D), the conserved
-        key flow ``(k * source_out).sum`` (H, D) and the competition-weighted ``kv`` (H, D, dh).
+        key flow ``(k * source_out).sum`` (H, D) and the competition-weighted ``kv`` (H, D, dh);
+        and, beside these sums, the sinks' incoming flow (H, N) that :meth:`sink_flow` would
+        otherwise compute again.
         """
         # incoming flow of each sink and outgoing flow of each source (key): (H, N)
         sink_in = 1.0 / torch.einsum("hnd,hd->hn", q + eps, k.sum(1) + eps)
@@ -129,13 +138,17 @@ class FlowAttention(nn.Module):
         # competition: softmax over the N source cells
         competition = torch.softmax(conserved_source.clamp(-1.0, 1.0), dim=-1) * n
         kv = torch.einsum("hnd,hnm->hdm", k, v * competition[..., None])  # (H, D, dh)
-        return k.sum(1), (k * source_out[..., None]).sum(1), kv
+        return (k.sum(1), (k * source_out[..., None]).sum(1), kv), sink_in
 
     @staticmethod
-    def sink_flow(q: torch.Tensor, sums: tuple, eps: float) -> torch.Tensor:
-        """(H, R, D) queries of R sinks -> (H, R, dh), given their tissue's :meth:`flow_sums`."""
+    def sink_flow(
+        q: torch.Tensor, sums: tuple, eps: float, sink_in: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(H, R, D) queries of R sinks -> (H, R, dh), given their tissue's :meth:`flow_sums`
+        (and their incoming flow (H, R), if already known)."""
         k_sum, k_conserved, kv = sums
-        sink_in = 1.0 / torch.einsum("hnd,hd->hn", q + eps, k_sum + eps)  # (H, R)
+        if sink_in is None:
+            sink_in = 1.0 / torch.einsum("hnd,hd->hn", q + eps, k_sum + eps)  # (H, R)
         # allocation: a sink's flow re-measured after normalising the sources (official:
         # times N_q / N_k, which is 1 here)
         allocation = torch.sigmoid(torch.einsum("hnd,hd->hn", q + eps, k_conserved + eps))
@@ -152,8 +165,8 @@ class FlowAttention(nn.Module):
         if len(sums) == 1:
             out = self.sink_flow(q, sums[0], self.eps)
         else:
-            lh, psi = self.n_local_heads, spatial.float()[None, :, None, :]  # (1, R, 1, M)
-            q_local = (q[:lh, ..., None] * psi).flatten(-2)  # (lh, R, dh * M)
+            lh = self.n_local_heads
+            (q_local,) = self._through_kernel(q[:lh], spatial=spatial)  # (lh, R, dh * M)
             local = self.sink_flow(q_local, sums[0], self.eps)
             out = torch.cat([local, self.sink_flow(q[lh:], sums[1], self.eps)])
         return self.out_projection(out.transpose(0, 1).reshape(r, d))

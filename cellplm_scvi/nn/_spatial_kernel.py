@@ -19,6 +19,9 @@ inside the lattice (anchors no farther apart than the width). Cells attend mostl
 within a few lattice steps, a fraction ``~1 / grid`` of the tissue's side. Cells without
 coordinates (NaN) get the uniform features ``1 / sqrt(M)``: they attend to the whole tissue,
 evenly.
+
+:func:`scale_coordinates` is the per-tissue scaling of both spatial encodings: isotropic here,
+per axis for the sinusoidal encoding of the embedder.
 """
 
 from __future__ import annotations
@@ -26,6 +29,25 @@ from __future__ import annotations
 import torch
 
 from ._segments import TissueSegments
+
+
+def scale_coordinates(
+    coords: torch.Tensor, tissues: TissueSegments | None = None, isotropic: bool = False
+) -> torch.Tensor:
+    """Min-max scale (N, 2) coordinates of one tissue (or of each packed tissue) to [0, 1]:
+    per axis, or by the larger side (``isotropic``: distances keep their ratios). NaN rows
+    stay NaN."""
+    if tissues is not None:
+        out = coords.clone()
+        for rows in tissues.rows():
+            out[rows] = scale_coordinates(coords[rows], isotropic=isotropic)
+        return out
+    finite = ~coords.isnan().any(1)
+    if not finite.any():
+        return coords
+    lo = coords[finite].min(0).values
+    span = coords[finite].max(0).values - lo
+    return (coords - lo) / (span.max() if isotropic else span).clamp_min(1e-12)
 
 
 def spatial_kernel_features(
@@ -46,13 +68,7 @@ def spatial_kernel_features(
     if grid < 2:
         raise ValueError(f"grid must be at least 2, got {grid}.")
     coords = coords[:, :2].float()
-    unit = torch.empty_like(coords)
-    for rows in tissues.rows() if tissues is not None else [slice(None)]:
-        xy = coords[rows]
-        finite = ~xy.isnan().any(1)
-        lo = xy[finite].min(0).values if finite.any() else xy.new_zeros(2)
-        span = (xy[finite].max(0).values - lo).max().clamp_min(1e-12) if finite.any() else 1.0
-        unit[rows] = (xy - lo) / span  # (n, 2) in [0, 1], isotropic
+    unit = scale_coordinates(coords, tissues, isotropic=True)  # (N, 2) in [0, 1]
     step = 1.0 / (grid - 1)
     axis = torch.linspace(0.0, 1.0, grid, device=coords.device)
     anchors = torch.cartesian_prod(axis, axis)  # (M, 2)
