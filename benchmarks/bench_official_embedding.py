@@ -286,11 +286,15 @@ def main() -> None:
         med = {name: float(np.median(t)) for name, t in times.items()}
         med_off, med_ours, med_int8, med_unrefined = med.values()
         int8_peak = max(peaks["ours precision='int8'"])
-        cosine = (emb * emb_int8).sum(1) / np.linalg.norm(emb, axis=1)
-        cosine /= np.linalg.norm(emb_int8, axis=1)
+
+        def cosine_to_fp32(other: np.ndarray) -> np.ndarray:  # per cell
+            return (
+                (emb * other).sum(1) / np.linalg.norm(emb, axis=1) / np.linalg.norm(other, axis=1)
+            )
+
+        cosine = cosine_to_fp32(emb_int8)
         emb_unrefined = results["ours int8, no tie refinement"]
-        cosine_unrefined = (emb * emb_unrefined).sum(1) / np.linalg.norm(emb, axis=1)
-        cosine_unrefined /= np.linalg.norm(emb_unrefined, axis=1)
+        cosine_unrefined = cosine_to_fp32(emb_unrefined)
         n_refined = int((emb_int8 != emb_unrefined).any(1).sum())
         print(
             f"median of {args.repeats} alternating runs: official {n / med_off:.0f} cells/s, "
