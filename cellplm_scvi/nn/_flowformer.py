@@ -58,6 +58,7 @@ class FlowAttention(nn.Module):
         self.n_heads = n_heads
         self.n_local_heads = n_local_heads
         self.recorded_sums: list | None = None  # see nn/_int8.py, recording_flow_sums
+        self.fused_qkv: nn.Module | None = None  # int8 copies: d -> 3d in one product
         self.eps = eps
         self.query_projection = nn.Linear(n_hidden, n_hidden)
         self.key_projection = nn.Linear(n_hidden, n_hidden)
@@ -79,9 +80,13 @@ class FlowAttention(nn.Module):
         with ``spatial`` ((N, M) kernel features), the local heads through the kernel."""
         n, d = x.shape
         eps = self.eps
-        q = torch.sigmoid(self._heads(self.query_projection(x)))  # (H, N, dh), non-negative
-        k = torch.sigmoid(self._heads(self.key_projection(x)))  # (H, N, dh)
-        v = self._heads(self.value_projection(x))  # (H, N, dh)
+        if self.fused_qkv is None:
+            q, k, v = self.query_projection(x), self.key_projection(x), self.value_projection(x)
+        else:  # the int8 copy (nn/_int8.py): one product, the input quantized once
+            q, k, v = self.fused_qkv(x).chunk(3, dim=-1)  # 3 x (N, d)
+        q = torch.sigmoid(self._heads(q))  # (H, N, dh), non-negative
+        k = torch.sigmoid(self._heads(k))  # (H, N, dh)
+        v = self._heads(v)  # (H, N, dh)
         # the flows sum over N cells (about N * dh / 4): float16 overflows from ~4k cells, so
         # this part (a few % of the layer's FLOPs) runs in float32 under autocast
         dtype = v.dtype

@@ -2,10 +2,14 @@
 
 On a CPU without bf16 the encoder's float32 matrix products are the whole cost of an
 embedding. ``Int8Linear`` runs them with fbgemm's ``quantized::linear_dynamic`` (the kernel
-behind ``torch.ao.quantization.quantize_dynamic``): weights int8, symmetric per output channel,
-quantized once; activations uint8, asymmetric per tensor, quantized on the fly at each call
-with a 7-bit range (``reduce_range``: the AVX2 kernel adds pairs of u8 x s8 products in int16,
-which a full 8-bit range can overflow); accumulation in int32, output float32.
+behind ``torch.ao.quantization.quantize_dynamic``): weights symmetric per output channel,
+quantized once, to 7 bits (``[-63, 63]``); activations uint8, asymmetric per tensor,
+quantized on the fly at each call with the full 8-bit range; accumulation in int32, output
+float32. The AVX2 kernel adds pairs of u8 x s8 products in int16, which 8-bit weights and
+activations can overflow; torch's ``quantize_dynamic`` avoids that by giving the activations 7
+bits (``reduce_range``), we give them to the weights instead: on the random 85M GMVAE that cuts
+the largest int8 shift of a cluster-logit margin from 0.043 to 0.027 at the same speed (the
+per-tensor activation grid, not the per-channel weights, carried most of the error).
 
 The module never touches the float weights: :func:`int8_copy` builds an inference-only copy
 whose ``nn.Linear`` children are replaced; every other submodule (LayerNorm, GELU, ...) is
@@ -13,20 +17,22 @@ whose ``nn.Linear`` children are replaced; every other submodule (LayerNorm, GEL
 torch module and drops it whenever the float weights may change.
 
 GMVAE near-ties. A GMVAE embedding is ``E[z | h, argmax_y q(y|h)]``, which jumps where two
-clusters tie. int8 moves a cluster logit by up to 0.03 and the margin between two logits by
-up to 0.041 (random official 85M GMVAE, 2 x 2,000 cells; 0.038 on a trained 128-wide
-GMVAE), so about 1% of a random 85M GMVAE's cells switched cluster (min cosine 0.9985).
-:func:`encode_refining_ties` re-runs in float32 the rows whose int8 top-2 margin is below
-``INT8_TIE_MARGIN = 0.05`` (above every margin shift measured, so no cell that int8 could
-switch is left out; it widens itself if the refined rows show a larger shift). Such a row
-reads the rest of its tissue only through the flow attention's sums over cells (``k.sum``,
-the conserved key flow, the competition-weighted ``kv``: ``FlowAttention.flow_sums``),
-which are taken from the int8 pass (:func:`recording_flow_sums`), so the re-run costs
-O(rows), not a float32 pass over the tissue. Measured on the random 85M GMVAE: the row's own
-path carries nearly all the int8 error (refined logits within 0.0009-0.0013 of float32,
-from 0.025-0.026; running the flagged rows in float32 in every Linear of a full int8 pass
-gives the same), so only cells whose float32 margin is below about 0.0013 can still switch.
-The flagged rows are 13-15% of a random 85M GMVAE's cells (4% of a trained one's).
+clusters tie. int8 moves the margin between two cluster logits by up to 0.027-0.030 (random
+official 85M GMVAE, 3 x 2,000 cells; 0.041-0.046 with 7-bit activations), so about 1% of a
+random 85M GMVAE's cells switch cluster (min cosine 0.9986). :func:`encode_refining_ties`
+re-runs in float32 the rows whose int8 top-2 margin is below ``INT8_TIE_MARGIN = 0.04``
+(above every margin shift measured, so no cell that int8 could switch is left out; it widens
+itself if the refined rows show a larger shift). Such a row reads the rest of its tissue
+only through the flow attention's sums over cells (``k.sum``, the conserved key flow, the
+competition-weighted ``kv``: ``FlowAttention.flow_sums``), which are taken from the int8
+pass (:func:`recording_flow_sums`), so the re-run costs O(rows), not a float32 pass over
+the tissue. The row's own path carries most of the int8 error: refined margins are within
+0.003 of float32 (from 0.027). What is left is the int8 error of the sums, mostly the weight
+rounding, which is the same for every cell and so does not average out over the tissue
+(correcting it, ``(W - W_int8) @ mean(x)`` per layer, leaves 0.0004 but costs about 3% of
+the time, so it is not done). Cells whose float32 margin is below that residual can still
+switch: 1-3 of 2,000 on the random 85M GMVAE, none of 700 on a trained one. The flagged rows
+are 11% of a random 85M GMVAE's cells (3% of a trained one's).
 
 torch 2.13 deprecates the quantized tensor API (``torch.quantize_per_channel`` and friends,
 pytorch/pytorch#184982). Its warning is raised once, when weights are quantized; it is
@@ -86,21 +92,36 @@ def _quantized_engine() -> Iterator[None]:
         torch.backends.quantized.engine = previous
 
 
+WEIGHT_LEVELS = 63  # int8 weights in [-63, 63]: 7 bits, so that 8-bit activations cannot overflow
+
+
 class Int8Linear(nn.Module):
-    """Inference-only stand-in of an ``nn.Linear``: int8 weights, dynamic int8 activations.
+    """Inference-only stand-in of ``nn.Linear`` layers: int8 weights, dynamic int8 activations.
 
     Parameters
     ----------
-    linear
-        The float layer; its weights are read, never modified.
+    *linears
+        The float layers (same input width); their weights are read, never modified. Several
+        layers become one product whose output is their outputs side by side.
     """
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, *linears: nn.Linear):
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        weight = linear.weight.detach().float()  # (out, in)
-        bias = None if linear.bias is None else linear.bias.detach().float()
-        scale = weight.abs().amax(1).clamp_min(1e-12) / 127.0  # (out,) symmetric per channel
+        if len({lin.in_features for lin in linears}) != 1:
+            raise ValueError("Int8Linear stacks layers of one input width only.")
+        self.in_features = linears[0].in_features
+        self.out_features = sum(lin.out_features for lin in linears)
+        weight = torch.cat([lin.weight.detach().float() for lin in linears])  # (out, in)
+        biases = [lin.bias for lin in linears]
+        bias = None
+        if any(b is not None for b in biases):
+            bias = torch.cat(
+                [
+                    torch.zeros(lin.out_features) if b is None else b.detach().float()
+                    for lin, b in zip(linears, biases, strict=True)
+                ]
+            )
+        scale = weight.abs().amax(1).clamp_min(1e-12) / WEIGHT_LEVELS  # (out,) per channel
         zero = torch.zeros(self.out_features, dtype=torch.long)
         with _quantized_engine():
             qweight = torch.quantize_per_channel(weight, scale.double(), zero, 0, torch.qint8)
@@ -109,7 +130,9 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in) -> (..., out), float32."""
         rows = x.reshape(-1, self.in_features).float()
-        out = torch.ops.quantized.linear_dynamic(rows, self._packed, True)  # reduce_range
+        # full 8-bit activations (reduce_range=False): with 7-bit weights a pair of u8 x s8
+        # products stays within the AVX2 kernel's int16 sums (2 * 255 * 63 < 2**15)
+        out = torch.ops.quantized.linear_dynamic(rows, self._packed, False)
         return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -118,6 +141,10 @@ class Int8Linear(nn.Module):
 
 def int8_copy(module: nn.Module, keep: Callable[[str], bool] = lambda name: False) -> nn.Module:
     """Inference copy of ``module`` with its ``nn.Linear`` layers as :class:`Int8Linear`.
+
+    The query, key and value projections of a flow attention (a submodule with a
+    ``fused_qkv`` attribute) become one :class:`Int8Linear` of three times the width, its
+    ``fused_qkv``: the same numbers as three, with the input quantized once.
 
     Parameters
     ----------
@@ -129,6 +156,13 @@ def int8_copy(module: nn.Module, keep: Callable[[str], bool] = lambda name: Fals
     """
     shared = {id(t): t for t in (*module.parameters(), *module.buffers())}  # deepcopy memo
     clone = copy.deepcopy(module, memo=dict(shared))
+    projections = ("query_projection", "key_projection", "value_projection")
+    for name, child in list(clone.named_modules()):
+        prefix = f"{name}." if name else ""
+        if hasattr(child, "fused_qkv") and not any(keep(prefix + p) for p in projections):
+            child.fused_qkv = Int8Linear(*(getattr(child, p) for p in projections))
+            for p in projections:  # the copy's forward reads fused_qkv only
+                setattr(child, p, None)
     for name, child in list(clone.named_modules()):
         if isinstance(child, nn.Linear) and not keep(name):
             parent, _, attr = name.rpartition(".")
@@ -137,7 +171,7 @@ def int8_copy(module: nn.Module, keep: Callable[[str], bool] = lambda name: Fals
 
 
 # ------------------------------------------------ GMVAE near-ties: a float32 refinement
-INT8_TIE_MARGIN = 0.05  # top-2 cluster-logit margin below which a row is refined in float32
+INT8_TIE_MARGIN = 0.04  # top-2 cluster-logit margin below which a row is refined in float32
 
 
 @contextmanager
