@@ -1,8 +1,9 @@
 """CPU benchmark: official CellPLM embedding pipeline vs ``cellplm_scvi`` on the 85M config.
 
-Builds the official ``20230926_85M`` architecture (GMVAE, 19,374 genes) with random weights,
-writes an official-format checkpoint (``<prefix>.config.json`` + ``<prefix>.best.ckpt``) into a
-temporary directory and, in the same process, times
+Builds the official ``20230926_85M`` architecture (GMVAE, or with ``--latent vae`` the plain
+VAE of ``20231027_85M``; 19,374 genes) with random weights, writes an official-format
+checkpoint (``<prefix>.config.json`` + ``<prefix>.best.ckpt``) into a temporary directory and,
+in the same process, times
 
 (a) the official ``CellEmbeddingPipeline(...).predict(adata, device="cpu")`` (the whole matrix as
     one group, one chunk; warm-up on 64 cells first), as in the spec's section 6 recipe;
@@ -88,13 +89,17 @@ def make_adata(X: sp.csr_matrix, genes: list[str]) -> ad.AnnData:
     return adata
 
 
-def write_checkpoint(directory: Path, name: str, seed: int = 0) -> tuple[str, int]:
-    """Random-weight official model from the vendored 85M config, saved in the official format."""
+def write_checkpoint(
+    directory: Path, name: str, seed: int = 0, latent: str = "gmvae"
+) -> tuple[str, int]:
+    """Random-weight official model from the vendored 85M config, saved in the official format
+    (``latent="vae"``: the plain VAE latent of ``20231027_85M`` instead of the config's GMVAE)."""
     from CellPLM.model import OmicsFormer
 
     from cellplm_scvi._genes import official_config
 
     config = official_config()
+    config["latent_mod"] = latent
     torch.manual_seed(seed)
     model = OmicsFormer(**config)
     n_params = sum(p.numel() for p in model.parameters())
@@ -171,6 +176,13 @@ def main() -> None:
     parser.add_argument("--n-cells", type=int, default=2000)
     parser.add_argument("--density", type=float, default=0.1)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--latent",
+        choices=("gmvae", "vae"),
+        default="gmvae",
+        help="gmvae: the vendored 20230926_85M config; vae: its latent swapped for the plain VAE "
+        "of 20231027_85M (no GMVAE tie refinement in int8)",
+    )
     add_common_options(parser)
     args = parser.parse_args()
     start(args)
@@ -184,7 +196,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
-        prefix, n_official = write_checkpoint(tmp, "20230926_85M", args.seed)
+        prefix, n_official = write_checkpoint(tmp, "20230926_85M", args.seed, args.latent)
         size_mb = (tmp / "20230926_85M.best.ckpt").stat().st_size / 2**20
         print(
             f"checkpoint: {n_official:,} numbers, {size_mb:.0f} MB, "
