@@ -175,6 +175,11 @@ def test_representation_values_and_errors(trained):
         model.get_latent_representation(representation="tissue")
     with pytest.raises(ValueError, match="return_dist=True"):
         model.get_latent_representation(representation="niche", return_dist=True)
+    with pytest.raises(ValueError, match="give_mean=False"):
+        model.get_latent_representation(representation="niche", give_mean=False)
+    sampled = model.get_latent_representation(representation="both", give_mean=False)
+    np.testing.assert_array_equal(sampled[:, 8:], niche)  # the niche half stays the mean
+    assert not np.allclose(sampled[:, :8], cell)  # the cell half is a posterior sample
     assert model.module.training is False
 
 

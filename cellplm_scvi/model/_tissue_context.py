@@ -139,7 +139,8 @@ class TissueContextMixin:
             encoder's attention (:meth:`~cellplm_scvi.module.CellPLMModule.niche_inference`;
             a few encoder passes per tissue, each hiding a disjoint random group; within local
             windows of about ``niche_cells`` cells of the tissue if the module has them; always
-            the posterior mean). ``"both"``: ``[cell, niche]``, (n_cells, 2 * n_latent).
+            the posterior mean, so ``give_mean=False`` raises). ``"both"``: ``[cell, niche]``,
+            (n_cells, 2 * n_latent), ``give_mean`` and ``mc_samples`` applying to the cell half.
             The niche read-out needs a model trained with hidden cells (``hide_cell_rate > 0``, the
             default for a from-scratch model on spatial data).
         seed
@@ -184,6 +185,11 @@ class TissueContextMixin:
             raise ValueError(
                 f"representation={representation!r} returns embeddings of adata/indices: "
                 "return_dist=True and dataloader= are for representation='cell' only."
+            )
+        if representation == "niche" and not give_mean:
+            raise ValueError(
+                "The niche read-out is a posterior mean: give_mean=False (a posterior sample) "
+                "is for representation='cell' (with 'both' it applies to the cell half)."
             )
         if self.module.hide_cell_rate == 0:
             raise ValueError(
