@@ -113,6 +113,8 @@ def test_int8_attention_runs_one_fused_projection_with_the_same_numbers():
         assert kept.layers[0].self_attn.fused_qkv is None  # one kept in float32: no fusion
         assert isinstance(kept.layers[0].self_attn.key_projection, nn.Linear)
         torch.testing.assert_close(quantized(x), encoder(x), rtol=0, atol=0.05)
+    with pytest.raises(ValueError, match="one input width"):
+        Int8Linear(nn.Linear(8, 4), nn.Linear(16, 4))
 
 
 def test_int8_weights_use_seven_bits_for_full_range_activations():
