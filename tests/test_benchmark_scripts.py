@@ -79,3 +79,29 @@ def test_niche_benchmark_smoke_run_with_peers():
     # the aggregation sees the neighbours: it recovers the niches better than PCA alone
     if "CellCharter(PCA), 3 layers" in rows:
         assert float(rows["CellCharter(PCA), 3 layers"][0]) > float(rows["PCA (50)"][0])
+
+
+OFFICIAL_EMBEDDING = Path(__file__).parents[1] / "benchmarks" / "bench_official_embedding.py"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("latent", ["gmvae", "vae"])
+def test_official_embedding_benchmark_smoke_run(latent):
+    """bench_official_embedding.py (the int8 speed figures of issue 16) on 100 cells, one round:
+    it completes with the four alternating calls, the int8 accuracy line, and for the VAE
+    latent nothing to refine (the two int8 calls are the same computation)."""
+    pytest.importorskip("CellPLM")
+    args = f"--n-cells 100 --repeats 1 --threads 1 --latent {latent}"
+    proc = subprocess.run(
+        [sys.executable, str(OFFICIAL_EMBEDDING), *args.split()],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "median of 1 alternating runs: official" in out, out
+    cosine = float(out.split("per-cell cosine int8 vs fp32 min ")[1].split(",")[0])
+    assert 0.99 < cosine <= 1.0
+    if latent == "vae":
+        assert "re-ran 0 of 100 cells" in out, out
