@@ -447,6 +447,33 @@ def test_squidpys_graph_log_line_is_not_shown():
         records.clear()
         assign_tissues(adata, spatial_key="spatial", library_key="slide", max_cells=500)
         assert not [r.getMessage() for r in records if r.levelno < logging.WARNING]
-        assert logger.level == level
+        assert logger.level == level and not logger.filters
     finally:
         logger.removeHandler(handler)
+
+
+def test_hidden_info_lines_are_the_calling_threads_only():
+    """The INFO lines are hidden by a filter on the calling thread, not by the logger's level:
+    another thread's lines still show, warnings always do."""
+    import logging
+    import threading
+
+    from cellplm_scvi.pp._tissues import _without_info
+
+    logger = logging.getLogger("cellplm_scvi.test_without_info")
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        with _without_info(logger.name):
+            logger.info("this thread")
+            logger.warning("a warning")
+            other = threading.Thread(target=lambda: logger.info("another thread"))
+            other.start()
+            other.join()
+        logger.info("after")
+    finally:
+        logger.removeHandler(handler)
+    assert messages == ["a warning", "another thread", "after"]

@@ -9,6 +9,7 @@ a random chunk of one sample.
 from __future__ import annotations
 
 import logging
+import threading
 import warnings
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -301,15 +302,21 @@ def _without_info(logger_name: str):
     """Hide a dependency's INFO lines about a call the user did not make (warnings still show).
 
     squidpy logs "Creating graph using ... transform" through spatialdata's logger on every
-    graph it builds; here that graph is an internal step of :func:`assign_tissues`.
+    graph it builds; here that graph is an internal step of :func:`assign_tissues`. A filter
+    drops the calling thread's records below WARNING: the logger's level is not touched, so
+    other threads' lines still show and concurrent calls cannot restore a wrong level.
     """
     logger = logging.getLogger(logger_name)
-    level = logger.level
-    logger.setLevel(max(level, logging.WARNING))
+    thread = threading.get_ident()
+
+    def keep(record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or record.thread != thread
+
+    logger.addFilter(keep)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        logger.removeFilter(keep)
 
 
 def _spatial_graph(xy: np.ndarray, strata: np.ndarray, n_neighs: int) -> sp.csr_matrix:
