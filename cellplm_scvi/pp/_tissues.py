@@ -309,8 +309,8 @@ def _without_info(logger_name: str):
     logger = logging.getLogger(logger_name)
     thread = threading.get_ident()
 
-    def keep(record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or record.thread != thread
+    def keep(record: logging.LogRecord) -> bool:  # runs in the thread that logs
+        return record.levelno >= logging.WARNING or threading.get_ident() != thread
 
     logger.addFilter(keep)
     try:
