@@ -87,7 +87,7 @@ def annotation(args) -> None:
     from sklearn.model_selection import train_test_split
 
     import cellplm_scvi as cp
-    from cellplm_scvi.model._official import ANNOTATION_OVERRIDES, annotation_recipe
+    from cellplm_scvi.official import ANNOTATION_OVERRIDES, annotation_recipe
 
     adata = ensembl_pbmc68k()
     genes = sorted(adata.var_names)

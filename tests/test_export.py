@@ -22,9 +22,9 @@ import scipy.sparse as sp
 import torch
 
 import cellplm_scvi as cp
-from cellplm_scvi._checkpoint import DEAD_KEYS, read_config, read_state_dict
 from cellplm_scvi._genes import official_config as released_config
 from cellplm_scvi.datasets import random_official_checkpoint
+from cellplm_scvi.official._files import DEAD_KEYS, read_config, read_state_dict
 
 OmicsFormer = pytest.importorskip("CellPLM.model").OmicsFormer
 GumbelSoftmax = pytest.importorskip("CellPLM.latent.autoencoders").GumbelSoftmax

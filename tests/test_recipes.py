@@ -19,7 +19,7 @@ from scvi import settings
 
 import cellplm_scvi as cp
 from cellplm_scvi.data import TissueDataSplitter
-from cellplm_scvi.model._official import (
+from cellplm_scvi.official import (
     ANNOTATION_OVERRIDES,
     IMPUTATION_OVERRIDES,
     annotation_recipe,

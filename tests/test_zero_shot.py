@@ -24,8 +24,8 @@ import pytest
 import torch
 
 import cellplm_scvi as cp
-from cellplm_scvi._checkpoint import DEAD_KEYS
 from cellplm_scvi.nn._latent import GMVAELatent, VAELatent
+from cellplm_scvi.official._files import DEAD_KEYS
 from tests.test_official import (
     ATOL,
     build_official,

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from .._checkpoint import model_kwargs, official_state_dict
 from .._genes import official_config
 from ..module import CellPLMModule
+from ..official._files import model_kwargs, official_state_dict
 
 
 def random_official_checkpoint(

@@ -1,7 +1,6 @@
 """User-facing scvi-tools models and the official fine-tuning and pretraining recipes."""
 
-from ._cellplm import CellPLM
-from ._official import (
+from ..official import (
     ANNOTATION_OVERRIDES,
     IMPUTATION_OVERRIDES,
     PRETRAINING_CORPUS_KWARGS,
@@ -10,6 +9,7 @@ from ._official import (
     pretraining_recipe,
     select_official_hvgs,
 )
+from ._cellplm import CellPLM
 from ._training_plan import CellPLMTrainingPlan
 
 __all__ = [

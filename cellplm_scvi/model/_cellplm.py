@@ -22,12 +22,10 @@ from scvi.data.fields import (
     NumericalObsField,
     ObsmField,
 )
-from scvi.model._utils import get_max_epochs_heuristic, use_distributed_sampler
 from scvi.model.base import BaseMinifiedModeModelClass, RNASeqMixin, VAEMixin
-from scvi.train import TrainRunner
-from scvi.train._config import merge_kwargs
 from scvi.utils import setup_anndata_dsp
 
+from .. import _vocabulary
 from .._constants import (
     BATCH_KEY,
     CAT_COVS_KEY,
@@ -41,15 +39,17 @@ from .._constants import (
     TISSUE_KEY,
     X_KEY,
 )
-from .._genes import align_genes
 from .._validation import check_counts, check_obs_key, check_spatial
 from ..data import TissueDataLoader, TissueDataSplitter
 from ..module import CellPLMModule
+from ..official import OfficialMixin
 from ..pp import assign_tissues
-from . import _checkpoints, _query, _registry_data
-from ._official import load_official
+from . import _registry_data
+from ._minify import MinifyMixin
+from ._query import QueryMixin
 from ._save_load import read_model_file, write_model_file
 from ._tissue_context import TissueContextMixin, _precision
+from ._training import TissueTrainRunner, TrainingMixin
 from ._training_plan import CellPLMTrainingPlan
 
 logger = logging.getLogger("cellplm_scvi")
@@ -63,7 +63,16 @@ SPATIAL_LOCAL_GRID = 7
 SPATIAL_LATENT = "vae"
 
 
-class CellPLM(TissueContextMixin, RNASeqMixin, VAEMixin, BaseMinifiedModeModelClass):
+class CellPLM(
+    OfficialMixin,
+    QueryMixin,
+    TrainingMixin,
+    MinifyMixin,
+    TissueContextMixin,
+    RNASeqMixin,
+    VAEMixin,
+    BaseMinifiedModeModelClass,
+):
     """CellPLM: cells are tokens, tissues are sentences (:cite:p:`Wen2024`).
 
     Each cell's token is the sum of learned gene embeddings weighted by ``log1p`` of its raw
@@ -134,7 +143,7 @@ class CellPLM(TissueContextMixin, RNASeqMixin, VAEMixin, BaseMinifiedModeModelCl
     _data_loader_cls = TissueDataLoader
     _data_splitter_cls = TissueDataSplitter
     _training_plan_cls = CellPLMTrainingPlan
-    _train_runner_cls = TrainRunner
+    _train_runner_cls = TissueTrainRunner
     _LATENT_QZM_KEY = "cellplm_latent_qzm"
     _LATENT_QZV_KEY = "cellplm_latent_qzv"
 
@@ -188,14 +197,16 @@ class CellPLM(TissueContextMixin, RNASeqMixin, VAEMixin, BaseMinifiedModeModelCl
                 raise ValueError("adata has no cells.")
             if gene_key is None:  # the column named at setup_anndata(gene_key=...)
                 gene_key = self.registry_["setup_args"].get("gene_key")
-            gene_index = self._gene_index(self.adata, vocabulary, gene_key)
+            gene_index = _vocabulary.gene_index(self.adata, vocabulary, gene_key)
             n_input = self.adata.n_vars
         n_batch = self.summary_stats.n_batch
         covariates = self._categorical_covariates()
         derived = {  # from the registered data; explicit module_kwargs win
             "decoder_covariates": {"batch": n_batch} if n_batch > 1 else {},
             "n_labels": len(self._label_names()),
-            "measured_genes": None if adata is None else self._measured_genes(self.adata),
+            "measured_genes": None
+            if adata is None
+            else _vocabulary.measured_genes(self.adata, self.adata_manager),
         }
         if covariates:
             derived["decoder_covariates"].update(covariates)
@@ -227,24 +238,6 @@ class CellPLM(TissueContextMixin, RNASeqMixin, VAEMixin, BaseMinifiedModeModelCl
         )
         self.init_params_ = self._get_init_params(locals())
 
-    @staticmethod
-    def _gene_index(
-        adata: AnnData, vocabulary: list[str] | None, gene_key: str | None
-    ) -> np.ndarray | None:
-        """Vocabulary row of each AnnData column (-1 for genes outside the vocabulary)."""
-        if vocabulary is None:
-            return None
-        if gene_key is not None and gene_key not in adata.var:
-            raise KeyError(
-                f"gene_key={gene_key!r} is not a column of adata.var "
-                f"(available: {list(adata.var.columns)})."
-            )
-        genes = adata.var_names if gene_key is None else adata.var[gene_key].astype(str)
-        alignment = align_genes(list(genes), vocabulary)
-        index = np.full(adata.n_vars, -1, dtype=np.int64)
-        index[alignment.input_index] = alignment.vocab_index
-        return index
-
     def _label_names(self) -> list[str]:
         """Class names of the registered labels (without the unlabeled category)."""
         if self.registry_["setup_args"].get("labels_key") is None:
@@ -262,141 +255,6 @@ class CellPLM(TissueContextMixin, RNASeqMixin, VAEMixin, BaseMinifiedModeModelCl
             f"cov_{key}".replace(".", "_"): len(state["mappings"][key])
             for key in state["field_keys"]
         }
-
-    def _measured_genes(self, adata: AnnData) -> np.ndarray | None:
-        """(n_batch, n_genes) bool from ``adata.varm[measured_genes_key]`` and the genes
-        :meth:`prepare_query_anndata` padded (unmeasured in this AnnData's batches), or
-        ``None`` when every batch measured every gene."""
-        manager = self.get_anndata_manager(adata, required=True)
-        key = manager.registry["setup_args"].get("measured_genes_key")
-        padded = _query.padded_genes(adata)
-        if key is None and padded is None:
-            return None
-        batches = list(manager.get_state_registry(BATCH_KEY).categorical_mapping)
-        measured = np.ones((len(batches), adata.n_vars), dtype=bool)
-        if key is not None:
-            measured &= self._measured_table(adata, key, batches)
-        if padded is not None:
-            codes = manager.get_from_registry(BATCH_KEY)
-            present = np.unique(np.asarray(codes).reshape(-1))
-            measured[np.ix_(present, padded)] = False
-        return measured
-
-    @staticmethod
-    def _measured_table(adata: AnnData, key: str, batches: list) -> np.ndarray:
-        """(n_batch, n_genes) bool from ``adata.varm[key]`` (columns: batch categories)."""
-        table = adata.varm[key]
-        if not isinstance(table, pd.DataFrame):
-            table = pd.DataFrame(np.asarray(table), index=adata.var_names, columns=batches)
-        if len(table) != adata.n_vars:
-            raise ValueError(f"adata.varm[{key!r}] must have one row per gene.")
-        unknown = sorted(set(map(str, table.columns)) - set(map(str, batches)))
-        if unknown:
-            raise ValueError(
-                f"adata.varm[{key!r}] has columns {unknown} that are not batch_key categories "
-                f"({batches})."
-            )
-        measured = np.ones((len(batches), adata.n_vars), dtype=bool)
-        columns = {str(c): c for c in table.columns}  # batch names may be ints or strings
-        for i, batch in enumerate(batches):
-            if str(batch) in columns:
-                measured[i] = table[columns[str(batch)]].to_numpy(dtype=bool)
-        empty = [b for b, row in zip(batches, measured) if not row.any()]
-        if empty:
-            raise ValueError(f"Batches {empty} measure no gene in adata.varm[{key!r}].")
-        return measured
-
-    @classmethod
-    def load_official(
-        cls,
-        prefix: str | os.PathLike | Sequence[str],
-        adata: AnnData,
-        gene_key: str | None = None,
-        spatial_pe: bool = False,
-        trust_pickle: bool = False,
-        **overrides,
-    ) -> CellPLM:
-        """Load an official pretrained CellPLM release (e.g. ``20231027_85M``).
-
-        The config file gives the architecture (``"gmvae"`` or ``"vae"`` latent, widths,
-        vocabulary); the weights are loaded strictly on the CPU with ``weights_only=True``. The
-        model is ready for zero-shot embedding, and can be fine-tuned with :meth:`train`.
-
-        Parameters
-        ----------
-        prefix
-            ``"<dir>/<name>"`` for ``<name>.config.json`` + ``<name>.best.ckpt``, or a
-            ``(config_path, checkpoint_path)`` pair.
-        adata
-            Raw counts registered with :meth:`setup_anndata`. Genes (``var_names`` or
-            ``var[gene_key]``) may be human Ensembl IDs or symbols, in any order and any subset
-            of the vocabulary; genes outside it are ignored.
-        gene_key
-            ``adata.var`` column holding the gene IDs or symbols (default: the ``gene_key``
-            given to :meth:`setup_anndata`, else ``var_names``).
-        spatial_pe
-            Add the spatial encoding. The official code never does, so the pretrained weights
-            were not trained with it: for experiments only.
-        trust_pickle
-            Allow a checkpoint that needs full unpickling (runs code from the file).
-        **overrides
-            Arguments that replace the config's, by our name, for fine-tuning: ``dropout``,
-            ``mask_cell_rate``, ``mask_gene_rate``, ``dae``, ``latent`` (the other latent type
-            is a fresh layer), ``n_clusters``, ``lamda``, ``w_li``, ``w_en``,
-            ``kl_warmup_steps``, ``max_kl_weight``, ``classification_ratio``,
-            ``classifier_dropout`` (details: :func:`cellplm_scvi.model._official.load_official`).
-            None changes the pretrained weights; unknown names raise ``TypeError``.
-
-        Returns
-        -------
-        CellPLM
-            The model holding the pretrained weights. Decoder covariates of new data use the
-            mean pretraining embedding.
-
-        Examples
-        --------
-        >>> cp.CellPLM.setup_anndata(adata, layer="counts", batch_key="sample")
-        >>> model = cp.CellPLM.load_official("ckpt/20231027_85M", adata)
-        >>> adata.obsm["X_cellplm"] = model.get_latent_representation()
-        """
-        return load_official(cls, prefix, adata, gene_key, spatial_pe, trust_pickle, **overrides)
-
-    def save_official(self, prefix: str | os.PathLike, overwrite: bool = False) -> None:
-        """Export the model as an official CellPLM release, usable by the ``cellplm`` package.
-
-        Writes ``<prefix>.config.json`` (the official ``OmicsFormer`` arguments, ``gene_list``
-        = the model's vocabulary: the ``vocabulary`` it was built with, else the AnnData's
-        ``var_names``) and ``<prefix>.best.ckpt`` (``{"model_state_dict": ...}``), each
-        atomically. The official code builds the network with ``OmicsFormer(**config)``, loads
-        the weights strictly and embeds the cells as this model does;
-        :meth:`load_official` reads the files back.
-
-        What the official network lacks is refused with a ``ValueError`` naming it: the
-        spatial encoding (``spatial_pe=True``; the official embedder adds 0) and decoder
-        tables other than ``batch``/``dataset``/``platform`` (``categorical_covariate_keys``).
-        The cell-type head (``labels_key``) is left out with a warning (``OmicsFormer`` has
-        none), as are training counters (the VAE's KL warm-up restarts at 0).
-
-        Parameters
-        ----------
-        prefix
-            Output path without the suffixes, e.g. ``"ckpt/my_cellplm"``.
-        overwrite
-            Replace existing files.
-
-        Examples
-        --------
-        >>> model.train(max_epochs=10)
-        >>> model.save_official("ckpt/my_cellplm")
-        >>> from CellPLM.model import OmicsFormer  # the official package
-        >>> config = json.load(open("ckpt/my_cellplm.config.json"))
-        >>> official = OmicsFormer(**config)
-        >>> state = torch.load("ckpt/my_cellplm.best.ckpt")["model_state_dict"]
-        >>> official.load_state_dict(state)
-        """
-        from ._official import save_official
-
-        save_official(self, prefix, overwrite)
 
     # ------------------------------------------------------------------ setup
     @classmethod
@@ -624,96 +482,6 @@ class CellPLM(TissueContextMixin, RNASeqMixin, VAEMixin, BaseMinifiedModeModelCl
             adata.obs[INDICES_OBS] = rows
         return adata
 
-    # ------------------------------------------------------------------ query mapping
-    @classmethod
-    def prepare_query_anndata(
-        cls,
-        adata: AnnData,
-        reference_model: str | os.PathLike | CellPLM,
-        return_reference_var_names: bool = False,
-        inplace: bool = True,
-    ) -> AnnData | list[str] | None:
-        """Align a query's genes to a reference model (scvi-tools' ``ArchesMixin`` recipe).
-
-        Genes are reordered as the reference's; reference genes the query lacks are added as
-        zero counts and marked unmeasured (``adata.var["_cellplm_padded"]``), so they enter
-        neither the loss nor the library size of the query's cells; query genes the reference
-        lacks are dropped. The numbers of padded and dropped genes are logged.
-
-        Parameters
-        ----------
-        adata
-            Query AnnData (raw counts).
-        reference_model
-            A :class:`CellPLM`, or the directory it was saved to.
-        return_reference_var_names
-            Only return the reference's gene names.
-        inplace
-            Modify ``adata`` (default), or return the aligned copy.
-        """
-        reference = _query.reference_of(cls, reference_model)
-        return _query.prepare_query_anndata(
-            adata, reference.var_names, return_reference_var_names, inplace
-        )
-
-    @classmethod
-    def load_query_data(
-        cls,
-        adata: AnnData,
-        reference_model: str | os.PathLike | CellPLM,
-        inplace_subset_query_vars: bool = False,
-        accelerator: str = "auto",
-        device: int | str = "auto",
-        unfrozen: bool = False,
-        freeze_dropout: bool = False,
-        freeze_classifier: bool = True,
-        train_decoder: bool = False,
-        **kwargs,
-    ) -> CellPLM:
-        """Map a query dataset onto a trained reference model (scArches-style).
-
-        The query is set up with the reference's setup arguments; new ``batch_key`` categories
-        get new rows in the decoder's batch-embedding table. Everything that shapes the
-        embedding (gene embedder, Flowformer, pre-latent norm, latent layer, classifier) is
-        frozen, so reference cells keep exactly their reference embedding and query cells are
-        embedded by the reference encoder. Training then fits only the decoder's embeddings of
-        the new batches (and the rest of the decoder with ``train_decoder=True``), which is what
-        denoising and imputation of the query need.
-
-        Parameters
-        ----------
-        adata
-            Query AnnData with the reference's genes (see :meth:`prepare_query_anndata`).
-        reference_model
-            A trained :class:`CellPLM`, or the directory it was saved to.
-        inplace_subset_query_vars
-            Subset ``adata`` to the reference's genes in place when it has more/reordered genes.
-        accelerator, device
-            Where to put the query model.
-        unfrozen
-            Train every parameter.
-        freeze_dropout
-            Switch dropout off while the query trains.
-        freeze_classifier
-            Keep the classification head frozen (``False``: fine-tune it too).
-        train_decoder
-            Also fine-tune the decoder weights shared by all batches.
-        **kwargs
-            scVI's ``freeze_expression``, ``freeze_decoder_first_layer``,
-            ``freeze_batchnorm_encoder``, ``freeze_batchnorm_decoder`` name layers CellPLM has
-            not: passing one raises a ``ValueError`` saying what to use.
-
-        Returns
-        -------
-        CellPLM
-            A new model for the query; call :meth:`train` to fit the new batches.
-        """
-        reference = _query.reference_of(cls, reference_model)
-        return _query.load_query_data(
-            cls, adata, reference, inplace_subset_query_vars, accelerator, device, unfrozen,
-            freeze_dropout, freeze_classifier, train_decoder, **kwargs,
-        )  # fmt: skip
-
     # ------------------------------------------------------------------ save / load
     def save(
         self,
@@ -841,223 +609,6 @@ class CellPLM(TissueContextMixin, RNASeqMixin, VAEMixin, BaseMinifiedModeModelCl
         if model.adata is None and adata is not None:  # check it is set up and aligns
             model._validate_anndata(adata)
         return model
-
-    # ------------------------------------------------------------------ training
-    def train(
-        self,
-        max_epochs: int | None = None,
-        accelerator: str = "auto",
-        devices: int | list[int] | str = "auto",
-        train_size: float | None = None,
-        validation_size: float | None = None,
-        shuffle_set_split: bool = True,
-        load_sparse_tensor: bool = False,
-        batch_size: int | None = 4000,
-        early_stopping: bool = False,
-        datasplitter_kwargs: dict | None = None,
-        plan_config=None,
-        plan_kwargs: dict | None = None,
-        datamodule=None,
-        trainer_config=None,
-        lr: float = 5e-4,
-        drop_node_rate: float = 0.3,
-        gradient_clip_val: float | None = 2.0,
-        max_cells_per_step: int | None = None,
-        redraw_tissues: bool | int | None = None,
-        pack_tissues: bool = False,
-        checkpoint_every_n_steps: int | None = None,
-        checkpoint_dir: str | os.PathLike | None = None,
-        ckpt_path: str | os.PathLike | None = None,
-        **trainer_kwargs,
-    ):
-        """Train on tissue minibatches with scvi-tools' Lightning trainer.
-
-        The arguments are scvi-tools' (:meth:`scvi.model.SCVI.train`), with CellPLM's meaning
-        where a minibatch is a tissue.
-
-        Parameters
-        ----------
-        max_epochs
-            Passes over the training tissues (default: scvi-tools' heuristic on ``n_obs``).
-        accelerator, devices
-            Lightning device selection (``"auto"`` uses one GPU when there is one).
-        train_size, validation_size
-            Fractions of *tissues* for training and validation.
-        shuffle_set_split
-            Shuffle tissues before splitting them (``False``: in tissue-code order).
-        load_sparse_tensor
-            Accepted for scvi-tools compatibility: CellPLM always loads counts as sparse CSR
-            tensors.
-        batch_size
-            Cap on cells per training step: larger tissues are subsampled at each step
-            (official ``max_batch_size``). ``None``: whole tissues.
-        early_stopping
-            Stop on the validation loss (needs validation tissues).
-        datasplitter_kwargs
-            Passed to :class:`~cellplm_scvi.data.TissueDataSplitter`.
-        plan_config, plan_kwargs
-            Passed (merged) to :class:`CellPLMTrainingPlan`, e.g. ``weight_decay``,
-            ``n_steps_lr_warmup``, ``reduce_lr_on_plateau``.
-        datamodule
-            A Lightning data module yielding tissue minibatches, used instead of the AnnData's
-            splitter.
-        trainer_config
-            Passed (merged) to :class:`scvi.train.Trainer`, like ``**trainer_kwargs``.
-        lr
-            AdamW learning rate (linear warm-up, see :class:`CellPLMTrainingPlan`).
-        drop_node_rate
-            Fraction of a tissue's cells dropped at each step (official node drop).
-        gradient_clip_val
-            Gradient norm clipping (official fine-tuning: 2.0).
-        max_cells_per_step
-            Alias of ``batch_size``.
-        redraw_tissues
-            Train on local tissues drawn anew every epoch (random Voronoi regions of the
-            coordinates within each slide, of the registered tissues' mean size, or of this
-            many cells for an int; see
-            :class:`~cellplm_scvi.data.TissueBatchSampler`), so no cell always sits at a tissue
-            border; validation and inference use the registered tissues. ``None``: on for a
-            model that hides cells (``hide_cell_rate > 0``) on registered coordinates whose
-            slides are known (``setup_anndata(library_key=...)``, or computed tissues without
-            it: one slide); with ``tissue_key`` and no ``library_key``, off.
-        pack_tissues
-            Put several whole tissues in one training step, ``batch_size`` cells at most in all
-            (each tissue capped at it), instead of one tissue per step: faster with small
-            tissues. Attention stays within each tissue, each tissue is masked and spatially
-            scaled alone, and the step's loss is the mean of the per-tissue losses (each with
-            its own free-bits floors), so packing changes which tissues share an optimizer
-            step, not what is computed for a tissue. Steps per epoch drop about
-            ``batch_size / mean tissue size`` times (scale step-based schedules such as
-            ``n_steps_lr_warmup`` accordingly). Validation reads one tissue per step. Keeps the
-            registered tissues (``redraw_tissues=None`` means off; ``True`` raises). With
-            ``datamodule=``, set it on the data module instead
-            (:class:`~cellplm_scvi.data.TissueCorpus` ``pack_tissues``).
-        checkpoint_every_n_steps
-            Write a Lightning checkpoint every N optimiser steps (weights, AdamW moments,
-            learning-rate schedulers, global step, the KL warm-up counter, random generators
-            and, with a :class:`~cellplm_scvi.data.TissueCorpus`, the place in the epoch), as
-            ``<checkpoint_dir>/last.ckpt``. scvi-tools' own ``enable_checkpointing`` saves
-            weights only at validation; this is the one to resume from.
-        checkpoint_dir
-            Folder of those checkpoints (default: ``<scvi.settings.logging_dir>/
-            cellplm_checkpoints``); under several nodes, on a shared file system.
-        ckpt_path
-            Resume from this Lightning checkpoint (scvi-tools' ``ckpt_path``, passed to
-            ``Trainer.fit``), or ``"last"``: the newest ``last.ckpt`` in ``checkpoint_dir`` if
-            there is one, else a fresh start (so the same command both starts and resumes a
-            run). Call it on a model built as the crashed one was, with the same data and
-            ``max_epochs``: the run continues at the saved step, and a corpus epoch continues
-            with the tissues it had not reached (see ``docs/pretraining.md``).
-        **trainer_kwargs
-            Passed to :class:`scvi.train.Trainer` (e.g. ``strategy="ddp"``,
-            ``check_val_every_n_epoch``).
-        """
-        if max_cells_per_step is not None:
-            if batch_size not in (None, 4000, max_cells_per_step):
-                raise ValueError("Pass batch_size or its alias max_cells_per_step, not both.")
-            batch_size = max_cells_per_step
-        if pack_tissues:
-            if datamodule is not None:
-                raise ValueError(
-                    "pack_tissues applies to the AnnData's tissue splitter; with datamodule= set "
-                    "it on the data module (e.g. TissueCorpus(..., max_cells_per_step=8000, "
-                    "pack_tissues=True))."
-                )
-            if batch_size is None:
-                raise ValueError(
-                    "pack_tissues=True needs a cell budget per step: pass batch_size (or "
-                    "max_cells_per_step), e.g. 4000."
-                )
-            if redraw_tissues:
-                raise ValueError(
-                    "pack_tissues=True and redraw_tissues=True cannot be combined: redrawn "
-                    "tissues change size every epoch, and so would the number of packed steps."
-                )
-            redraw_tissues = False
-        if max_epochs is None:
-            n_obs = getattr(datamodule, "n_obs", None) if datamodule is not None else None
-            n_obs = self.adata.n_obs if datamodule is None else n_obs
-            if n_obs is None:
-                raise ValueError("Pass max_epochs with a datamodule that has no n_obs.")
-            max_epochs = get_max_epochs_heuristic(n_obs)
-        trainer_kwargs = merge_kwargs(trainer_config, trainer_kwargs, name="trainer")
-        if ckpt_path is None:  # scvi-tools' spelling: inside the trainer arguments
-            ckpt_path = trainer_kwargs.pop("ckpt_path", None)
-        _checkpoints.check_resume_arguments(checkpoint_every_n_steps, checkpoint_dir, ckpt_path)
-        if ckpt_path is not None:
-            trainer_kwargs["ckpt_path"] = ckpt_path  # TrainRunner hands it to Trainer.fit
-        distributed = use_distributed_sampler(trainer_kwargs.get("strategy"))
-        if distributed:  # our tissue sampler shards across ranks itself
-            trainer_kwargs.setdefault("use_distributed_sampler", False)
-        if datamodule is None:
-            datamodule = self._data_splitter_cls(
-                self.adata_manager,
-                train_size=train_size,
-                validation_size=validation_size,
-                shuffle_set_split=shuffle_set_split,
-                max_cells_per_step=batch_size,
-                drop_node_rate=drop_node_rate,
-                distributed_sampler=distributed,
-                redraw_tissues=self._redraw_default(redraw_tissues),
-                **({"pack_tissues": True} if pack_tissues else {}),
-                **(datasplitter_kwargs or {}),
-            )
-        plan_kwargs = {"lr": lr, **merge_kwargs(plan_config, plan_kwargs, name="plan")}
-        plan = self._training_plan_cls(self.module, **plan_kwargs)
-        if gradient_clip_val is not None:
-            trainer_kwargs.setdefault("gradient_clip_val", gradient_clip_val)
-        if early_stopping:
-            trainer_kwargs.setdefault("early_stopping_monitor", "validation_loss")
-        needs_validation = (
-            early_stopping
-            or trainer_kwargs.get("check_val_every_n_epoch")
-            or plan_kwargs.get("reduce_lr_on_plateau")
-        )
-        if needs_validation and getattr(datamodule, "n_val", 1) == 0:
-            raise ValueError(
-                "Validation was requested (early_stopping, check_val_every_n_epoch or "
-                "reduce_lr_on_plateau) but no tissue is left for validation: lower train_size, "
-                "or use more/smaller tissues (setup_anndata(max_cells=...))."
-            )
-        if plan_kwargs.get("reduce_lr_on_plateau"):
-            trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
-        self.module.train()  # inference calls leave the module in eval mode
-        runner = self._train_runner_cls(
-            self,
-            training_plan=plan,
-            data_splitter=datamodule,
-            max_epochs=max_epochs,
-            accelerator=accelerator,
-            devices=devices,
-            early_stopping=early_stopping,
-            **trainer_kwargs,
-        )
-        if checkpoint_every_n_steps is not None:  # not scvi's SaveCheckpoint: see _checkpoints
-            checkpoint = _checkpoints.step_checkpoint(checkpoint_every_n_steps, checkpoint_dir)
-            runner.trainer.callbacks.append(checkpoint)
-        # scvi-tools extends only the keys already in `history_`. A model trained elsewhere
-        # (official weights, or a query built from them) has none yet: this run starts it.
-        starts_history = self.is_trained_ and not self.history_
-        if starts_history:
-            self.is_trained_ = False
-        try:
-            with _registry_data.training_on(self, datamodule):  # a corpus: vocabulary columns
-                return runner()
-        finally:
-            self.is_trained_ = self.is_trained_ or starts_history
-
-    def _redraw_default(self, redraw_tissues: bool | int | None) -> bool | int:
-        """``train(redraw_tissues=None)``: on for a cell-hiding model on coordinates."""
-        has_coords = SPATIAL_KEY in self.adata_manager.data_registry
-        if redraw_tissues is None:  # slides known: library_key, or computed tissues of one slide
-            setup = self.adata_manager.registry["setup_args"]
-            slides = setup.get("library_key") is not None or setup.get("tissue_key") is None
-            redraw_tissues = has_coords and self.module.hide_cell_rate > 0 and slides
-        if redraw_tissues and not has_coords:
-            raise ValueError(
-                "redraw_tissues=True needs coordinates: call setup_anndata(spatial_key=...)."
-            )
-        return redraw_tissues if redraw_tissues else False
 
     # ------------------------------------------------------------------ CellPLM-specific
     @torch.inference_mode()
@@ -1201,43 +752,6 @@ class CellPLM(TissueContextMixin, RNASeqMixin, VAEMixin, BaseMinifiedModeModelCl
         x = x[rows] if columns is None else x[rows][:, columns.cpu().numpy()]
         totals = np.asarray(x.sum(1)).reshape(-1, 1)  # observed counts over the decoded genes
         return frequencies * totals
-
-    def minify_adata(
-        self,
-        minified_data_type: str = "latent_posterior_parameters",
-        use_latent_qzm_key: str = "X_latent_qzm",
-        use_latent_qzv_key: str = "X_latent_qzv",
-    ) -> None:
-        """Replace the model's AnnData by a minified one (scvi-tools' recipe): the posterior of
-        each cell, computed in its whole tissue, and CellPLM's library size (observed counts of
-        its measured decoded genes) replace the counts.
-
-        If ``adata.obsm[use_latent_qzm_key]``/``[use_latent_qzv_key]`` are missing they are
-        computed with ``get_latent_representation(return_dist=True)`` and stored there. Then
-        ``get_normalized_expression``, ``differential_expression`` and
-        ``get_latent_representation`` work without counts; ``predict``, ``impute_genes``,
-        ``get_elbo`` and friends raise.
-        """
-        from scvi.data._constants import ADATA_MINIFY_TYPE
-        from scvi.model.utils import get_minified_adata_scrna
-
-        if minified_data_type not in ADATA_MINIFY_TYPE:
-            raise ValueError(f"minified_data_type must be one of {list(ADATA_MINIFY_TYPE)}.")
-        if self.minified_data_type is not None:
-            raise ValueError("The model's AnnData is already minified.")
-        if use_latent_qzm_key not in self.adata.obsm or use_latent_qzv_key not in self.adata.obsm:
-            qzm, qzv = self.get_latent_representation(return_dist=True)
-            self.adata.obsm[use_latent_qzm_key], self.adata.obsm[use_latent_qzv_key] = qzm, qzv
-        library = self.get_latent_library_size().reshape(-1)
-        keep_counts = minified_data_type == ADATA_MINIFY_TYPE.LATENT_POSTERIOR_WITH_COUNTS
-        mini = get_minified_adata_scrna(self.adata_manager, keep_count_data=keep_counts)
-        mini.uns.pop("_scvi_uuid", None)
-        mini.uns[_ADATA_MINIFY_TYPE_UNS_KEY] = minified_data_type
-        mini.obsm[self._LATENT_QZM_KEY] = self.adata.obsm[use_latent_qzm_key]
-        mini.obsm[self._LATENT_QZV_KEY] = self.adata.obsm[use_latent_qzv_key]
-        mini.obs[self._OBSERVED_LIB_SIZE_KEY] = library
-        self._update_adata_and_manager_post_minification(mini, minified_data_type)
-        self.module.minified_data_type = minified_data_type
 
 
 # a registry-built model (TissueCorpus) reads any AnnData set up with setup_anndata

@@ -1,4 +1,5 @@
-"""Query mapping (scArches-style) with scvi-tools' ``ArchesMixin`` argument names.
+"""Query mapping (scArches-style): :class:`QueryMixin`, with scvi-tools' ``ArchesMixin``
+argument names.
 
 scvi-tools' own ``ArchesMixin.load_query_data`` freezes by scVI's layer names and would freeze
 the new batch rows of CellPLM's decoder tables, so CellPLM keeps its own, thin version.
@@ -19,6 +20,7 @@ from anndata import AnnData
 from scipy import sparse as sp
 from torch import nn
 
+from .._vocabulary import PADDED_VAR
 from ._save_load import read_model_file
 
 if TYPE_CHECKING:
@@ -26,7 +28,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("cellplm_scvi")
 
-PADDED_VAR = "_cellplm_padded"  # var column: genes prepare_query_anndata added as zeros
 
 # ArchesMixin options built for scVI's FCLayers/BatchNorm, which CellPLM does not have
 _SCVI_ONLY = (
@@ -86,15 +87,7 @@ def reference_of(model_cls, reference_model) -> Reference:
     )
 
 
-def padded_genes(adata: AnnData) -> np.ndarray | None:
-    """Column positions of the genes :func:`prepare_query_anndata` padded, or ``None``."""
-    if PADDED_VAR not in adata.var:
-        return None
-    padded = np.flatnonzero(adata.var[PADDED_VAR].to_numpy(dtype=bool))
-    return padded if len(padded) else None
-
-
-def prepare_query_anndata(
+def align_to_reference(
     adata: AnnData,
     reference_var_names: list[str],
     return_reference_var_names: bool = False,
@@ -183,7 +176,7 @@ def _reorder(x, order: np.ndarray):
     return out
 
 
-def load_query_data(
+def build_query_model(
     model_cls: type[CellPLM],
     adata: AnnData,
     reference: Reference,
@@ -278,3 +271,94 @@ def _freeze(module, grown: dict, unfrozen: bool, train_decoder: bool, freeze_cla
             n_old = grown[name]
             param.register_hook(lambda g, n=n_old: torch.cat([torch.zeros_like(g[:n]), g[n:]]))
             param.no_weight_decay = True  # decoupled decay would still shrink frozen rows
+
+
+class QueryMixin:
+    """Map a query dataset onto a trained reference model (scvi-tools' ``ArchesMixin`` API)."""
+
+    @classmethod
+    def prepare_query_anndata(
+        cls,
+        adata: AnnData,
+        reference_model: str | os.PathLike | CellPLM,
+        return_reference_var_names: bool = False,
+        inplace: bool = True,
+    ) -> AnnData | list[str] | None:
+        """Align a query's genes to a reference model (scvi-tools' ``ArchesMixin`` recipe).
+
+        Genes are reordered as the reference's; reference genes the query lacks are added as
+        zero counts and marked unmeasured (``adata.var["_cellplm_padded"]``), so they enter
+        neither the loss nor the library size of the query's cells; query genes the reference
+        lacks are dropped. The numbers of padded and dropped genes are logged.
+
+        Parameters
+        ----------
+        adata
+            Query AnnData (raw counts).
+        reference_model
+            A :class:`CellPLM`, or the directory it was saved to.
+        return_reference_var_names
+            Only return the reference's gene names.
+        inplace
+            Modify ``adata`` (default), or return the aligned copy.
+        """
+        reference = reference_of(cls, reference_model)
+        return align_to_reference(adata, reference.var_names, return_reference_var_names, inplace)
+
+    @classmethod
+    def load_query_data(
+        cls,
+        adata: AnnData,
+        reference_model: str | os.PathLike | CellPLM,
+        inplace_subset_query_vars: bool = False,
+        accelerator: str = "auto",
+        device: int | str = "auto",
+        unfrozen: bool = False,
+        freeze_dropout: bool = False,
+        freeze_classifier: bool = True,
+        train_decoder: bool = False,
+        **kwargs,
+    ) -> CellPLM:
+        """Map a query dataset onto a trained reference model (scArches-style).
+
+        The query is set up with the reference's setup arguments; new ``batch_key`` categories
+        get new rows in the decoder's batch-embedding table. Everything that shapes the
+        embedding (gene embedder, Flowformer, pre-latent norm, latent layer, classifier) is
+        frozen, so reference cells keep exactly their reference embedding and query cells are
+        embedded by the reference encoder. Training then fits only the decoder's embeddings of
+        the new batches (and the rest of the decoder with ``train_decoder=True``), which is what
+        denoising and imputation of the query need.
+
+        Parameters
+        ----------
+        adata
+            Query AnnData with the reference's genes (see :meth:`prepare_query_anndata`).
+        reference_model
+            A trained :class:`CellPLM`, or the directory it was saved to.
+        inplace_subset_query_vars
+            Subset ``adata`` to the reference's genes in place when it has more/reordered genes.
+        accelerator, device
+            Where to put the query model.
+        unfrozen
+            Train every parameter.
+        freeze_dropout
+            Switch dropout off while the query trains.
+        freeze_classifier
+            Keep the classification head frozen (``False``: fine-tune it too).
+        train_decoder
+            Also fine-tune the decoder weights shared by all batches.
+        **kwargs
+            scVI's ``freeze_expression``, ``freeze_decoder_first_layer``,
+            ``freeze_batchnorm_encoder``, ``freeze_batchnorm_decoder`` name layers CellPLM has
+            not: passing one raises a ``ValueError`` saying what to use.
+
+        Returns
+        -------
+        CellPLM
+            A new model for the query; call :meth:`train` to fit the new batches.
+        """
+        reference = reference_of(cls, reference_model)
+        return build_query_model(
+            cls, adata, reference, inplace_subset_query_vars, accelerator, device, unfrozen,
+            freeze_dropout, freeze_classifier, train_decoder, **kwargs,
+        )  # fmt: skip

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from anndata import AnnData
 
+from .. import _vocabulary
+
 if TYPE_CHECKING:
     from ._cellplm import CellPLM
 
@@ -66,12 +68,12 @@ def validate(model: CellPLM, adata: AnnData | None) -> AnnData:
 
 def gene_index(model: CellPLM, adata: AnnData) -> np.ndarray | None:
     """Vocabulary row of each ``adata`` column (-1 outside), as ``load_official`` builds it."""
-    from ._official import model_vocabulary
+    from ..official._mixin import model_vocabulary
 
     manager = model.get_anndata_manager(adata, required=True)
     gene_key = manager.registry["setup_args"].get("gene_key")
     try:
-        return model._gene_index(adata, model_vocabulary(model), gene_key)
+        return _vocabulary.gene_index(adata, model_vocabulary(model), gene_key)
     except ValueError as err:
         raise ValueError(
             f"adata cannot be read by this model: {err} (set gene_key with "
@@ -104,8 +106,8 @@ def _module_reads(model: CellPLM, gene_index, measured, use_batch_covariate: boo
 def reading(model: CellPLM, adata: AnnData):
     """The module reads ``adata``'s columns while inside (see the module docstring); the
     corpus' batch table is used through its mean embedding."""
-    index, measured = gene_index(model, adata), model._measured_genes(adata)
     manager = model.get_anndata_manager(adata, required=True)
+    index, measured = gene_index(model, adata), _vocabulary.measured_genes(adata, manager)
     no_coords = manager.registry["setup_args"].get("spatial_key") is None
     module = model.module
     with _module_reads(model, index, measured, use_batch_covariate=False):
@@ -133,7 +135,7 @@ def training_on(model: CellPLM, datamodule):
     yields vocabulary columns and its own measured genes, so a model built on an AnnData (e.g.
     :meth:`CellPLM.load_official`) reads vocabulary columns while it trains on one."""
     from ..data import TissueCorpus
-    from ._official import model_vocabulary
+    from ..official._mixin import model_vocabulary
 
     module = model.module
     if not isinstance(datamodule, TissueCorpus):

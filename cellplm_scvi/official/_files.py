@@ -257,7 +257,7 @@ def check_exportable(module: nn.Module) -> None:
         )
 
 
-def official_config(module: nn.Module, vocabulary: list[str], extra: dict | None = None) -> dict:
+def export_config(module: nn.Module, vocabulary: list[str], extra: dict | None = None) -> dict:
     """The official ``config.json`` of ``module``: the inverse of :func:`model_kwargs`.
 
     Every argument that the official ``OmicsFormer(**config)`` needs to build the same network

@@ -1,0 +1,331 @@
+"""Training: :class:`TrainingMixin` wraps scvi-tools' ``UnsupervisedTrainingMixin.train``.
+
+CellPLM's minibatch is a tissue, so ``batch_size`` is a cell budget per step: it goes to
+:class:`~cellplm_scvi.data.TissueDataSplitter` as ``max_cells_per_step`` (with the node drop,
+redrawn or packed tissues), never as scvi-tools' 128-cell default. scvi-tools builds the splitter,
+the training plan and the runner; :class:`TissueTrainRunner` adds the step checkpoints and
+refuses a validation request without validation tissues.
+
+Step checkpoints (``train(checkpoint_every_n_steps=N)``) and resume after a crash: scvi-tools'
+:class:`~scvi.train.Trainer` passes ``enable_checkpointing=False`` to Lightning unless asked, and
+when asked (``enable_checkpointing=True``) it adds its own :class:`~scvi.train.SaveCheckpoint`: a
+``model.save`` directory per validation epoch that holds weights only (no optimiser, scheduler or
+loop state: nothing to resume from), and that forces validation every epoch. A plain Lightning
+``ModelCheckpoint`` in ``callbacks=`` with the default ``enable_checkpointing=False`` is refused by
+Lightning ("found ModelCheckpoint in callbacks list"). So :class:`TissueTrainRunner` lets scvi-
+tools build the trainer, then adds a Lightning ``ModelCheckpoint(every_n_train_steps=N,
+save_last=True)`` to its callbacks; ``ckpt_path`` goes to ``Trainer.fit`` through scvi-tools'
+:class:`~scvi.train.TrainRunner` (1.4 and 1.5 both pop it from the trainer arguments and pass it to
+``fit``).
+
+A Lightning checkpoint holds the training plan's ``state_dict`` (module weights and buffers:
+the VAE latent's KL warm-up counter ``kl_step_count``), AdamW's moments, the learning-rate
+schedulers, the loops (global step, epoch, batch within the epoch), the training loader's
+``state_dict`` (:class:`~cellplm_scvi.data._resume.ResumableLoader`: the tissue sampler's
+place in the epoch) and what :class:`~cellplm_scvi.model.CellPLMTrainingPlan` adds (random
+number generators, official plateau scheduler, best validation state).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from scvi import settings
+from scvi.model._utils import get_max_epochs_heuristic, use_distributed_sampler
+from scvi.model.base import UnsupervisedTrainingMixin
+from scvi.train import TrainRunner
+from scvi.train._config import merge_kwargs
+
+from .._constants import SPATIAL_KEY
+from ._registry_data import training_on
+
+
+class TissueTrainRunner(TrainRunner):
+    """scvi-tools' runner, plus the step checkpoints of ``train(checkpoint_every_n_steps=N)``.
+
+    Parameters
+    ----------
+    *args, **trainer_kwargs
+        As :class:`scvi.train.TrainRunner`.
+    checkpoint_every_n_steps, checkpoint_dir
+        See :meth:`TrainingMixin.train`.
+    """
+
+    def __init__(
+        self,
+        *args,
+        checkpoint_every_n_steps: int | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
+        **trainer_kwargs,
+    ):
+        super().__init__(*args, **trainer_kwargs)
+        needs_validation = (
+            trainer_kwargs.get("early_stopping")
+            or trainer_kwargs.get("check_val_every_n_epoch")
+            or getattr(self.training_plan, "reduce_lr_on_plateau", False)
+        )
+        if needs_validation and getattr(self.data_splitter, "n_val", 1) == 0:
+            raise ValueError(
+                "Validation was requested (early_stopping, check_val_every_n_epoch or "
+                "reduce_lr_on_plateau) but no tissue is left for validation: lower train_size, "
+                "or use more/smaller tissues (setup_anndata(max_cells=...))."
+            )
+        if checkpoint_every_n_steps is not None:
+            # after the trainer is built: Lightning refuses a ModelCheckpoint in `callbacks=`
+            # while scvi-tools passes enable_checkpointing=False
+            checkpoint = step_checkpoint(checkpoint_every_n_steps, checkpoint_dir)
+            self.trainer.callbacks.append(checkpoint)
+
+
+class TrainingMixin(UnsupervisedTrainingMixin):
+    """Training on tissue minibatches (scvi-tools' ``train`` with CellPLM's arguments)."""
+
+    _train_runner_cls = TissueTrainRunner
+
+    def train(
+        self,
+        max_epochs: int | None = None,
+        accelerator: str = "auto",
+        devices: int | list[int] | str = "auto",
+        train_size: float | None = None,
+        validation_size: float | None = None,
+        shuffle_set_split: bool = True,
+        load_sparse_tensor: bool = False,
+        batch_size: int | None = 4000,
+        early_stopping: bool = False,
+        datasplitter_kwargs: dict | None = None,
+        plan_config=None,
+        plan_kwargs: dict | None = None,
+        datamodule=None,
+        trainer_config=None,
+        lr: float = 5e-4,
+        drop_node_rate: float = 0.3,
+        gradient_clip_val: float | None = 2.0,
+        max_cells_per_step: int | None = None,
+        redraw_tissues: bool | int | None = None,
+        pack_tissues: bool = False,
+        checkpoint_every_n_steps: int | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
+        ckpt_path: str | os.PathLike | None = None,
+        **trainer_kwargs,
+    ):
+        """Train on tissue minibatches with scvi-tools' Lightning trainer.
+
+        The arguments are scvi-tools' (:meth:`scvi.model.SCVI.train`), with CellPLM's meaning
+        where a minibatch is a tissue.
+
+        Parameters
+        ----------
+        max_epochs
+            Passes over the training tissues (default: scvi-tools' heuristic on ``n_obs``).
+        accelerator, devices
+            Lightning device selection (``"auto"`` uses one GPU when there is one).
+        train_size, validation_size
+            Fractions of *tissues* for training and validation.
+        shuffle_set_split
+            Shuffle tissues before splitting them (``False``: in tissue-code order).
+        load_sparse_tensor
+            Accepted for scvi-tools compatibility: CellPLM always loads counts as sparse CSR
+            tensors.
+        batch_size
+            Cap on cells per training step: larger tissues are subsampled at each step
+            (official ``max_batch_size``). ``None``: whole tissues.
+        early_stopping
+            Stop on the validation loss (needs validation tissues).
+        datasplitter_kwargs
+            Passed to :class:`~cellplm_scvi.data.TissueDataSplitter`.
+        plan_config, plan_kwargs
+            Passed (merged) to :class:`CellPLMTrainingPlan`, e.g. ``weight_decay``,
+            ``n_steps_lr_warmup``, ``reduce_lr_on_plateau``.
+        datamodule
+            A Lightning data module yielding tissue minibatches (e.g. a
+            :class:`~cellplm_scvi.data.TissueCorpus`), used instead of the AnnData's splitter.
+            Its own settings apply: ``batch_size``, ``train_size``, ``validation_size``,
+            ``shuffle_set_split``, ``drop_node_rate`` and ``datasplitter_kwargs`` are not
+            forwarded to it (scvi-tools 1.5 would call its ``set_batch_size``/``set_split``,
+            which CellPLM's data modules do not define).
+        trainer_config
+            Passed (merged) to :class:`scvi.train.Trainer`, like ``**trainer_kwargs``.
+        lr
+            AdamW learning rate (linear warm-up, see :class:`CellPLMTrainingPlan`).
+        drop_node_rate
+            Fraction of a tissue's cells dropped at each step (official node drop).
+        gradient_clip_val
+            Gradient norm clipping (official fine-tuning: 2.0).
+        max_cells_per_step
+            Alias of ``batch_size``.
+        redraw_tissues
+            Train on local tissues drawn anew every epoch (random Voronoi regions of the
+            coordinates within each slide, of the registered tissues' mean size, or of this
+            many cells for an int; see
+            :class:`~cellplm_scvi.data.TissueBatchSampler`), so no cell always sits at a tissue
+            border; validation and inference use the registered tissues. ``None``: on for a
+            model that hides cells (``hide_cell_rate > 0``) on registered coordinates whose
+            slides are known (``setup_anndata(library_key=...)``, or computed tissues without
+            it: one slide); with ``tissue_key`` and no ``library_key``, off.
+        pack_tissues
+            Put several whole tissues in one training step, ``batch_size`` cells at most in all
+            (each tissue capped at it), instead of one tissue per step: faster with small
+            tissues. Attention stays within each tissue, each tissue is masked and spatially
+            scaled alone, and the step's loss is the mean of the per-tissue losses (each with
+            its own free-bits floors), so packing changes which tissues share an optimizer
+            step, not what is computed for a tissue. Steps per epoch drop about
+            ``batch_size / mean tissue size`` times (scale step-based schedules such as
+            ``n_steps_lr_warmup`` accordingly). Validation reads one tissue per step. Keeps the
+            registered tissues (``redraw_tissues=None`` means off; ``True`` raises). With
+            ``datamodule=``, set it on the data module instead
+            (:class:`~cellplm_scvi.data.TissueCorpus` ``pack_tissues``).
+        checkpoint_every_n_steps
+            Write a Lightning checkpoint every N optimiser steps (weights, AdamW moments,
+            learning-rate schedulers, global step, the KL warm-up counter, random generators
+            and, with a :class:`~cellplm_scvi.data.TissueCorpus`, the place in the epoch), as
+            ``<checkpoint_dir>/last.ckpt``. scvi-tools' own ``enable_checkpointing`` saves
+            weights only at validation; this is the one to resume from.
+        checkpoint_dir
+            Folder of those checkpoints (default: ``<scvi.settings.logging_dir>/
+            cellplm_checkpoints``); under several nodes, on a shared file system.
+        ckpt_path
+            Resume from this Lightning checkpoint (scvi-tools' ``ckpt_path``, passed to
+            ``Trainer.fit``), or ``"last"``: the newest ``last.ckpt`` in ``checkpoint_dir`` if
+            there is one, else a fresh start (so the same command both starts and resumes a
+            run). Call it on a model built as the crashed one was, with the same data and
+            ``max_epochs``: the run continues at the saved step, and a corpus epoch continues
+            with the tissues it had not reached (see ``docs/pretraining.md``).
+        **trainer_kwargs
+            Passed to :class:`scvi.train.Trainer` (e.g. ``strategy="ddp"``,
+            ``check_val_every_n_epoch``).
+        """
+        if max_cells_per_step is not None:
+            if batch_size not in (None, 4000, max_cells_per_step):
+                raise ValueError("Pass batch_size or its alias max_cells_per_step, not both.")
+            batch_size = max_cells_per_step
+        if pack_tissues:
+            if datamodule is not None:
+                raise ValueError(
+                    "pack_tissues applies to the AnnData's tissue splitter; with datamodule= set "
+                    "it on the data module (e.g. TissueCorpus(..., max_cells_per_step=8000, "
+                    "pack_tissues=True))."
+                )
+            if batch_size is None:
+                raise ValueError(
+                    "pack_tissues=True needs a cell budget per step: pass batch_size (or "
+                    "max_cells_per_step), e.g. 4000."
+                )
+            if redraw_tissues:
+                raise ValueError(
+                    "pack_tissues=True and redraw_tissues=True cannot be combined: redrawn "
+                    "tissues change size every epoch, and so would the number of packed steps."
+                )
+            redraw_tissues = False
+        if max_epochs is None:
+            n_obs = self.adata.n_obs if datamodule is None else getattr(datamodule, "n_obs", None)
+            if n_obs is None:
+                raise ValueError("Pass max_epochs with a datamodule that has no n_obs.")
+            max_epochs = get_max_epochs_heuristic(n_obs)
+        trainer_kwargs = merge_kwargs(trainer_config, trainer_kwargs, name="trainer")
+        if ckpt_path is None:  # scvi-tools' spelling: inside the trainer arguments
+            ckpt_path = trainer_kwargs.pop("ckpt_path", None)
+        check_resume_arguments(checkpoint_every_n_steps, checkpoint_dir, ckpt_path)
+        if ckpt_path is not None:
+            trainer_kwargs["ckpt_path"] = ckpt_path  # TrainRunner hands it to Trainer.fit
+        if checkpoint_every_n_steps is not None:  # to TissueTrainRunner
+            trainer_kwargs["checkpoint_every_n_steps"] = checkpoint_every_n_steps
+            trainer_kwargs["checkpoint_dir"] = checkpoint_dir
+        if use_distributed_sampler(trainer_kwargs.get("strategy")):
+            trainer_kwargs.setdefault("use_distributed_sampler", False)  # our sampler shards
+        if datamodule is None:  # scvi-tools builds the splitter with these
+            datasplitter_kwargs = {
+                "max_cells_per_step": batch_size,
+                "drop_node_rate": drop_node_rate,
+                "redraw_tissues": self._redraw_default(redraw_tissues),
+                **({"pack_tissues": True} if pack_tissues else {}),
+                **(datasplitter_kwargs or {}),
+            }
+        plan_kwargs = {"lr": lr, **merge_kwargs(plan_config, plan_kwargs, name="plan")}
+        if gradient_clip_val is not None:
+            trainer_kwargs.setdefault("gradient_clip_val", gradient_clip_val)
+        if early_stopping:
+            trainer_kwargs.setdefault("early_stopping_monitor", "validation_loss")
+        if plan_kwargs.get("reduce_lr_on_plateau"):
+            trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
+        self.module.train()  # inference calls leave the module in eval mode
+        # scvi-tools extends only the keys already in `history_`. A model trained elsewhere
+        # (official weights, or a query built from them) has none yet: this run starts it.
+        starts_history = self.is_trained_ and not self.history_
+        if starts_history:
+            self.is_trained_ = False
+        try:
+            with training_on(self, datamodule):  # a corpus: vocabulary columns
+                return super().train(
+                    max_epochs=max_epochs,
+                    accelerator=accelerator,
+                    devices=devices,
+                    train_size=train_size,
+                    validation_size=validation_size,
+                    shuffle_set_split=shuffle_set_split,
+                    load_sparse_tensor=load_sparse_tensor,
+                    batch_size=batch_size,
+                    early_stopping=early_stopping,
+                    datasplitter_kwargs=datasplitter_kwargs,
+                    plan_kwargs=plan_kwargs,
+                    datamodule=datamodule,
+                    **trainer_kwargs,
+                )
+        finally:
+            self.is_trained_ = self.is_trained_ or starts_history
+
+    def _redraw_default(self, redraw_tissues: bool | int | None) -> bool | int:
+        """``train(redraw_tissues=None)``: on for a cell-hiding model on coordinates."""
+        has_coords = SPATIAL_KEY in self.adata_manager.data_registry
+        if redraw_tissues is None:  # slides known: library_key, or computed tissues of one slide
+            setup = self.adata_manager.registry["setup_args"]
+            slides = setup.get("library_key") is not None or setup.get("tissue_key") is None
+            redraw_tissues = has_coords and self.module.hide_cell_rate > 0 and slides
+        if redraw_tissues and not has_coords:
+            raise ValueError(
+                "redraw_tissues=True needs coordinates: call setup_anndata(spatial_key=...)."
+            )
+        return redraw_tissues if redraw_tissues else False
+
+
+def step_checkpoint(every_n_steps: int, dirpath: str | os.PathLike | None) -> ModelCheckpoint:
+    """A Lightning ``ModelCheckpoint`` that writes ``<dirpath>/epoch=E-step=S.ckpt`` every
+    ``every_n_steps`` optimiser steps, removes the previous one once the new one is written, and
+    points ``<dirpath>/last.ckpt`` (a symbolic link, a copy where links are not allowed) at it:
+    one checkpoint on disk, and a crash while it is written leaves the previous one readable."""
+    if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+        raise ValueError(
+            f"checkpoint_every_n_steps must be a positive int, got {every_n_steps!r}."
+        )
+    if dirpath is None:
+        dirpath = Path(settings.logging_dir) / "cellplm_checkpoints"
+    return ModelCheckpoint(
+        dirpath=os.fspath(dirpath),
+        filename="{epoch}-{step}",
+        every_n_train_steps=every_n_steps,
+        save_top_k=1,  # no monitor: the newest step checkpoint
+        save_last="link",
+        save_on_train_epoch_end=False,
+    )
+
+
+def check_resume_arguments(every_n_steps: int | None, checkpoint_dir, ckpt_path) -> None:
+    """Refuse combinations that would silently do nothing."""
+    if checkpoint_dir is not None and every_n_steps is None:
+        raise ValueError(
+            "checkpoint_dir is set but checkpoint_every_n_steps is not: pass "
+            "checkpoint_every_n_steps=N to write checkpoints there."
+        )
+    if ckpt_path == "last" and every_n_steps is None:
+        raise ValueError(
+            'ckpt_path="last" looks for the last checkpoint of this run\'s checkpointing: pass '
+            "checkpoint_every_n_steps=N and the checkpoint_dir of the crashed run, or give the "
+            "path of a .ckpt file."
+        )
+    if ckpt_path not in (None, "last") and not os.path.isfile(os.fspath(ckpt_path)):
+        raise ValueError(
+            f"ckpt_path={ckpt_path!r} is not a file; pass a Lightning .ckpt file written by "
+            'train(checkpoint_every_n_steps=...), or "last".'
+        )
