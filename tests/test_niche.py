@@ -17,6 +17,7 @@ import torch
 import cellplm_scvi as cp
 from cellplm_scvi import CellPLM
 from cellplm_scvi.data import TissueBatchSampler, TissueDataSplitter
+from cellplm_scvi.model._presets import resolve_redraw_tissues, saved_init_params
 from cellplm_scvi.module import CellPLMModule
 from cellplm_scvi.module._masking import apply_mask, sample_mask
 
@@ -111,6 +112,12 @@ def test_hide_cell_rate_is_checked():
 # ------------------------------------------------------------------------------ defaults
 
 
+def _redraw(model, redraw_tissues):
+    """``train(redraw_tissues=...)`` as the model resolves it."""
+    setup_args = model.adata_manager.registry["setup_args"]
+    return resolve_redraw_tissues(model._preset, setup_args, redraw_tissues)
+
+
 def test_defaults_spatial_nonspatial_official(tmp_path):
     adata = _spatial(300)
     model = CellPLM(adata, **ARCH)
@@ -118,10 +125,13 @@ def test_defaults_spatial_nonspatial_official(tmp_path):
     assert model.module.latent_type == "vae" and model.module.niche_cells is None
     assert model.module.n_local_heads == ARCH["n_heads"] // 2 and model.module.local_grid == 7
     assert CellPLM(adata, latent="gmvae", n_local_heads=0, **ARCH).module.n_local_heads == 0
-    assert model._redraw_default(None) is True
-    assert model._redraw_default(False) is False
+    assert model.preset == "spatial" and model.init_params_["non_kwargs"]["preset"] == "spatial"
+    assert "preset='spatial'" in model._model_summary_string
+    assert _redraw(model, None) is True
+    assert _redraw(model, False) is False
     official_objective = CellPLM(adata, hide_cell_rate=0.0, **ARCH)
-    assert official_objective._redraw_default(None) is False
+    assert _redraw(official_objective, None) is False
+    assert official_objective.preset == "official"
     assert official_objective.module.use_spatial_pe  # as before issue 14
     assert official_objective.module.latent_type == "gmvae"
     assert official_objective.module.n_local_heads == 0
@@ -129,15 +139,15 @@ def test_defaults_spatial_nonspatial_official(tmp_path):
     fov = cp.datasets.simulate_tissue(n_cells=300, n_slides=2, seed=0)
     fov.obs["fov"] = fov.obs["slide"].astype(str) + (fov.obsm["spatial"][:, 0] > 500).astype(str)
     CellPLM.setup_anndata(fov, layer="counts", spatial_key="spatial", tissue_key="fov")
-    assert CellPLM(fov, **ARCH)._redraw_default(None) is False
+    assert _redraw(CellPLM(fov, **ARCH), None) is False
 
     plain = cp.datasets.simulate_tissue(n_cells=300, n_slides=1, seed=0)
     del plain.obsm["spatial"]
     CellPLM.setup_anndata(plain, layer="counts")
     flat = CellPLM(plain, **ARCH)
-    assert flat.module.hide_cell_rate == 0.0
+    assert flat.module.hide_cell_rate == 0.0 and flat.preset == "official"
     assert flat.module.latent_type == "gmvae" and flat.module.n_local_heads == 0
-    assert flat._redraw_default(None) is False
+    assert _redraw(flat, None) is False
     with pytest.raises(ValueError, match="redraw_tissues=True needs coordinates"):
         flat.train(max_epochs=1, redraw_tissues=True, **FIT)
     with pytest.raises(ValueError, match="hide_cell_rate > 0"):
@@ -148,7 +158,58 @@ def test_defaults_spatial_nonspatial_official(tmp_path):
     spatial = _spatial(300)
     official = CellPLM.load_official(tmp_path / "official", spatial)
     assert official.module.hide_cell_rate == 0.0 and official.module.n_local_heads == 0
-    assert official._redraw_default(None) is False
+    assert official.preset == "official"
+    assert _redraw(official, None) is False
+
+
+def _architecture(model) -> tuple:
+    module = model.module
+    return (
+        module.hide_cell_rate,
+        module.latent_type,
+        module.use_spatial_pe,
+        module.n_local_heads,
+        module.n_local_heads and module.local_grid,
+    )
+
+
+def test_presets_by_name():
+    adata = _spatial(300)
+    # a named preset gives the defaults its automatic choice gives
+    assert _architecture(CellPLM(adata, preset="official", **ARCH)) == _architecture(
+        CellPLM(adata, hide_cell_rate=0.0, **ARCH)
+    )
+    assert _architecture(CellPLM(adata, preset="spatial", **ARCH)) == (0.3, "vae", False, 2, 7)
+    # explicit arguments win over the preset
+    mixed = CellPLM(adata, preset="spatial", latent="gmvae", n_local_heads=1, **ARCH)
+    assert _architecture(mixed) == (0.3, "gmvae", False, 1, 7)
+    with pytest.raises(ValueError, match="preset must be one of"):
+        CellPLM(adata, preset="niche", **ARCH)
+    plain = cp.datasets.simulate_tissue(n_cells=300, n_slides=1, seed=0)
+    del plain.obsm["spatial"]
+    CellPLM.setup_anndata(plain, layer="counts")
+    with pytest.raises(ValueError, match='preset="spatial" needs coordinates'):
+        CellPLM(plain, preset="spatial", **ARCH)
+
+
+def test_files_saved_before_presets_load_the_same(tmp_path):
+    """A file saved before presets records no preset, and no local heads if it predates them:
+    it is rebuilt as it was built (here: a cell-hiding spatial model without local heads)."""
+    adata = _spatial(300)
+    model = CellPLM(adata, n_local_heads=0, **ARCH)
+    params = model.init_params_
+    del params["non_kwargs"]["preset"]
+    params["kwargs"]["module_kwargs"] = {}  # written before the local heads existed
+    model.save(tmp_path / "old")
+    loaded = CellPLM.load(tmp_path / "old", adata=adata)
+    assert _architecture(loaded) == _architecture(model) == (0.3, "vae", False, 0, 0)
+    assert loaded.preset == "spatial"
+    attributes = {"init_params_": {"non_kwargs": {}, "kwargs": {"module_kwargs": {}}}}
+    assert saved_init_params(attributes)["init_params_"]["kwargs"]["module_kwargs"] == {
+        "n_local_heads": 0
+    }
+    new = {"init_params_": {"non_kwargs": {"preset": "spatial"}, "kwargs": {"module_kwargs": {}}}}
+    assert saved_init_params(new)["init_params_"]["kwargs"]["module_kwargs"] == {}
 
 
 # ------------------------------------------------------------------------------ read-out

@@ -144,8 +144,8 @@ def test_main_parses_arguments(monkeypatch):
 OWN_LINES = [
     r"Simulated \d+ cells x \d+ genes on \d+ slide\(s\): .*",
     r"assign_tissues: \d+ tissues of \d+-\d+ cells .*",
-    r"CellPLM: n_hidden=.*",
-    r"[a-z_]+=.*parameters",  # second line of the model summary
+    r"CellPLM: preset='\w+', n_hidden=.*",
+    r"[a-z_]+=.*|[\d,]+ parameters",  # wrapped lines of the model summary
     r"Training status: .*",
     r"Model's adata is minified\?: .*",
     r"Training for \d+ epochs on the (CPU|GPU):",

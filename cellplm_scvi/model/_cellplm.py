@@ -46,6 +46,7 @@ from ..official import OfficialMixin
 from ..pp import assign_tissues
 from . import _registry_data
 from ._minify import MinifyMixin
+from ._presets import module_defaults, resolve_preset
 from ._query import QueryMixin
 from ._save_load import read_model_file, write_model_file
 from ._tissue_context import TissueContextMixin, _precision
@@ -53,14 +54,6 @@ from ._training import TissueTrainRunner, TrainingMixin
 from ._training_plan import CellPLMTrainingPlan
 
 logger = logging.getLogger("cellplm_scvi")
-
-# A from-scratch model on coordinates (benchmarks/README.md, "Niche context (issue 14)"):
-# the fraction of its training tissues' cells hidden whole,
-SPATIAL_HIDE_CELL_RATE = 0.3
-# the anchors per side of the spatial kernel of its local heads (half of the heads),
-SPATIAL_LOCAL_GRID = 7
-# and its latent (the Gaussian mixture cost cell identity there)
-SPATIAL_LATENT = "vae"
 
 
 class CellPLM(
@@ -94,9 +87,8 @@ class CellPLM(
     n_latent
         Embedding width (official: 512).
     latent
-        ``"gmvae"`` (Gaussian mixture, ``n_clusters`` components) or ``"vae"``. ``None``:
-        ``"vae"`` for a model that hides cells on coordinates (the default spatial model, see
-        ``hide_cell_rate``), else ``"gmvae"`` (the official latent).
+        ``"gmvae"`` (Gaussian mixture, ``n_clusters`` components) or ``"vae"``. ``None``: the
+        preset's (``"vae"`` for ``"spatial"``, ``"gmvae"``, the official latent, else).
     n_clusters
         GMVAE components.
     dropout
@@ -112,12 +104,8 @@ class CellPLM(
         Fraction of a tissue's cells, among the masked ones, hidden whole (all genes) at each
         training step and reconstructed from their tissue alone: the objective that makes the
         encoder read a cell's niche, and the model behind
-        ``get_latent_representation(representation="niche")``. ``None``: ``0.3`` when
-        coordinates are registered (a from-scratch spatial model), else ``0`` (the official
-        objective; :meth:`load_official` always uses ``0``). A cell-hiding model on coordinates
-        also attends locally: half of its heads (module argument ``n_local_heads``, ``0`` for
-        none) weigh the other cells by a distance-decaying spatial kernel of width 1/6 of the
-        tissue's side (``local_grid=7``; see :func:`cellplm_scvi.nn.spatial_kernel_features`).
+        ``get_latent_representation(representation="niche")``. ``None``: the preset's (``0.3``
+        for ``"spatial"``, else ``0``, the official objective).
     dae
         Add the NB loss of the hidden entries alone (official ``dae``).
     vocabulary
@@ -126,6 +114,17 @@ class CellPLM(
     gene_key
         ``adata.var`` column with gene IDs or symbols to match ``vocabulary`` (default: the
         ``gene_key`` given to :meth:`setup_anndata`, else ``var_names``).
+    preset
+        The defaults that depend on the data (see :mod:`cellplm_scvi.model._presets`):
+        ``"official"`` (no cell hidden, ``"gmvae"`` latent, no local heads; what
+        :meth:`load_official` uses) or ``"spatial"`` (a from-scratch model that reads niches:
+        ``hide_cell_rate=0.3``, ``"vae"`` latent, half of the heads (module argument
+        ``n_local_heads``) weighing the other cells by a distance-decaying spatial kernel of
+        width 1/6 of the tissue's side (``local_grid=7``; see
+        :func:`cellplm_scvi.nn.spatial_kernel_features`), training tissues redrawn every
+        epoch). ``None``: ``"spatial"`` when coordinates are registered (unless
+        ``hide_cell_rate=0``), else ``"official"``. Explicit arguments win over the preset; the
+        resolved name is recorded in ``init_params_`` and shown in the model summary.
     **module_kwargs
         Passed to :class:`~cellplm_scvi.module.CellPLMModule`.
 
@@ -164,6 +163,7 @@ class CellPLM(
         dae: bool = True,
         vocabulary: Sequence[str] | None = None,
         gene_key: str | None = None,
+        preset: Literal["official", "spatial"] | None = None,
         registry: dict | None = None,
         **module_kwargs,
     ):
@@ -171,14 +171,11 @@ class CellPLM(
         self.registry_built_ = adata is None  # saved: `load` rebuilds it without an AnnData
         fields = self.registry_["field_registries"]
         has_coords = SPATIAL_KEY in fields
-        if hide_cell_rate is None:
-            hide_cell_rate = SPATIAL_HIDE_CELL_RATE if has_coords else 0.0
-        reads_niches = hide_cell_rate > 0 and has_coords
-        if latent is None:
-            latent = SPATIAL_LATENT if reads_niches else "gmvae"
-        if reads_niches:  # half of the heads attend through the spatial kernel
-            module_kwargs.setdefault("n_local_heads", n_heads // 2)
-            module_kwargs.setdefault("local_grid", SPATIAL_LOCAL_GRID)
+        self._preset = resolve_preset(preset, has_coords, hide_cell_rate)
+        preset = self._preset.name  # recorded in init_params_
+        hide_cell_rate = self._preset.hide_cell_rate if hide_cell_rate is None else hide_cell_rate
+        latent = self._preset.latent if latent is None else latent
+        module_defaults(self._preset, n_heads, module_kwargs)
         # the encoding hurt the niche read-out of cell-hiding models (benchmarks/README.md)
         spatial_pe = has_coords and not hide_cell_rate if spatial_pe is None else spatial_pe
         if spatial_pe and not has_coords:
@@ -231,7 +228,8 @@ class CellPLM(
         self.module.minified_data_type = self.minified_data_type
         n_params = sum(p.numel() for p in self.module.parameters())
         self._model_summary_string = (
-            f"CellPLM: n_hidden={n_hidden}, n_layers={n_layers}, n_latent={n_latent}, "
+            f"CellPLM: preset={preset!r}, n_hidden={n_hidden}, n_layers={n_layers}, "
+            f"n_latent={n_latent}, "
             f"latent={latent!r}, spatial_pe={spatial_pe}, hide_cell_rate={hide_cell_rate}, "
             f"n_local_heads={self.module.n_local_heads}, "
             f"vocabulary={self.module.n_vocab} genes, {n_params:,} parameters"
@@ -687,6 +685,11 @@ class CellPLM(
                 f"{method} needs counts and the tissue context, which a minified AnnData has not. "
                 "Load the model with the full AnnData: CellPLM.load(dir_path, adata=full_adata)."
             )
+
+    @property
+    def preset(self) -> str:
+        """Name of the preset the model was built with (``"official"`` or ``"spatial"``)."""
+        return self._preset.name
 
     @property
     def matched_genes(self) -> pd.Index:

@@ -38,7 +38,7 @@ from scvi.model.base import UnsupervisedTrainingMixin
 from scvi.train import TrainRunner
 from scvi.train._config import merge_kwargs
 
-from .._constants import SPATIAL_KEY
+from ._presets import resolve_redraw_tissues
 from ._registry_data import training_on
 
 
@@ -162,9 +162,9 @@ class TrainingMixin(UnsupervisedTrainingMixin):
             many cells for an int; see
             :class:`~cellplm_scvi.data.TissueBatchSampler`), so no cell always sits at a tissue
             border; validation and inference use the registered tissues. ``None``: on for a
-            model that hides cells (``hide_cell_rate > 0``) on registered coordinates whose
-            slides are known (``setup_anndata(library_key=...)``, or computed tissues without
-            it: one slide); with ``tissue_key`` and no ``library_key``, off.
+            model of the ``"spatial"`` preset whose slides are known
+            (``setup_anndata(library_key=...)``, or computed tissues without it: one slide);
+            with ``tissue_key`` and no ``library_key``, or the ``"official"`` preset, off.
         pack_tissues
             Put several whole tissues in one training step, ``batch_size`` cells at most in all
             (each tissue capped at it), instead of one tissue per step: faster with small
@@ -236,10 +236,11 @@ class TrainingMixin(UnsupervisedTrainingMixin):
         if use_distributed_sampler(trainer_kwargs.get("strategy")):
             trainer_kwargs.setdefault("use_distributed_sampler", False)  # our sampler shards
         if datamodule is None:  # scvi-tools builds the splitter with these
+            setup_args = self.adata_manager.registry["setup_args"]
             datasplitter_kwargs = {
                 "max_cells_per_step": batch_size,
                 "drop_node_rate": drop_node_rate,
-                "redraw_tissues": self._redraw_default(redraw_tissues),
+                "redraw_tissues": resolve_redraw_tissues(self._preset, setup_args, redraw_tissues),
                 **({"pack_tissues": True} if pack_tissues else {}),
                 **(datasplitter_kwargs or {}),
             }
@@ -275,19 +276,6 @@ class TrainingMixin(UnsupervisedTrainingMixin):
                 )
         finally:
             self.is_trained_ = self.is_trained_ or starts_history
-
-    def _redraw_default(self, redraw_tissues: bool | int | None) -> bool | int:
-        """``train(redraw_tissues=None)``: on for a cell-hiding model on coordinates."""
-        has_coords = SPATIAL_KEY in self.adata_manager.data_registry
-        if redraw_tissues is None:  # slides known: library_key, or computed tissues of one slide
-            setup = self.adata_manager.registry["setup_args"]
-            slides = setup.get("library_key") is not None or setup.get("tissue_key") is None
-            redraw_tissues = has_coords and self.module.hide_cell_rate > 0 and slides
-        if redraw_tissues and not has_coords:
-            raise ValueError(
-                "redraw_tissues=True needs coordinates: call setup_anndata(spatial_key=...)."
-            )
-        return redraw_tissues if redraw_tissues else False
 
 
 def step_checkpoint(every_n_steps: int, dirpath: str | os.PathLike | None) -> ModelCheckpoint:

@@ -1,0 +1,113 @@
+"""Named presets: the defaults of ``CellPLM(adata)`` that depend on the registered data.
+
+A preset fills the arguments left at ``None`` (and the module's local heads when not given);
+an explicit argument always wins. ``CellPLM(adata)`` resolves it once, in ``__init__``, records
+its name in ``init_params_`` (so a saved model is rebuilt with the same one) and shows it in the
+model summary:
+
+- ``"official"``: the authors' objective. No cell hidden whole (``hide_cell_rate=0``), the
+  Gaussian-mixture latent (``"gmvae"``), no local heads, the registered tissues in every epoch.
+  The default without coordinates, and the preset of :meth:`CellPLM.load_official`.
+- ``"spatial"``: a from-scratch model that reads niches (benchmarks/README.md, "Niche
+  context"). 30% of a tissue's masked cells hidden whole and reconstructed from their tissue,
+  the Gaussian latent (the mixture cost cell identity there), half of the heads attending
+  through a spatial kernel of 7 anchors per side, and training tissues redrawn every epoch
+  where the slides are known. The default on registered coordinates, unless
+  ``hide_cell_rate=0`` is given.
+
+The spatial encoding (``spatial_pe=None``) is on where coordinates are registered and no cell
+is hidden, whatever the preset: it degraded the niche read-out of cell-hiding models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Preset:
+    """The data-dependent defaults of one named configuration.
+
+    Attributes
+    ----------
+    name
+        ``"official"`` or ``"spatial"``.
+    hide_cell_rate
+        Default fraction of the masked cells hidden whole (``CellPLM(hide_cell_rate=None)``).
+    latent
+        Default latent layer (``CellPLM(latent=None)``).
+    local_heads
+        Whether half of the heads attend through the spatial kernel (module arguments
+        ``n_local_heads``, ``local_grid`` when not given).
+    local_grid
+        Anchors per side of that kernel's lattice.
+    redraw_tissues
+        Default of ``train(redraw_tissues=None)`` where the slides are known.
+    """
+
+    name: str
+    hide_cell_rate: float
+    latent: str
+    local_heads: bool
+    local_grid: int | None
+    redraw_tissues: bool
+
+
+PRESETS = {
+    "official": Preset("official", 0.0, "gmvae", False, None, False),
+    "spatial": Preset("spatial", 0.3, "vae", True, 7, True),
+}
+
+
+def resolve_preset(preset: str | None, has_coords: bool, hide_cell_rate: float | None) -> Preset:
+    """The preset of a model: ``preset`` by name, or for ``None`` the one the data call for
+    (``"spatial"`` on registered coordinates unless ``hide_cell_rate=0``, else
+    ``"official"``)."""
+    if preset is None:
+        reads_niches = has_coords and (hide_cell_rate is None or hide_cell_rate > 0)
+        preset = "spatial" if reads_niches else "official"
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)} or None, got {preset!r}.")
+    if preset == "spatial" and not has_coords:
+        raise ValueError(
+            'preset="spatial" needs coordinates: call setup_anndata(spatial_key=...), or use '
+            'preset="official".'
+        )
+    return PRESETS[preset]
+
+
+def module_defaults(preset: Preset, n_heads: int, module_kwargs: dict) -> dict:
+    """``module_kwargs`` with the preset's local heads filled in where not given."""
+    if preset.local_heads:  # half of the heads attend through the spatial kernel
+        module_kwargs.setdefault("n_local_heads", n_heads // 2)
+        module_kwargs.setdefault("local_grid", preset.local_grid)
+    return module_kwargs
+
+
+def resolve_redraw_tissues(
+    preset: Preset, setup_args: dict, redraw_tissues: bool | int | None
+) -> bool | int:
+    """``train(redraw_tissues=...)`` resolved: ``None`` is the preset's choice where the slides
+    are known (``library_key``, or computed tissues: one slide), else off."""
+    has_coords = setup_args.get("spatial_key") is not None
+    if redraw_tissues is None:
+        slides = setup_args.get("library_key") is not None or setup_args.get("tissue_key") is None
+        redraw_tissues = preset.redraw_tissues and slides
+    if redraw_tissues and not has_coords:
+        raise ValueError(
+            "redraw_tissues=True needs coordinates: call setup_anndata(spatial_key=...)."
+        )
+    return redraw_tissues if redraw_tissues else False
+
+
+def saved_init_params(attributes: dict) -> dict:
+    """Attributes read from a model file, with the ``init_params_`` of a file saved before
+    presets completed: such a file records no preset, and the local heads only where its model
+    had them (files older than the local heads have none), so ``n_local_heads`` defaults to 0
+    there and the preset is resolved from the recorded ``hide_cell_rate`` as it was then."""
+    params = attributes.get("init_params_")
+    if not isinstance(params, dict) or not isinstance(params.get("kwargs"), dict):
+        return attributes
+    if params.get("non_kwargs", {}).get("preset") is None:
+        params["kwargs"].setdefault("module_kwargs", {}).setdefault("n_local_heads", 0)
+    return attributes
