@@ -262,7 +262,12 @@ def test_train_takes_scvi_arguments(trained):
         load_sparse_tensor=True,
         accelerator="cpu",
     )
-    assert seen == [64]
+    assert seen == [64]  # the data module's own cell budget, not train()'s batch_size
+    # scvi-tools 1.5 forwards batch_size and the split sizes to a data module's
+    # set_batch_size/set_split: CellPLM's data modules have none, so their settings hold
+    for module_cls in (cp.data.TissueDataSplitter, cp.data.TissueCorpus):
+        assert not hasattr(module_cls, "set_batch_size")
+        assert not hasattr(module_cls, "set_split")
     model.train(max_epochs=1, batch_size=50, shuffle_set_split=False, **FIT)
     splitter = model.trainer.datamodule
     assert splitter.max_cells_per_step == 50

@@ -29,7 +29,6 @@ from .. import _vocabulary
 from .._constants import (
     BATCH_KEY,
     CAT_COVS_KEY,
-    DEFAULT_TISSUE_OBS,
     INDICES_KEY,
     INDICES_OBS,
     LABELS_KEY,
@@ -39,16 +38,21 @@ from .._constants import (
     TISSUE_KEY,
     X_KEY,
 )
-from .._validation import check_counts, check_obs_key, check_spatial
+from .._validation import check_counts, check_spatial
 from ..data import TissueDataLoader, TissueDataSplitter
 from ..module import CellPLMModule
 from ..official import OfficialMixin
-from ..pp import assign_tissues
 from . import _registry_data
 from ._minify import MinifyMixin
 from ._presets import module_defaults, resolve_preset
 from ._query import QueryMixin
 from ._save_load import read_model_file, write_model_file
+from ._setup import (
+    categorical_covariates,
+    check_setup_arguments,
+    label_names,
+    write_tissue_columns,
+)
 from ._tissue_context import TissueContextMixin, _precision
 from ._training import TissueTrainRunner, TrainingMixin
 from ._training_plan import CellPLMTrainingPlan
@@ -197,10 +201,10 @@ class CellPLM(
             gene_index = _vocabulary.gene_index(self.adata, vocabulary, gene_key)
             n_input = self.adata.n_vars
         n_batch = self.summary_stats.n_batch
-        covariates = self._categorical_covariates()
+        covariates = categorical_covariates(self.registry_)
         derived = {  # from the registered data; explicit module_kwargs win
             "decoder_covariates": {"batch": n_batch} if n_batch > 1 else {},
-            "n_labels": len(self._label_names()),
+            "n_labels": len(label_names(self.registry_)),
             "measured_genes": None
             if adata is None
             else _vocabulary.measured_genes(self.adata, self.adata_manager),
@@ -235,24 +239,6 @@ class CellPLM(
             f"vocabulary={self.module.n_vocab} genes, {n_params:,} parameters"
         )
         self.init_params_ = self._get_init_params(locals())
-
-    def _label_names(self) -> list[str]:
-        """Class names of the registered labels (without the unlabeled category)."""
-        if self.registry_["setup_args"].get("labels_key") is None:
-            return []
-        state = self.registry_["field_registries"][LABELS_KEY]["state_registry"]
-        unlabeled = state.get("unlabeled_category")
-        return [c for c in state["categorical_mapping"] if c != unlabeled]
-
-    def _categorical_covariates(self) -> dict[str, int]:
-        """Decoder table name -> levels, one per ``categorical_covariate_keys`` column."""
-        if CAT_COVS_KEY not in self.registry_["field_registries"]:
-            return {}
-        state = self.registry_["field_registries"][CAT_COVS_KEY]["state_registry"]
-        return {
-            f"cov_{key}".replace(".", "_"): len(state["mappings"][key])
-            for key in state["field_keys"]
-        }
 
     # ------------------------------------------------------------------ setup
     @classmethod
@@ -327,59 +313,22 @@ class CellPLM(
             ``CellPLM(adata, vocabulary=...)`` and :meth:`load_official`.
         """
         setup_method_args = cls._get_setup_method_args(**locals())
-        if adata.is_view:
-            raise ValueError(
-                "adata is a view; CellPLM writes bookkeeping columns into obs. Pass a copy: "
-                "adata = adata.copy()."
-            )
-        if continuous_covariate_keys:
-            raise ValueError(
-                "continuous_covariate_keys is not supported: the CellPLM decoder conditions on "
-                "categorical covariates only. Bin the covariate and pass it in "
-                "categorical_covariate_keys, or leave it out."
-            )
-        if adata.n_obs == 0:
-            raise ValueError("adata has no cells; nothing to set up.")
-        if adata.n_vars == 0:
-            raise ValueError("adata has no genes; nothing to set up.")
-        check_counts(adata, layer)
-        for key, argument in [
-            (batch_key, "batch_key"),
-            (labels_key, "labels_key"),
-            (library_key, "library_key"),
-            (size_factor_key, "size_factor_key"),
-            *((k, "categorical_covariate_keys") for k in categorical_covariate_keys or []),
-        ]:
-            check_obs_key(adata, key, argument)
-        if size_factor_key is not None:
-            factors = pd.to_numeric(adata.obs[size_factor_key], errors="coerce").to_numpy()
-            if not (np.isfinite(factors) & (factors > 0)).all():
-                raise ValueError(
-                    f"adata.obs[{size_factor_key!r}] (size_factor_key) must hold finite positive "
-                    "numbers (library sizes)."
-                )
-        if spatial_key is not None:
-            check_spatial(adata, spatial_key)
-        if gene_key is not None and gene_key not in adata.var:
-            raise KeyError(
-                f"gene_key={gene_key!r} is not a column of adata.var "
-                f"(available: {list(adata.var.columns)})."
-            )
-        if measured_genes_key is not None and measured_genes_key not in adata.varm:
-            raise KeyError(
-                f"measured_genes_key={measured_genes_key!r} is not in adata.varm "
-                f"(available: {list(adata.varm)})."
-            )
+        check_setup_arguments(
+            adata,
+            layer,
+            batch_key=batch_key,
+            labels_key=labels_key,
+            library_key=library_key,
+            size_factor_key=size_factor_key,
+            categorical_covariate_keys=categorical_covariate_keys,
+            continuous_covariate_keys=continuous_covariate_keys,
+            spatial_key=spatial_key,
+            gene_key=gene_key,
+            measured_genes_key=measured_genes_key,
+        )
         fresh = "source_registry" not in kwargs and not _is_minified(adata)
-        if fresh and tissue_key is None and DEFAULT_TISSUE_OBS in adata.obs:
-            logger.warning(
-                "adata.obs[%r] exists (an earlier setup_anndata or assign_tissues) and is "
-                "recomputed now; pass tissue_key=%r to keep it instead.",
-                DEFAULT_TISSUE_OBS,
-                DEFAULT_TISSUE_OBS,
-            )
-        cls._write_tissue_columns(
-            adata, spatial_key, tissue_key, library_key, batch_key, max_cells
+        write_tissue_columns(
+            adata, spatial_key, tissue_key, library_key, batch_key, max_cells, recomputed=fresh
         )
         fields = [
             LayerField(X_KEY, layer, is_count_data=False),  # check_counts checks (stricter)
@@ -403,38 +352,6 @@ class CellPLM(
         manager.register_fields(adata, **kwargs)
         cls.register_manager(manager)
 
-    @staticmethod
-    def _write_tissue_columns(
-        adata: AnnData,
-        spatial_key: str | None,
-        tissue_key: str | None,
-        library_key: str | None,
-        batch_key: str | None,
-        max_cells: int | None,
-    ) -> None:
-        """Write the tissue code and row-index bookkeeping columns."""
-        if tissue_key is not None:
-            check_obs_key(adata, tissue_key, "tissue_key")
-            tissues = adata.obs[tissue_key]
-        else:
-            assign_tissues(
-                adata,
-                spatial_key=spatial_key,
-                library_key=library_key,
-                batch_key=batch_key,
-                max_cells=max_cells,
-                key_added=DEFAULT_TISSUE_OBS,
-            )
-            tissues = adata.obs[DEFAULT_TISSUE_OBS]
-        codes = pd.Categorical(tissues.astype(str)).codes
-        sizes = np.bincount(codes)
-        if (sizes == 1).any():
-            logger.warning(
-                "%d tissue(s) have a single cell: those cells see no context.", (sizes == 1).sum()
-            )
-        adata.obs[TISSUE_CODE_OBS] = codes.astype(np.int64)
-        adata.obs[INDICES_OBS] = np.arange(adata.n_obs, dtype=np.int64)
-
     def _validate_anndata(self, adata: AnnData | None = None, copy_if_view: bool = True):
         """Check a new AnnData and add its tissue columns before scvi-tools transfers the setup."""
         if self.adata is None:  # built from a registry: any AnnData set up with setup_anndata
@@ -457,7 +374,7 @@ class CellPLM(
             check_counts(adata, args["layer"])
             if args["spatial_key"] is not None:
                 check_spatial(adata, args["spatial_key"])
-            self._write_tissue_columns(
+            write_tissue_columns(
                 adata,
                 args["spatial_key"],
                 args["tissue_key"],
@@ -674,7 +591,7 @@ class CellPLM(
                 probs.append(out["logits"].float().softmax(-1).cpu())
         probs = torch.cat(probs).numpy()[back]
         index = adata.obs_names if indices is None else adata.obs_names[np.asarray(indices)]
-        names = self._label_names()
+        names = label_names(self.registry_)
         if soft:
             return pd.DataFrame(probs, index=index, columns=names)
         return np.asarray(names, dtype=object)[probs.argmax(1)]

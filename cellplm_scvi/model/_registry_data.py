@@ -31,6 +31,7 @@ import torch
 from anndata import AnnData
 
 from .. import _vocabulary
+from ..official._mixin import model_vocabulary
 
 if TYPE_CHECKING:
     from ._cellplm import CellPLM
@@ -68,8 +69,6 @@ def validate(model: CellPLM, adata: AnnData | None) -> AnnData:
 
 def gene_index(model: CellPLM, adata: AnnData) -> np.ndarray | None:
     """Vocabulary row of each ``adata`` column (-1 outside), as ``load_official`` builds it."""
-    from ..official._mixin import model_vocabulary
-
     manager = model.get_anndata_manager(adata, required=True)
     gene_key = manager.registry["setup_args"].get("gene_key")
     try:
@@ -135,8 +134,6 @@ def training_on(model: CellPLM, datamodule):
     yields vocabulary columns and its own measured genes, so a model built on an AnnData (e.g.
     :meth:`CellPLM.load_official`) reads vocabulary columns while it trains on one."""
     from ..data import TissueCorpus
-    from ..official._mixin import model_vocabulary
-
     module = model.module
     if not isinstance(datamodule, TissueCorpus):
         return nullcontext()
