@@ -134,6 +134,7 @@ def training_on(model: CellPLM, datamodule):
     yields vocabulary columns and its own measured genes, so a model built on an AnnData (e.g.
     :meth:`CellPLM.load_official`) reads vocabulary columns while it trains on one."""
     from ..data import TissueCorpus
+
     module = model.module
     if not isinstance(datamodule, TissueCorpus):
         return nullcontext()
