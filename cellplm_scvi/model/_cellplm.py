@@ -38,7 +38,6 @@ from .._constants import (
     TISSUE_KEY,
     X_KEY,
 )
-from .._validation import check_counts, check_spatial
 from ..data import TissueDataLoader, TissueDataSplitter
 from ..module import CellPLMModule
 from ..official import OfficialMixin
@@ -48,6 +47,7 @@ from ._presets import module_defaults, resolve_preset
 from ._query import QueryMixin
 from ._save_load import read_model_file, write_model_file
 from ._setup import (
+    TissueSetupMixin,
     categorical_covariates,
     check_setup_arguments,
     label_names,
@@ -65,6 +65,7 @@ class CellPLM(
     QueryMixin,
     TrainingMixin,
     MinifyMixin,
+    TissueSetupMixin,
     TissueContextMixin,
     RNASeqMixin,
     VAEMixin,
@@ -351,51 +352,6 @@ class CellPLM(
         manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
         manager.register_fields(adata, **kwargs)
         cls.register_manager(manager)
-
-    def _validate_anndata(self, adata: AnnData | None = None, copy_if_view: bool = True):
-        """Check a new AnnData and add its tissue columns before scvi-tools transfers the setup."""
-        if self.adata is None:  # built from a registry: any AnnData set up with setup_anndata
-            return _registry_data.validate(self, adata)
-        if adata is not None and not adata.var_names.equals(self.adata.var_names):
-            n_diff = (
-                (adata.var_names != self.adata.var_names).sum()
-                if adata.n_vars == self.adata.n_vars
-                else abs(adata.n_vars - self.adata.n_vars)
-            )
-            raise ValueError(
-                f"adata has other genes than the model's AnnData ({n_diff} differ; same names in "
-                "the same order are required). Subset/reorder with adata[:, model.adata.var_names]"
-                ", or for official checkpoints call CellPLM.load_official(prefix, adata)."
-            )
-        if adata is not None and self.get_anndata_manager(adata) is None:
-            if adata.n_obs == 0:
-                raise ValueError("adata has no cells.")
-            args = self.adata_manager._registry["setup_args"]
-            check_counts(adata, args["layer"])
-            if args["spatial_key"] is not None:
-                check_spatial(adata, args["spatial_key"])
-            write_tissue_columns(
-                adata,
-                args["spatial_key"],
-                args["tissue_key"],
-                args["library_key"],
-                args["batch_key"],
-                args["max_cells"],
-            )
-        try:
-            adata = super()._validate_anndata(adata, copy_if_view=copy_if_view)
-        except ValueError as err:
-            if "not found" in str(err) and "extend_categories" in str(err):
-                raise ValueError(
-                    f"{err}\nThis AnnData has a batch_key/labels_key category the model never "
-                    "saw. Map it onto the model with CellPLM.load_query_data(adata, model), or "
-                    "relabel it to a known category."
-                ) from None
-            raise
-        rows = np.arange(adata.n_obs)  # copies/views of registered data keep a stale index
-        if not np.array_equal(adata.obs[INDICES_OBS].to_numpy(), rows):
-            adata.obs[INDICES_OBS] = rows
-        return adata
 
     # ------------------------------------------------------------------ save / load
     def save(

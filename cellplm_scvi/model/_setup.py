@@ -1,5 +1,6 @@
-"""What ``CellPLM.setup_anndata`` checks and writes, and what the model reads from its
-registry (label names, categorical covariates)."""
+"""What ``CellPLM.setup_anndata`` checks and writes, :class:`TissueSetupMixin` (a new AnnData
+gets its tissue columns before scvi-tools transfers the setup), and what the model reads from
+its registry (label names, categorical covariates)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from .._constants import (
 )
 from .._validation import check_counts, check_obs_key, check_spatial
 from ..pp import assign_tissues
+from . import _registry_data
 
 logger = logging.getLogger("cellplm_scvi")
 
@@ -145,3 +147,52 @@ def categorical_covariates(registry: dict) -> dict[str, int]:
     return {
         f"cov_{key}".replace(".", "_"): len(state["mappings"][key]) for key in state["field_keys"]
     }
+
+
+class TissueSetupMixin:
+    """A new AnnData is checked and gets its tissue columns, as ``setup_anndata`` writes them."""
+
+    def _validate_anndata(self, adata: AnnData | None = None, copy_if_view: bool = True):
+        """Check a new AnnData and add its tissue columns before scvi-tools transfers the setup."""
+        if self.adata is None:  # built from a registry: any AnnData set up with setup_anndata
+            return _registry_data.validate(self, adata)
+        if adata is not None and not adata.var_names.equals(self.adata.var_names):
+            n_diff = (
+                (adata.var_names != self.adata.var_names).sum()
+                if adata.n_vars == self.adata.n_vars
+                else abs(adata.n_vars - self.adata.n_vars)
+            )
+            raise ValueError(
+                f"adata has other genes than the model's AnnData ({n_diff} differ; same names in "
+                "the same order are required). Subset/reorder with adata[:, model.adata.var_names]"
+                ", or for official checkpoints call CellPLM.load_official(prefix, adata)."
+            )
+        if adata is not None and self.get_anndata_manager(adata) is None:
+            if adata.n_obs == 0:
+                raise ValueError("adata has no cells.")
+            args = self.adata_manager._registry["setup_args"]
+            check_counts(adata, args["layer"])
+            if args["spatial_key"] is not None:
+                check_spatial(adata, args["spatial_key"])
+            write_tissue_columns(
+                adata,
+                args["spatial_key"],
+                args["tissue_key"],
+                args["library_key"],
+                args["batch_key"],
+                args["max_cells"],
+            )
+        try:
+            adata = super()._validate_anndata(adata, copy_if_view=copy_if_view)
+        except ValueError as err:
+            if "not found" in str(err) and "extend_categories" in str(err):
+                raise ValueError(
+                    f"{err}\nThis AnnData has a batch_key/labels_key category the model never "
+                    "saw. Map it onto the model with CellPLM.load_query_data(adata, model), or "
+                    "relabel it to a known category."
+                ) from None
+            raise
+        rows = np.arange(adata.n_obs)  # copies/views of registered data keep a stale index
+        if not np.array_equal(adata.obs[INDICES_OBS].to_numpy(), rows):
+            adata.obs[INDICES_OBS] = rows
+        return adata
