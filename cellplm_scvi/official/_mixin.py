@@ -100,12 +100,12 @@ def check_overrides(overrides: dict[str, Any], config: dict) -> tuple[dict[str, 
     overrides
         The keyword arguments given to ``load_official`` beyond its named parameters.
     config
-        The official config (as read by :func:`cellplm_scvi._files.read_config`).
+        The official config (as read by :func:`cellplm_scvi.official._files.read_config`).
 
     Returns
     -------
     The :class:`CellPLM` constructor arguments replacing those of
-    :func:`~cellplm_scvi._files.model_kwargs`, and the latent type of the model (a latent
+    :func:`~cellplm_scvi.official._files.model_kwargs`, and the latent type of the model (a latent
     other than the config's is a fresh layer).
 
     Raises
