@@ -208,6 +208,17 @@ def test_flipped_bytes_in_the_pickle_give_a_clear_error(old, tmp_path, word):
     assert "is damaged (corrupt or truncated" in str(err.value)
 
 
+def test_checksums_that_name_a_path_are_refused(old, tmp_path):
+    old.save(tmp_path / "m", save_anndata=True)
+    payload = _payload(tmp_path / "m" / "model.pt")
+    payload["cellplm_checksums"]["adata"] = "../../elsewhere"  # not a SHA-256: never a path
+    torch.save(payload, tmp_path / "m" / "model.pt")
+    with pytest.raises(ValueError, match="'cellplm_checksums' entry is damaged"):
+        CellPLM.load(tmp_path / "m")
+    old.save(tmp_path / "m", overwrite=True, save_anndata=True)  # saving over it still works
+    assert _same_weights(CellPLM.load(tmp_path / "m"), old)
+
+
 def test_replaced_anndata_is_not_paired_with_the_model(old, new, tmp_path):
     old.save(tmp_path / "m", save_anndata=True)
     new.adata.write_h5ad(tmp_path / "m" / "adata.h5ad")
@@ -268,8 +279,8 @@ def test_full_disk_gives_a_clear_error_and_keeps_the_old_files(old, new, tmp_pat
     status, message = _in_child(save_on_a_full_disk)
     assert status == 0, message.decode()
     adata_error, model_error = message.decode().split("\n")
-    assert re.match(r"Could not write adata\.h5ad in .*the disk is full", adata_error)
-    assert re.match(r"Could not write model\.pt in .*the disk is full", model_error)
+    assert re.match(r"Could not write adata\.h5ad in .*is the disk full", adata_error)
+    assert re.match(r"Could not write model\.pt in .*is the disk full", model_error)
     assert "files already in the directory are unchanged" in model_error
     assert {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()} == before
     assert _version(tmp_path / "m", old, new) == "old"

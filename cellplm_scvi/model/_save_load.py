@@ -160,7 +160,7 @@ def _write_temporary(path: Path, write: Callable[[str], None]) -> Path:
             reason = _write_error_reason(err)
             raise OSError(
                 f"Could not write {path.name} in {path.parent} ({reason}); {free} bytes are "
-                "free there: the disk is full or not writable. The files already in the "
+                "free there: is the disk full or not writable? The files already in the "
                 "directory are unchanged; free some space and save again."
             ) from err
         raise
@@ -277,6 +277,18 @@ def _load_payload(path: Path, mmap: bool = False):
         raise ValueError(_damaged_message(path, err)) from None
 
 
+def _valid_checksums(checksums) -> bool:
+    """Whether a file's checksums are two SHA-256 hex digests (the AnnData's may be None)."""
+    if not isinstance(checksums, dict):
+        return False
+    weights, adata = checksums.get("model_state_dict"), checksums.get("adata")
+    return _is_sha256(weights) and (adata is None or _is_sha256(adata))
+
+
+def _is_sha256(value) -> bool:
+    return isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value) is not None
+
+
 def _is_cellplm_payload(payload) -> bool:
     if not isinstance(payload, dict):
         return False
@@ -286,7 +298,7 @@ def _is_cellplm_payload(payload) -> bool:
     return isinstance(attr_dict, dict) and attr_dict.get("cellplm_format_") == FORMAT
 
 
-def read_model_checksums(path: Path) -> tuple[dict, list[str], dict, dict | None]:
+def read_model_file_with_checksums(path: Path) -> tuple[dict, list[str], dict, dict | None]:
     """:func:`read_model_file` plus the file's checksums (``None``: saved before them).
 
     The weights are checked against their SHA-256 when the file has one.
@@ -300,9 +312,12 @@ def read_model_checksums(path: Path) -> tuple[dict, list[str], dict, dict | None
         raise ValueError(f"{path} is not a CellPLM model file (no state dict of tensors).")
     checksums = payload.get(_CHECKSUMS)
     if checksums is not None:
-        if not isinstance(checksums, dict) or state_sha256(state) != checksums.get(
-            "model_state_dict"
-        ):
+        if not _valid_checksums(checksums):
+            raise ValueError(
+                f"Could not read {path}: its '{_CHECKSUMS}' entry is damaged (two SHA-256 "
+                "hex digests expected). Restore it from a good copy or save the model again."
+            )
+        if state_sha256(state) != checksums["model_state_dict"]:
             raise ValueError(
                 f"The weights in {path} do not match the SHA-256 saved with them: the file was "
                 "changed or damaged after saving (e.g. a flipped bit). Restore it from a good "
@@ -325,7 +340,7 @@ def read_model_file(path: Path) -> tuple[dict, list[str], dict]:
     Files holding pickled objects are refused without unpickling them; weights that differ from
     the SHA-256 saved with them raise a ``ValueError``.
     """
-    state, var_names, attributes, _ = read_model_checksums(path)
+    state, var_names, attributes, _ = read_model_file_with_checksums(path)
     return state, var_names, attributes
 
 
@@ -356,14 +371,19 @@ def _committed_checksums(dir_path: Path, prefix: str) -> dict | None:
     """
     model_path = dir_path / f"{prefix}model.pt"
     try:
-        payload = _load_payload(model_path, mmap=True)
-    except (ValueError, FileNotFoundError):
+        payload = _load_payload(model_path, mmap=True)  # the weights stay on the disk
+    except FileNotFoundError:
         return None
+    except ValueError:
+        try:  # e.g. a file torch cannot map
+            payload = _load_payload(model_path)
+        except ValueError:
+            return None
     if not _is_cellplm_payload(payload):
         return None
     checksums = payload.get(_CHECKSUMS)
-    if isinstance(checksums, dict):
-        return checksums
+    if checksums is not None:  # a damaged entry names no AnnData to keep
+        return checksums if _valid_checksums(checksums) else None
     live = dir_path / f"{prefix}adata.h5ad"
     payload = _load_payload(model_path)  # whole, to write it again
     checksums = {
@@ -573,7 +593,7 @@ class SaveLoadMixin:
         if backup_url is not None:
             raise ValueError("backup_url is not supported: copy the files to dir_path first.")
         dir_path, prefix = Path(dir_path), prefix or ""
-        state, var_names, attributes, checksums = read_model_checksums(
+        state, var_names, attributes, checksums = read_model_file_with_checksums(
             dir_path / f"{prefix}model.pt"
         )
         registry = attributes.pop("registry_")
