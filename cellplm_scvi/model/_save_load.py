@@ -147,7 +147,8 @@ def _write_temporary(path: Path, write: Callable[[str], None]) -> Path:
     Whatever the failure, the temporary file is removed; a full or read-only disk raises an
     ``OSError`` that says so (torch reports it as a ``RuntimeError`` from its zip writer).
     """
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    suffix = f".tmp{path.suffix}"  # keeps the extension, for writers that check it
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     os.close(fd)
     tmp = Path(name)
     try:
@@ -354,7 +355,9 @@ def _set_aside_path(dir_path: Path, prefix: str, sha: str) -> Path:
 
 def _leftovers(dir_path: Path, prefix: str) -> tuple[list[Path], list[Path]]:
     """Temporary files and set-aside AnnData files that saves of ``prefix`` left behind."""
-    temporary = re.compile(rf"\.{re.escape(prefix)}(model\.pt|adata\.h5ad)\.[a-z0-9_]+\.tmp")
+    temporary = re.compile(
+        rf"\.{re.escape(prefix)}(model\.pt|adata\.h5ad)\.[a-z0-9_]+\.tmp(\.pt|\.h5ad)?"
+    )  # without the extension: left by saves of earlier versions
     set_aside = re.compile(rf"\.{re.escape(prefix)}adata\.[0-9a-f]{{64}}\.h5ad")
     names = [p for p in dir_path.iterdir() if p.is_file()]
     return (
