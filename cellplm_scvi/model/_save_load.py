@@ -26,7 +26,7 @@ import tempfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Self
 
 import numpy as np
 import pandas as pd
@@ -562,7 +562,7 @@ class SaveLoadMixin:
         device: int | str = "auto",
         prefix: str | None = None,
         backup_url: str | None = None,
-    ):
+    ) -> Self:
         """Load a model saved with :meth:`save` (``weights_only=True``; pickles are refused).
 
         The weights and the saved AnnData are checked against the SHA-256 in ``model.pt``
