@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -45,7 +43,7 @@ from . import _registry_data
 from ._minify import MinifyMixin
 from ._presets import module_defaults, resolve_preset
 from ._query import QueryMixin
-from ._save_load import read_model_file, write_model_file
+from ._save_load import SaveLoadMixin
 from ._setup import (
     TissueSetupMixin,
     categorical_covariates,
@@ -69,6 +67,7 @@ class CellPLM(
     TissueContextMixin,
     RNASeqMixin,
     VAEMixin,
+    SaveLoadMixin,
     BaseMinifiedModeModelClass,
 ):
     """CellPLM: cells are tokens, tissues are sentences (:cite:p:`Wen2024`).
@@ -352,134 +351,6 @@ class CellPLM(
         manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
         manager.register_fields(adata, **kwargs)
         cls.register_manager(manager)
-
-    # ------------------------------------------------------------------ save / load
-    def save(
-        self,
-        dir_path: str | os.PathLike,
-        prefix: str | None = None,
-        overwrite: bool = False,
-        save_anndata: bool = False,
-        save_kwargs: dict | None = None,
-        **anndata_write_kwargs,
-    ) -> None:
-        """Save the model to ``dir_path`` (``<prefix>model.pt``, optionally the AnnData).
-
-        ``model.pt`` has scvi-tools' layout (``model_state_dict``, ``var_names``, ``attr_dict``
-        with ``registry_``, ``init_params_``, ``history_``, ...), holding only tensors, lists,
-        dicts, strings and numbers: it loads with ``torch.load(weights_only=True)`` and
-        scvi-tools' readers (``CellPLM.view_setup_args``, ``CellPLM.load_registry``,
-        :class:`scvi.hub.HubMetadata`) read it. The file is written atomically.
-
-        Parameters
-        ----------
-        dir_path
-            Output directory.
-        prefix
-            File name prefix.
-        overwrite
-            Overwrite an existing directory.
-        save_anndata
-            Also write the AnnData as ``<prefix>adata.h5ad``.
-        save_kwargs
-            Passed to :func:`torch.save`.
-        **anndata_write_kwargs
-            Passed to :meth:`anndata.AnnData.write_h5ad`.
-        """
-        if anndata_write_kwargs and not save_anndata:
-            raise ValueError(
-                f"{sorted(anndata_write_kwargs)} would be passed to AnnData.write_h5ad, but "
-                "save_anndata=False (scvi-tools' legacy_mudata_format/datamodule options do not "
-                "apply to CellPLM)."
-            )
-        if save_anndata and self.adata is None:
-            raise ValueError("This model has no AnnData to save (built from a registry).")
-        dir_path = Path(dir_path)
-        if dir_path.exists() and not overwrite:
-            raise ValueError(f"{dir_path} already exists; pass overwrite=True to replace it.")
-        dir_path.mkdir(parents=True, exist_ok=True)
-        prefix = prefix or ""
-        if save_anndata:
-            self.adata.write_h5ad(dir_path / f"{prefix}adata.h5ad", **anndata_write_kwargs)
-        attributes = {
-            k: v for k, v in vars(self).items() if k.endswith("_") and not k.startswith("_")
-        }
-        write_model_file(
-            dir_path / f"{prefix}model.pt",
-            self.module.state_dict(),
-            self.registry_["field_registries"][X_KEY]["state_registry"]["column_names"],
-            attributes,
-            save_kwargs,
-        )
-
-    @classmethod
-    def load(
-        cls,
-        dir_path: str | os.PathLike,
-        adata: AnnData | None = None,
-        accelerator: str = "auto",
-        device: int | str = "auto",
-        prefix: str | None = None,
-        backup_url: str | None = None,
-    ) -> CellPLM:
-        """Load a model saved with :meth:`save` (``weights_only=True``; pickles are refused).
-
-        Parameters
-        ----------
-        dir_path
-            Directory written by :meth:`save`.
-        adata
-            AnnData with the same genes as the training data (default: the saved AnnData).
-            A model built from a registry (e.g. trained on a
-            :class:`~cellplm_scvi.data.TissueCorpus`) loads without one and reads any AnnData
-            set up with :meth:`setup_anndata` (genes aligned to its vocabulary); a given
-            ``adata`` is checked.
-        accelerator, device
-            Where to put the model (Lightning-style, as in scvi-tools).
-        prefix
-            File name prefix used when saving.
-        backup_url
-            Not supported (nothing is downloaded); raises if given.
-        """
-        from scvi.model._utils import parse_device_args
-        from scvi.model.base._save_load import _initialize_model
-
-        if backup_url is not None:
-            raise ValueError("backup_url is not supported: copy the files to dir_path first.")
-        dir_path, prefix = Path(dir_path), prefix or ""
-        state, var_names, attributes = read_model_file(dir_path / f"{prefix}model.pt")
-        registry = attributes.pop("registry_")
-        if registry.get("model_name") != cls.__name__:
-            raise ValueError(
-                f"{dir_path} holds a {registry.get('model_name')!r} model, not a {cls.__name__}."
-            )
-        if attributes.get("registry_built_"):  # e.g. corpus-trained: reads any set-up AnnData
-            model = _initialize_model(cls, None, registry, attributes, None)
-        else:
-            if adata is None:
-                adata_path = dir_path / f"{prefix}adata.h5ad"
-                if not adata_path.is_file():
-                    raise ValueError(f"No saved AnnData in {dir_path}: pass `adata=`.")
-                import anndata
-
-                adata = anndata.read_h5ad(adata_path)
-            if list(adata.var_names) != list(var_names):
-                raise ValueError(
-                    f"adata's genes differ from the saved model's ({adata.n_vars} vs "
-                    f"{len(var_names)} genes, or another order): use adata[:, saved_var_names], "
-                    "or CellPLM.prepare_query_anndata(adata, dir_path) to pad missing genes."
-                )
-            cls.setup_anndata(adata, source_registry=registry, **registry["setup_args"])
-            model = _initialize_model(cls, adata, registry, attributes, None)
-        model.module.load_state_dict(state)
-        _, _, torch_device = parse_device_args(
-            accelerator, device, return_device="torch", validate_single_device=True
-        )
-        model.to_device(torch_device)
-        model.module.eval()
-        if model.adata is None and adata is not None:  # check it is set up and aligns
-            model._validate_anndata(adata)
-        return model
 
     # ------------------------------------------------------------------ CellPLM-specific
     @torch.inference_mode()
