@@ -101,7 +101,7 @@ def test_int8_attention_runs_one_fused_projection_with_the_same_numbers():
     quantized = int8_copy(encoder)
     attention, original = quantized.layers[0].self_attn, encoder.layers[0].self_attn
     assert isinstance(attention.fused_qkv, Int8Linear) and attention.fused_qkv.out_features == 192
-    assert attention.query_projection is None and original.fused_qkv is None
+    assert attention.query_projection is None and not hasattr(original, "fused_qkv")
     assert isinstance(original.query_projection, nn.Linear)  # the float module is untouched
     x = torch.randn(40, 64)
     names = ("query_projection", "key_projection", "value_projection")
@@ -158,15 +158,17 @@ def test_rows_rerun_from_the_tissue_sums_match_the_full_pass(local):
     x = torch.randn(50, 32)
     spatial = torch.rand(50, 9) if local else None
     rows = torch.tensor([3, 17, 40])
+    recording = int8_copy(encoder, keep=lambda name: True)  # float32 layers, recording
     with torch.inference_mode():
         reference = encoder(x, None, spatial)
-        with recording_flow_sums(encoder) as sums:
-            recorded = encoder(x, None, spatial)
+        with recording_flow_sums(recording) as sums:
+            recorded = recording(x, None, spatial)
         again = encoder.forward_rows(x[rows], sums, None if spatial is None else spatial[rows])
     assert torch.equal(recorded, reference)  # recording changes no number
     assert [len(layer) for layer in sums] == [2 if local else 1] * 2
     torch.testing.assert_close(again, reference[rows], rtol=1e-5, atol=1e-5)
-    assert encoder.layers[0].self_attn.recorded_sums is None  # recording is over
+    assert recording.layers[0].self_attn.recorded_sums is None  # recording is over
+    assert not hasattr(encoder.layers[0].self_attn, "recorded_sums")  # float: no recording
 
 
 def test_refinement_recomputes_the_near_tied_rows_only():

@@ -38,7 +38,7 @@ from ..nn import (
     TissueSegments,
     VAELatent,
 )
-from ..nn._int8 import Int8InferenceMixin, encode_refining_ties
+from ..nn._int8 import Int8InferenceMixin
 from ..nn._segments import segment_mean
 from ..nn._spatial_kernel import scale_coordinates, spatial_kernel_features
 from ..pp._tissues import local_regions
@@ -330,13 +330,7 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
         if self.n_local_heads and coords is not None:
             spatial = spatial_kernel_features(coords, self.local_grid, tissues)
         h = self.embedder(x, self.embed_index, pe_coords)  # (N, d)
-        encoder = self.inference_module("encoder")  # int8 copy in int8_inference()
-        if encoder is not self.encoder and self.latent_type == "gmvae":  # int8 near-ties
-            logits = self.latent.layers[1].cluster_logits
-            args = (self.pre_latent_norm, logits, h, tissues, spatial)
-            h = encode_refining_ties(encoder, self.encoder, *args)  # (N, d), float32 ties
-        else:
-            h = self.pre_latent_norm(encoder(h, tissues, spatial))  # (N, d): saw its tissue
+        h = self.encode(h, tissues, spatial)  # (N, d): each cell saw its tissue
         if requested is not None:
             h = h[requested.view(-1).bool()]  # (R, d)
         out = self.latent(h, tissues)
@@ -345,6 +339,17 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
         if self.classifier is not None:
             out["logits"] = self.classifier(h)
         return self._posterior(out, n_samples)
+
+    def encode_float(
+        self,
+        h: torch.Tensor,
+        tissues: TissueSegments | None = None,
+        spatial: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(N, d) embeddings -> (N, d) pre-latent states: Flowformer, then LayerNorm. The
+        forward calls it through :meth:`encode` (which runs the int8 wrapper instead inside
+        :meth:`int8_inference`, see :mod:`cellplm_scvi.nn._int8`)."""
+        return self.pre_latent_norm(self.encoder(h, tissues, spatial))
 
     @torch.inference_mode()
     def niche_inference(self, tensors: dict, seed: int = 0) -> torch.Tensor:
