@@ -14,9 +14,7 @@ Representations:
   spatial data), as its cell embedding, its niche read-out
   (``get_latent_representation(representation="niche")``) and both concatenated;
 - the same model configuration with *random* tissues of the same sizes (the squidpy tissue
-  labels permuted within each slide, passed as ``tissue_key``; ``niche_cells=None``, so that
-  the read-out attends to the whole random tissue instead of re-grouping nearby cells): the
-  control for context;
+  labels permuted within each slide, passed as ``tissue_key``): the control for context;
 - PCA (50 PCs of log1p CP10k) and PCA + the mean PCA of the 10 nearest spatial neighbours;
 - peers (issue 14), on the same data and folds: CellCharter-style neighbour aggregation
   (``cellcharter.gr.aggregate_neighbors``, 3 layers of a Delaunay graph with CellCharter's
@@ -205,7 +203,7 @@ def main() -> None:
         a = adata.copy()
         a.obs["random_tissue"] = random_tissues
         name = f"CellPLM random tissues ({args.epochs} ep)"
-        cellplm(name, a, {"tissue_key": "random_tissue"}, readouts=True, niche_cells=None)
+        cellplm(name, a, {"tissue_key": "random_tissue"}, readouts=True)
 
     # --- PCA baselines
     with timer(times, "PCA (50)"):

@@ -264,8 +264,7 @@ def encode_refining_ties(
     layer by layer, reading the rest of the tissue through the attention sums of the int8
     pass (:meth:`~cellplm_scvi.nn._flowformer.FlowformerEncoder.forward_rows`): a row's own
     path is float32, the tissue sums keep their small int8 error (see the module docstring).
-    Packed ``tissues`` (local niche windows): each tissue holding such a row runs again
-    alone in float32 (exact; these tissues are small).
+    Packed ``tissues``: each tissue holding such a row runs again alone in float32 (exact).
 
     The refined rows measure the int8 error: if int8 moved one of their margins (the spread
     of the per-cluster logit errors) by more than ``margin / 1.25``, the margin widens to

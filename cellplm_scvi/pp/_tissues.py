@@ -30,8 +30,7 @@ def local_regions(xy: np.ndarray, size: float, rng: np.random.Generator) -> np.n
 
     ``round(n / size)`` random cells are centres; each cell joins its nearest centre, and two
     Lloyd steps (centres moved to their regions' means) even out the region sizes. Regions are
-    numbered ``0..R-1`` (every id used). Training tissues re-drawn every epoch and the windows of
-    the niche read-out both come from here.
+    numbered ``0..R-1`` (every id used). Training tissues re-drawn every epoch come from here.
     """
     n = len(xy)
     n_regions = max(1, min(n, round(n / size)))
