@@ -29,6 +29,7 @@ from .._constants import (
     TISSUE_KEY,
     X_KEY,
 )
+from .._geometry import scale_coordinates
 from ..nn import (
     CellEmbedder,
     FlowformerEncoder,
@@ -40,7 +41,7 @@ from ..nn import (
 )
 from ..nn._int8 import Int8InferenceMixin
 from ..nn._segments import segment_mean
-from ..nn._spatial_kernel import scale_coordinates, spatial_kernel_features
+from ..nn._spatial_kernel import spatial_kernel_features
 from ._loss import masked_nb_loss, nb_nll
 from ._masking import TissueMask, apply_mask, join_masks, sample_mask
 
