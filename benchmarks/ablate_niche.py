@@ -2,7 +2,7 @@
 
 The quickstart's data (:func:`cellplm_scvi.datasets.simulate_tissue`: real PBMCs in simulated
 Voronoi niches, a 20-gene module up in cells next to monocytes) and its linear probe
-(:func:`cellplm_scvi.quickstart.linear_probe`: macro-F1 of pooled 5-fold predictions). Each
+(:func:`cellplm_scvi.metrics.linear_probe`: macro-F1 of pooled 5-fold predictions). Each
 configuration is trained from scratch, unsupervised, on every seed (seed of the data, the
 model and the folds), and read out as
 
@@ -135,7 +135,8 @@ def main() -> None:
     import scvi
 
     import cellplm_scvi as cp
-    from cellplm_scvi.quickstart import linear_probe, spatial_mean
+    from cellplm_scvi.metrics import linear_probe
+    from cellplm_scvi.quickstart import spatial_mean
 
     rows = []
 

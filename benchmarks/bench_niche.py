@@ -24,7 +24,7 @@ Representations:
   which the others do not).
 
 Besides the probes, each representation is clustered by k-means with k = number of niches
-(standardised features, :func:`cellplm_scvi.quickstart.cluster`) and the clusters are compared
+(standardised features, :func:`cellplm_scvi.metrics.cluster`) and the clusters are compared
 with the niches (adjusted Rand index). Times are wall seconds to compute the representation
 (for an aggregation: its input's time plus the aggregation).
 
@@ -86,7 +86,7 @@ def reported(peer: str):
 def niche_ari(x: np.ndarray, niche: np.ndarray, seed: int) -> float:
     from sklearn.metrics import adjusted_rand_score
 
-    from cellplm_scvi.quickstart import cluster
+    from cellplm_scvi.metrics import cluster
 
     return float(adjusted_rand_score(niche, cluster(x, len(set(niche)), seed=seed)))
 

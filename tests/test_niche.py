@@ -263,7 +263,7 @@ def test_redrawn_tissues_differ_per_epoch_and_stay_whole_and_local():
 def test_niche_readout_carries_niche_signal():
     """The niche read-out predicts the niche better than PCA of the counts (no context) and the
     cell's own latent do (a linear probe on a small simulated tissue; a short training)."""
-    from cellplm_scvi.quickstart import linear_probe
+    from cellplm_scvi.metrics import linear_probe
 
     scvi.settings.seed = 0
     adata = _spatial(1600, seed=3, max_cells=200)
