@@ -169,6 +169,8 @@ def test_rows_rerun_from_the_tissue_sums_match_the_full_pass(local):
     torch.testing.assert_close(again, reference[rows], rtol=1e-5, atol=1e-5)
     assert recording.layers[0].self_attn.recorded_sums is None  # recording is over
     assert not hasattr(encoder.layers[0].self_attn, "recorded_sums")  # float: no recording
+    with pytest.raises(TypeError, match="int8_copy"), recording_flow_sums(encoder):
+        pass
 
 
 def test_refinement_recomputes_the_near_tied_rows_only():
