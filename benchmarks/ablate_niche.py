@@ -2,7 +2,7 @@
 
 The quickstart's data (:func:`cellplm_scvi.datasets.simulate_tissue`: real PBMCs in simulated
 Voronoi niches, a 20-gene module up in cells next to monocytes) and its linear probe
-(:func:`cellplm_scvi.quickstart.linear_probe`: macro-F1 of pooled 5-fold predictions). Each
+(:func:`cellplm_scvi.metrics.linear_probe`: macro-F1 of pooled 5-fold predictions). Each
 configuration is trained from scratch, unsupervised, on every seed (seed of the data, the
 model and the folds), and read out as
 
@@ -29,9 +29,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import QUIET_TRAIN, log1p_cp10k, parser, pca, print_table, setup
 
-# The configurations before the local heads: the official latent, every head global, the niche
-# read-out over the whole tissue unless a config says otherwise.
-GLOBAL = {"latent": "gmvae", "n_local_heads": 0, "niche_cells": None}
+# The configurations before the local heads: the official latent, every head global.
+GLOBAL = {"latent": "gmvae", "n_local_heads": 0}
 HIDE = {**GLOBAL, "hide_cell_rate": 0.3, "spatial_pe": False}
 LOCAL = {"hide_cell_rate": 0.3, "spatial_pe": False, "latent": "gmvae"}
 
@@ -68,35 +67,29 @@ CONFIGS = {
         "30% hidden + 45% partial, spatial PE, tissues re-drawn every epoch",
     ),
     "hide_window": (
-        {**HIDE, "niche_cells": 64},
+        HIDE,
         {"redraw_tissues": 64},
         "30% hidden + 45% partial, no PE, 64-cell tissues re-drawn every epoch (run with "
-        "--epochs 20: the same number of steps); niche read-out in ~64-cell windows",
-    ),
-    "hide_redraw_windows": (
-        {**HIDE, "niche_cells": 64},
-        {"redraw_tissues": True},
-        "`hide_redraw` with the niche read-out in ~64-cell windows (the spatial default "
-        "before the local heads)",
+        "--epochs 20: the same number of steps)",
     ),
     "local": (
-        {**LOCAL, "n_local_heads": 4, "local_grid": 4, "niche_cells": 64},
+        {**LOCAL, "n_local_heads": 4, "local_grid": 4},
         {"redraw_tissues": True},
-        "`hide_redraw_windows` + 4 of 8 heads attending through a distance-decaying spatial "
+        "`hide_redraw` + 4 of 8 heads attending through a distance-decaying spatial "
         "kernel (4 x 4 anchor lattice, width 1/3 of the tissue side)",
     ),
     "local_all": (
-        {**LOCAL, "n_local_heads": 8, "local_grid": 4, "niche_cells": 64},
+        {**LOCAL, "n_local_heads": 8, "local_grid": 4},
         {"redraw_tissues": True},
         "`local` with all 8 heads through the spatial kernel",
     ),
     "local_fine": (
-        {**LOCAL, "n_local_heads": 4, "local_grid": 7, "niche_cells": 64},
+        {**LOCAL, "n_local_heads": 4, "local_grid": 7},
         {"redraw_tissues": True},
         "`local` with a narrower kernel (7 x 7 lattice, width 1/6 of the tissue side)",
     ),
     "local_vae": (
-        {**LOCAL, "n_local_heads": 4, "local_grid": 7, "niche_cells": 64, "latent": "vae"},
+        {**LOCAL, "n_local_heads": 4, "local_grid": 7, "latent": "vae"},
         {"redraw_tissues": True},
         "`local_fine` with the plain VAE latent instead of the Gaussian mixture",
     ),
@@ -104,8 +97,7 @@ CONFIGS = {
         {},
         {},
         "the defaults for spatial data: 30% hidden + 45% partial, no PE, tissues re-drawn "
-        "every epoch, 4 of 8 heads local (7 x 7 lattice), VAE latent, niche read-out over the "
-        "whole tissue (= `local_vae`, read out over the whole tissue)",
+        "every epoch, 4 of 8 heads local (7 x 7 lattice), VAE latent (= `local_vae`)",
     ),
 }
 
@@ -143,7 +135,8 @@ def main() -> None:
     import scvi
 
     import cellplm_scvi as cp
-    from cellplm_scvi.quickstart import linear_probe, spatial_mean
+    from cellplm_scvi.metrics import linear_probe
+    from cellplm_scvi.quickstart import spatial_mean
 
     rows = []
 
@@ -199,11 +192,6 @@ def main() -> None:
                 niche = model.get_latent_representation(representation="niche")
                 score(config, seed, "niche", niche, t_train, a)
                 score(config, seed, "both", np.hstack([cell, niche]), t_train, a)
-            if model.module.n_local_heads and model.module.niche_cells is not None:
-                model.module.niche_cells = None  # the local heads make the windows unneeded
-                niche = model.get_latent_representation(representation="niche")
-                score(config, seed, "niche (whole tissue)", niche, t_train, a)
-                score(config, seed, "both (whole tissue)", np.hstack([cell, niche]), t_train, a)
 
     print_table(
         f"Niche context ablation ({args.n_cells} cells, {args.n_slides} slides, "

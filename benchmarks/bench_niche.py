@@ -14,9 +14,7 @@ Representations:
   spatial data), as its cell embedding, its niche read-out
   (``get_latent_representation(representation="niche")``) and both concatenated;
 - the same model configuration with *random* tissues of the same sizes (the squidpy tissue
-  labels permuted within each slide, passed as ``tissue_key``; ``niche_cells=None``, so that
-  the read-out attends to the whole random tissue instead of re-grouping nearby cells): the
-  control for context;
+  labels permuted within each slide, passed as ``tissue_key``): the control for context;
 - PCA (50 PCs of log1p CP10k) and PCA + the mean PCA of the 10 nearest spatial neighbours;
 - peers (issue 14), on the same data and folds: CellCharter-style neighbour aggregation
   (``cellcharter.gr.aggregate_neighbors``, 3 layers of a Delaunay graph with CellCharter's
@@ -26,7 +24,7 @@ Representations:
   which the others do not).
 
 Besides the probes, each representation is clustered by k-means with k = number of niches
-(standardised features, :func:`cellplm_scvi.quickstart.cluster`) and the clusters are compared
+(standardised features, :func:`cellplm_scvi.metrics.cluster`) and the clusters are compared
 with the niches (adjusted Rand index). Times are wall seconds to compute the representation
 (for an aggregation: its input's time plus the aggregation).
 
@@ -88,7 +86,7 @@ def reported(peer: str):
 def niche_ari(x: np.ndarray, niche: np.ndarray, seed: int) -> float:
     from sklearn.metrics import adjusted_rand_score
 
-    from cellplm_scvi.quickstart import cluster
+    from cellplm_scvi.metrics import cluster
 
     return float(adjusted_rand_score(niche, cluster(x, len(set(niche)), seed=seed)))
 
@@ -205,7 +203,7 @@ def main() -> None:
         a = adata.copy()
         a.obs["random_tissue"] = random_tissues
         name = f"CellPLM random tissues ({args.epochs} ep)"
-        cellplm(name, a, {"tissue_key": "random_tissue"}, readouts=True, niche_cells=None)
+        cellplm(name, a, {"tissue_key": "random_tissue"}, readouts=True)
 
     # --- PCA baselines
     with timer(times, "PCA (50)"):

@@ -169,7 +169,7 @@ def profile_ours(model, t: Timer) -> None:
 
         h2 = t("encoder", encode)
         with module.int8_inference():  # precision="int8" (issue 16): quantized once, cached
-            encoder_int8 = module.inference_module("encoder")
+            encoder_int8 = module.int8_encoder().quantized
         t(INT8_ENCODER, encoder_int8, h)
 
         def latent():

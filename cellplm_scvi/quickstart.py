@@ -46,17 +46,13 @@ from anndata import AnnData
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from scipy.spatial import cKDTree
-from sklearn.cluster import KMeans
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import adjusted_rand_score, f1_score
-from sklearn.model_selection import StratifiedKFold, cross_val_predict
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
+from sklearn.metrics import adjusted_rand_score
 
 from . import datasets, pp
+from .metrics import N_FOLDS, cluster, linear_probe
 from .model import CellPLM
 
-__all__ = ["cluster", "format_table", "linear_probe", "main", "run", "spatial_mean"]
+__all__ = ["format_table", "main", "run", "spatial_mean"]
 
 # Defaults of the command line: the full run takes about 3 minutes on 2 CPU cores.
 N_CELLS = 4000
@@ -71,7 +67,6 @@ N_LAYERS = 2
 N_LATENT = 32
 N_PCS = 50
 N_SPATIAL_NEIGHBORS = 10
-N_FOLDS = 5
 
 LATENT_KEY = "X_cellplm"
 NICHE_KEY = "X_cellplm_niche"
@@ -168,7 +163,7 @@ def run(
     - ``"responder_f1"``: F1 of the linear probe predicting the responder cells
       (``obs["responder"]``);
     - ``"niche_ari"``: adjusted Rand index between the niches and a k-means clustering of the
-      representation (:func:`cluster`, k = number of niches);
+      representation (:func:`~cellplm_scvi.metrics.cluster`, k = number of niches);
     - ``"seconds"``: wall time to compute the representation (for CellPLM: setup, training
       and embedding).
 
@@ -273,75 +268,6 @@ def run(
     say(f"{out / ADATA_NAME} (obsm[{LATENT_KEY!r}], obsm[{NICHE_KEY!r}], obs[{CLUSTER_KEY!r}])")
     say(f"and {out / MODEL_NAME}/.")
     return scores
-
-
-def linear_probe(
-    features: np.ndarray,
-    labels: Sequence,
-    seed: int = SEED,
-    n_folds: int = N_FOLDS,
-    positive: str | None = None,
-) -> float:
-    """Macro-F1 (or the F1 of one label) of a cross-validated linear classifier.
-
-    Features are standardised and a multinomial logistic regression is fitted in each fold of
-    a stratified ``n_folds``-fold split (shuffled with ``seed``). The F1 is computed on the
-    pooled out-of-fold predictions, so every class counts once.
-
-    Parameters
-    ----------
-    features
-        (n_cells, n_features) representation.
-    labels
-        Label of each cell.
-    seed
-        Seed of the fold assignment.
-    n_folds
-        Number of folds.
-    positive
-        Score the F1 of this label alone (labels are compared as strings, e.g. ``"True"``)
-        instead of the macro-F1 over all labels. The classifier then weights the classes by
-        their inverse frequency (otherwise a rare label is hardly ever predicted).
-
-    Returns
-    -------
-    F1 score in [0, 1].
-    """
-    labels = np.asarray(labels).astype(str)
-    weights = None if positive is None else "balanced"
-    probe = make_pipeline(
-        StandardScaler(), LogisticRegression(max_iter=2000, class_weight=weights)
-    )
-    folds = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    with warnings.catch_warnings():
-        # rare labels of tiny data sets have fewer members than folds
-        warnings.filterwarnings("ignore", message="The least populated class")
-        predicted = cross_val_predict(probe, np.asarray(features), labels, cv=folds)
-    if positive is None:
-        return float(f1_score(labels, predicted, average="macro"))
-    if positive not in labels:
-        raise ValueError(f"positive={positive!r} is not one of the labels {sorted(set(labels))}.")
-    return float(f1_score(labels, predicted, average="binary", pos_label=positive))
-
-
-def cluster(features: np.ndarray, n_clusters: int, seed: int = SEED) -> np.ndarray:
-    """k-means clusters of standardised features (e.g. as many as there are niches).
-
-    Parameters
-    ----------
-    features
-        (n_cells, n_features) representation.
-    n_clusters
-        Number of clusters.
-    seed
-        Seed of the k-means initialisations (10 of them, the best is kept).
-
-    Returns
-    -------
-    (n_cells,) integer cluster labels in ``[0, n_clusters)``.
-    """
-    x = StandardScaler().fit_transform(np.asarray(features, dtype=np.float64))
-    return KMeans(n_clusters=n_clusters, n_init=10, random_state=seed).fit_predict(x)
 
 
 def spatial_mean(

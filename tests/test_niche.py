@@ -122,7 +122,7 @@ def test_defaults_spatial_nonspatial_official(tmp_path):
     adata = _spatial(300)
     model = CellPLM(adata, **ARCH)
     assert model.module.hide_cell_rate == 0.3 and not model.module.use_spatial_pe
-    assert model.module.latent_type == "vae" and model.module.niche_cells is None
+    assert model.module.latent_type == "vae"
     assert model.module.n_local_heads == ARCH["n_heads"] // 2 and model.module.local_grid == 7
     assert CellPLM(adata, latent="gmvae", n_local_heads=0, **ARCH).module.n_local_heads == 0
     assert model.preset == "spatial" and model.init_params_["non_kwargs"]["preset"] == "spatial"
@@ -244,13 +244,10 @@ def test_representation_values_and_errors(trained):
     assert model.module.training is False
 
 
-@pytest.mark.parametrize("niche_cells", [None, 20])
-def test_niche_readout_ignores_own_counts_and_reads_tissue_mates(trained, niche_cells):
-    """Whole-tissue read-out, and read-out within ~20-cell windows of the 100-cell tissues."""
+def test_niche_readout_ignores_own_counts_and_reads_tissue_mates(trained):
     model, adata = trained
     counts = adata.layers["counts"].copy()
     tissue = adata.obs["_cellplm_tissue_code"].to_numpy()
-    saved, model.module.niche_cells = model.module.niche_cells, niche_cells
     try:
         before = model.get_latent_representation(representation="both")
         cell0 = 0
@@ -261,10 +258,9 @@ def test_niche_readout_ignores_own_counts_and_reads_tissue_mates(trained, niche_
         own = model.get_latent_representation(representation="both")
         assert not np.allclose(own[cell0, :8], before[cell0, :8], atol=1e-3)  # cell read-out
         np.testing.assert_allclose(own[cell0, 8:], before[cell0, 8:], atol=1e-5)  # niche
-        # cell 0 is context of the mates that are not hidden with it (whole tissue: ~3/4 of
-        # them), or, in ~20-cell windows, only of its window's
+        # cell 0 is context of the mates that are not hidden with it (~3/4 of them)
         unchanged = (np.abs(own[mates, 8:] - before[mates, 8:]).max(1) < 1e-5).mean()
-        assert unchanged > 0.6 if niche_cells else unchanged < 0.4, unchanged
+        assert unchanged < 0.4, unchanged
 
         changed = counts.tolil()
         for m in mates:
@@ -276,23 +272,6 @@ def test_niche_readout_ignores_own_counts_and_reads_tissue_mates(trained, niche_
         np.testing.assert_allclose(after[others], before[others, 8:], atol=1e-5)
     finally:
         adata.layers["counts"] = counts
-        model.module.niche_cells = saved
-
-
-def test_niche_windows_are_deterministic_and_local(trained):
-    model, adata = trained
-    whole = model.get_latent_representation(representation="niche")
-    saved, model.module.niche_cells = model.module.niche_cells, 20
-    try:
-        windows = model.get_latent_representation(representation="niche")
-        again = model.get_latent_representation(representation="niche")
-        rows = np.array([7, 310, 2])
-        subset = model.get_latent_representation(indices=rows, representation="niche")
-    finally:
-        model.module.niche_cells = saved
-    np.testing.assert_array_equal(windows, again)
-    np.testing.assert_allclose(subset, windows[rows], atol=1e-6)
-    assert not np.allclose(windows, whole, atol=1e-3)
 
 
 # ------------------------------------------------------------------------------ re-drawn tissues
@@ -345,7 +324,7 @@ def test_redrawn_tissues_differ_per_epoch_and_stay_whole_and_local():
 def test_niche_readout_carries_niche_signal():
     """The niche read-out predicts the niche better than PCA of the counts (no context) and the
     cell's own latent do (a linear probe on a small simulated tissue; a short training)."""
-    from cellplm_scvi.quickstart import linear_probe
+    from cellplm_scvi.metrics import linear_probe
 
     scvi.settings.seed = 0
     adata = _spatial(1600, seed=3, max_cells=200)

@@ -10,7 +10,8 @@ import anndata as ad
 import numpy as np
 import pytest
 
-from cellplm_scvi.quickstart import cluster, format_table, linear_probe, main, run, spatial_mean
+from cellplm_scvi.metrics import cluster, linear_probe
+from cellplm_scvi.quickstart import format_table, main, run, spatial_mean
 
 N_CELLS = 600
 N_LATENT = 8

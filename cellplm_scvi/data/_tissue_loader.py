@@ -37,7 +37,7 @@ from .._constants import (
     TISSUE_KEY,
     X_KEY,
 )
-from ..pp._tissues import local_regions
+from .._geometry import local_regions
 from ._resume import ResumableLoader
 
 SPLIT_NAMES = {"train": 0, "validation": 1, "valid": 1, "test": 2}  # `split_key` values
@@ -233,7 +233,7 @@ class TissueBatchSampler(Sampler):
         codes and the cells per re-drawn tissue (``None``: the registered tissues' mean size).
         In training (``shuffle``) the tissues are then drawn anew each epoch: within each slide,
         the Voronoi regions of ``round(n_slide / size)`` random cells, relaxed by two Lloyd
-        steps (local, whole; :func:`~cellplm_scvi.pp._tissues.local_regions`), so no cell
+        steps (local, whole; :func:`~cellplm_scvi._geometry.local_regions`), so no cell
         stays at one tissue border. Node drop and the cap apply as usual.
     pack_tissues
         Training only: a step holds several whole tissues (each after node drop and the cap),

@@ -137,14 +137,13 @@ class TissueContextMixin:
             ``"cell"``: the cell's own latent (above). ``"niche"``: the latent of the cell with
             its own counts hidden, read from the rest of its registered tissue through the
             encoder's attention (:meth:`~cellplm_scvi.module.CellPLMModule.niche_inference`;
-            a few encoder passes per tissue, each hiding a disjoint random group; within local
-            windows of about ``niche_cells`` cells of the tissue if the module has them; always
-            the posterior mean, so ``give_mean=False`` raises). ``"both"``: ``[cell, niche]``,
+            a few encoder passes per tissue, each hiding a disjoint random group; always the
+            posterior mean, so ``give_mean=False`` raises). ``"both"``: ``[cell, niche]``,
             (n_cells, 2 * n_latent), ``give_mean`` and ``mc_samples`` applying to the cell half.
             The niche read-out needs a model trained with hidden cells (``hide_cell_rate > 0``, the
             default for a from-scratch model on spatial data).
         seed
-            Seed of the niche read-out's groups and windows (with the tissue code): the result is
+            Seed of the niche read-out's groups (with the tissue code): the result is
             deterministic and the same for any subset of ``indices``.
         """
         if representation not in ("cell", "niche", "both"):

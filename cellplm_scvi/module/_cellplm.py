@@ -29,6 +29,7 @@ from .._constants import (
     TISSUE_KEY,
     X_KEY,
 )
+from .._geometry import scale_coordinates
 from ..nn import (
     CellEmbedder,
     FlowformerEncoder,
@@ -38,10 +39,9 @@ from ..nn import (
     TissueSegments,
     VAELatent,
 )
-from ..nn._int8 import Int8InferenceMixin, encode_refining_ties
+from ..nn._int8 import Int8InferenceMixin
 from ..nn._segments import segment_mean
-from ..nn._spatial_kernel import scale_coordinates, spatial_kernel_features
-from ..pp._tissues import local_regions
+from ..nn._spatial_kernel import spatial_kernel_features
 from ._loss import masked_nb_loss, nb_nll
 from ._masking import TissueMask, apply_mask, join_masks, sample_mask
 
@@ -91,9 +91,6 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
         (all genes zeroed) at each training step: they are reconstructed from their tissue
         alone, which teaches the encoder to read a cell's niche (see :meth:`niche_inference`).
         ``0``: the official objective.
-    niche_cells
-        The niche read-out attends within local windows of about this many cells of each
-        tissue (see :meth:`niche_inference`). ``None``: the whole tissue.
     n_local_heads
         Heads of each encoder layer that attend through a distance-decaying spatial kernel
         (:func:`~cellplm_scvi.nn.spatial_kernel_features` on a ``local_grid`` x ``local_grid``
@@ -147,7 +144,6 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
         mask_cell_rate: float = 0.75,
         mask_gene_rate: float = 0.25,
         hide_cell_rate: float = 0.0,
-        niche_cells: int | None = None,
         n_local_heads: int = 0,
         local_grid: int = 4,
         dae: bool = True,
@@ -179,9 +175,6 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
             )
         self.mask_cell_rate, self.mask_gene_rate, self.dae = mask_cell_rate, mask_gene_rate, dae
         self.hide_cell_rate = hide_cell_rate
-        if niche_cells is not None and niche_cells < 2:
-            raise ValueError(f"niche_cells must be at least 2 or None, got {niche_cells}.")
-        self.niche_cells = niche_cells
         self.n_local_heads, self.local_grid = n_local_heads, local_grid
         self._set_gene_index(n_vocab, gene_index)
         self.categorical_covariates = tuple(categorical_covariates)
@@ -330,13 +323,7 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
         if self.n_local_heads and coords is not None:
             spatial = spatial_kernel_features(coords, self.local_grid, tissues)
         h = self.embedder(x, self.embed_index, pe_coords)  # (N, d)
-        encoder = self.inference_module("encoder")  # int8 copy in int8_inference()
-        if encoder is not self.encoder and self.latent_type == "gmvae":  # int8 near-ties
-            logits = self.latent.layers[1].cluster_logits
-            args = (self.pre_latent_norm, logits, h, tissues, spatial)
-            h = encode_refining_ties(encoder, self.encoder, *args)  # (N, d), float32 ties
-        else:
-            h = self.pre_latent_norm(encoder(h, tissues, spatial))  # (N, d): saw its tissue
+        h = self.encode(h, tissues, spatial)  # (N, d): each cell saw its tissue
         if requested is not None:
             h = h[requested.view(-1).bool()]  # (R, d)
         out = self.latent(h, tissues)
@@ -346,6 +333,17 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
             out["logits"] = self.classifier(h)
         return self._posterior(out, n_samples)
 
+    def encode_float(
+        self,
+        h: torch.Tensor,
+        tissues: TissueSegments | None = None,
+        spatial: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(N, d) embeddings -> (N, d) pre-latent states: Flowformer, then LayerNorm. The
+        forward calls it through :meth:`encode` (which runs the int8 wrapper instead inside
+        :meth:`int8_inference`, see :mod:`cellplm_scvi.nn._int8`)."""
+        return self.pre_latent_norm(self.encoder(h, tissues, spatial))
+
     @torch.inference_mode()
     def niche_inference(self, tensors: dict, seed: int = 0) -> torch.Tensor:
         """(R, L) niche latent of the requested rows of one tissue minibatch.
@@ -354,11 +352,8 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
         read from the rest of its tissue through the encoder's attention (the state the hidden
         cells of the training objective are reconstructed from). The tissue's N cells are
         dealt into ``max(2, ceil(1 / hide_cell_rate))`` disjoint random groups; pass ``k`` hides
-        group ``k`` and keeps the latents of its cells. With ``niche_cells`` (and coordinates)
-        the attention runs within local windows of about that many cells of the tissue
-        (:func:`~cellplm_scvi.pp._tissues.local_regions`) instead of the whole tissue. The
-        random draws are seeded by ``seed`` and the tissue code (the same for any requested
-        subset).
+        group ``k`` and keeps the latents of its cells. The random draws are seeded by ``seed``
+        and the tissue code (the same for any requested subset).
         """
         inputs = self._get_inference_input(tensors)
         requested = inputs.pop("requested")
@@ -368,15 +363,10 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
         code = int(tensors[TISSUE_KEY].view(-1)[0]) if TISSUE_KEY in tensors else 0
         rng = np.random.default_rng([int(seed), code])
         group = torch.from_numpy(rng.permutation(n_cells) % n_passes)  # (N,)
-        regions = None
-        coords = tensors.get(SPATIAL_KEY)
-        if self.niche_cells is not None and coords is not None:
-            xy = coords.detach().cpu().double().numpy()[:, :2]
-            regions = torch.from_numpy(local_regions(xy, self.niche_cells, rng))  # (N,)
         niche = None
         for k in range(n_passes):
             hidden = group == k
-            qz_m = self._regular_inference(**inputs, hidden=hidden, tissue_index=regions)["qz_m"]
+            qz_m = self._regular_inference(**inputs, hidden=hidden)["qz_m"]
             niche = torch.zeros_like(qz_m) if niche is None else niche
             rows = hidden.to(qz_m.device)
             niche[rows] = qz_m[rows]  # (N, L)

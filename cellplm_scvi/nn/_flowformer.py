@@ -57,8 +57,6 @@ class FlowAttention(nn.Module):
             )
         self.n_heads = n_heads
         self.n_local_heads = n_local_heads
-        self.recorded_sums: list | None = None  # see nn/_int8.py, recording_flow_sums
-        self.fused_qkv: nn.Module | None = None  # int8 copies: d -> 3d in one product
         self.eps = eps
         self.query_projection = nn.Linear(n_hidden, n_hidden)
         self.key_projection = nn.Linear(n_hidden, n_hidden)
@@ -80,10 +78,7 @@ class FlowAttention(nn.Module):
         with ``spatial`` ((N, M) kernel features), the local heads through the kernel."""
         n, d = x.shape
         eps = self.eps
-        if self.fused_qkv is None:
-            q, k, v = self.query_projection(x), self.key_projection(x), self.value_projection(x)
-        else:  # the int8 copy (nn/_int8.py): one product, the input quantized once
-            q, k, v = self.fused_qkv(x).chunk(3, dim=-1)  # 3 x (N, d)
+        q, k, v = self._project(x)  # 3 x (N, d)
         q = torch.sigmoid(self._heads(q))  # (H, N, dh), non-negative
         k = torch.sigmoid(self._heads(k))  # (H, N, dh)
         v = self._heads(v)  # (H, N, dh)
@@ -103,13 +98,15 @@ class FlowAttention(nn.Module):
         out = out.transpose(0, 1).reshape(n, d)  # (N, d)
         return self.dropout(self.out_projection(out))
 
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(N, d) -> queries, keys and values, (N, d) each."""
+        return self.query_projection(x), self.key_projection(x), self.value_projection(x)
+
     def _attend(self, q, k, v, tissues: TissueSegments | None, eps: float) -> torch.Tensor:
         """Flow-Attention of (H, N, D) queries/keys and (H, N, dh) values -> (H, N, dh)."""
         if tissues is not None:
             return tissues.unpad(self._packed_flow(q, k, v, tissues, eps))
         sums, sink_in = self.flow_sums(q, k, v, q.shape[1], eps)
-        if self.recorded_sums is not None:  # the int8 tie refinement reads them (nn/_int8.py)
-            self.recorded_sums.append(sums)
         return self.sink_flow(q, sums, eps, sink_in)
 
     @staticmethod

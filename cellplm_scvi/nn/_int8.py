@@ -11,10 +11,13 @@ bits (``reduce_range``), we give them to the weights instead: on the random 85M 
 the largest int8 shift of a cluster-logit margin from 0.043 to 0.027 at the same speed (the
 per-tensor activation grid, not the per-channel weights, carried most of the error).
 
-The module never touches the float weights: :func:`int8_copy` builds an inference-only copy
-whose ``nn.Linear`` children are replaced; every other submodule (LayerNorm, GELU, ...) is
-*shared* with the original, not copied. :class:`Int8InferenceMixin` caches that copy on a
-torch module and drops it whenever the float weights may change.
+The int8 path is a wrapper around the float encoder, which has no int8 code: :func:`int8_copy`
+builds an inference-only copy whose ``nn.Linear`` children are replaced (its attentions are
+:class:`Int8FlowAttention`); every other submodule (LayerNorm, GELU, ...) is *shared* with the
+original, not copied, and the float weights are never touched. :class:`Int8Encoder` runs that
+copy in place of the module's float encoding stage (encoder, pre-latent LayerNorm), and
+:class:`Int8InferenceMixin` caches it on the module and drops it whenever the float weights
+may change.
 
 GMVAE near-ties. A GMVAE embedding is ``E[z | h, argmax_y q(y|h)]``, which jumps where two
 clusters tie. int8 moves the margin between two cluster logits by up to 0.027-0.030 (random
@@ -49,6 +52,9 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+
+from ._flowformer import FlowAttention
+from ._segments import TissueSegments
 
 INT8_ENGINES = ("x86", "fbgemm")  # torch's x86 CPU backends of quantized::linear_dynamic
 
@@ -139,12 +145,52 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
+class Int8FlowAttention(FlowAttention):
+    """The flow attention of an int8 copy (built by :func:`int8_copy`, never trained).
+
+    Its query, key and value projections run as ``fused_qkv``, one :class:`Int8Linear` of
+    three times the width (the same numbers as three, with the input quantized once), unless
+    ``fused_qkv`` is ``None`` (a projection kept in float32). Inside
+    :func:`recording_flow_sums` it appends the :meth:`~FlowAttention.flow_sums` of its
+    one-tissue flows to ``recorded_sums``.
+
+    Parameters
+    ----------
+    attention
+        The float attention; its submodules are taken over (not copied).
+    fused_qkv
+        The fused projection, or ``None`` to keep the three of ``attention``.
+    """
+
+    def __init__(self, attention: FlowAttention, fused_qkv: Int8Linear | None):
+        nn.Module.__init__(self)
+        self.n_heads, self.n_local_heads = attention.n_heads, attention.n_local_heads
+        self.eps = attention.eps
+        projections = ("query_projection", "key_projection", "value_projection")
+        for name in projections:  # the fused copy reads fused_qkv only
+            setattr(self, name, None if fused_qkv is not None else getattr(attention, name))
+        self.out_projection, self.dropout = attention.out_projection, attention.dropout
+        self.fused_qkv = fused_qkv
+        self.recorded_sums: list | None = None
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.fused_qkv is None:
+            return super()._project(x)
+        return self.fused_qkv(x).chunk(3, dim=-1)  # 3 x (N, d), one product
+
+    def _attend(self, q, k, v, tissues: TissueSegments | None, eps: float) -> torch.Tensor:
+        if tissues is not None or self.recorded_sums is None:
+            return super()._attend(q, k, v, tissues, eps)
+        sums, sink_in = self.flow_sums(q, k, v, q.shape[1], eps)
+        self.recorded_sums.append(sums)
+        return self.sink_flow(q, sums, eps, sink_in)
+
+
 def int8_copy(module: nn.Module, keep: Callable[[str], bool] = lambda name: False) -> nn.Module:
     """Inference copy of ``module`` with its ``nn.Linear`` layers as :class:`Int8Linear`.
 
-    The query, key and value projections of a flow attention (a submodule with a
-    ``fused_qkv`` attribute) become one :class:`Int8Linear` of three times the width, its
-    ``fused_qkv``: the same numbers as three, with the input quantized once.
+    Each :class:`~cellplm_scvi.nn.FlowAttention` becomes an :class:`Int8FlowAttention`, its
+    query, key and value projections one :class:`Int8Linear` of three times the width.
 
     Parameters
     ----------
@@ -158,11 +204,17 @@ def int8_copy(module: nn.Module, keep: Callable[[str], bool] = lambda name: Fals
     clone = copy.deepcopy(module, memo=dict(shared))
     projections = ("query_projection", "key_projection", "value_projection")
     for name, child in list(clone.named_modules()):
-        prefix = f"{name}." if name else ""
-        if hasattr(child, "fused_qkv") and not any(keep(prefix + p) for p in projections):
-            child.fused_qkv = Int8Linear(*(getattr(child, p) for p in projections))
-            for p in projections:  # the copy's forward reads fused_qkv only
-                setattr(child, p, None)
+        if isinstance(child, FlowAttention):
+            prefix = f"{name}." if name else ""
+            fused = None
+            if not any(keep(prefix + p) for p in projections):
+                fused = Int8Linear(*(getattr(child, p) for p in projections))
+            attention = Int8FlowAttention(child, fused)
+            if name:
+                parent, _, attr = name.rpartition(".")
+                setattr(clone.get_submodule(parent), attr, attention)
+            else:
+                clone = attention
     for name, child in list(clone.named_modules()):
         if isinstance(child, nn.Linear) and not keep(name):
             parent, _, attr = name.rpartition(".")
@@ -176,11 +228,13 @@ INT8_TIE_MARGIN = 0.04  # top-2 cluster-logit margin below which a row is refine
 
 @contextmanager
 def recording_flow_sums(encoder: nn.Module) -> Iterator[list[list[tuple]]]:
-    """Inside, each layer's attention of ``encoder`` (a ``FlowformerEncoder``) appends the
-    :meth:`~cellplm_scvi.nn.FlowAttention.flow_sums` of its one-tissue flows to that layer's
-    list (packed tissues record nothing)."""
+    """Inside, each layer's attention of ``encoder`` (the :func:`int8_copy` of a
+    ``FlowformerEncoder``) appends the :meth:`~cellplm_scvi.nn.FlowAttention.flow_sums` of
+    its one-tissue flows to that layer's list (packed tissues record nothing)."""
     log = []
     attentions = [layer.self_attn for layer in encoder.layers]
+    if not all(isinstance(a, Int8FlowAttention) for a in attentions):
+        raise TypeError("recording_flow_sums reads an int8_copy of a FlowformerEncoder.")
     for attention in attentions:
         log.append([])
         attention.recorded_sums = log[-1]
@@ -210,8 +264,7 @@ def encode_refining_ties(
     layer by layer, reading the rest of the tissue through the attention sums of the int8
     pass (:meth:`~cellplm_scvi.nn._flowformer.FlowformerEncoder.forward_rows`): a row's own
     path is float32, the tissue sums keep their small int8 error (see the module docstring).
-    Packed ``tissues`` (local niche windows): each tissue holding such a row runs again
-    alone in float32 (exact; these tissues are small).
+    Packed ``tissues``: each tissue holding such a row runs again alone in float32 (exact).
 
     The refined rows measure the int8 error: if int8 moved one of their margins (the spread
     of the per-cluster logit errors) by more than ``margin / 1.25``, the margin widens to
@@ -245,55 +298,105 @@ def encode_refining_ties(
     return h
 
 
-class Int8InferenceMixin:
-    """int8 copies of a torch module's heavy submodules, for CPU inference.
+class Int8Encoder(nn.Module):
+    """The int8 wrapper of a float encoding stage ``finish(encoder(x, tissues, spatial))``.
 
-    Mix into an ``nn.Module`` (before it in the bases) and read the submodules named in
-    ``_int8_submodules`` through :meth:`inference_module` in the forward. Inside
-    :meth:`int8_inference` (evaluation mode), those reads return int8 copies (see
-    :func:`int8_copy`), built on first use and cached; outside it, or in training mode, they
-    return the float submodules. The cache is dropped by ``train()``, ``load_state_dict`` and
-    every ``to()``/``cpu()``/``float()`` (all of which go through ``_apply``), and rebuilt
-    when a float weight changed in place (its version counter) or moved (its storage).
+    Runs :func:`int8_copy` of ``encoder``; with ``cluster_logits`` (a GMVAE), the rows whose
+    two best clusters nearly tie are recomputed in float32 through ``encoder``
+    (:func:`encode_refining_ties`). Inference only; the float modules are read, never changed.
+
+    Parameters
+    ----------
+    encoder
+        The float ``FlowformerEncoder``.
+    finish
+        (N, d) -> (N, d) after the encoder (the pre-latent LayerNorm).
+    cluster_logits
+        (N, d) finished states -> (N, K) cluster logits of a GMVAE latent; ``None``: no
+        refinement (the latent is continuous in the states).
     """
 
-    _int8_submodules: tuple[str, ...] = ("encoder",)
+    def __init__(
+        self,
+        encoder: nn.Module,
+        finish: nn.Module,
+        cluster_logits: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ):
+        super().__init__()
+        self.quantized = int8_copy(encoder)
+        self.float_encoder, self.finish = encoder, finish
+        self.cluster_logits = cluster_logits
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        tissues: TissueSegments | None = None,
+        spatial: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(N, d) -> (N, d), as ``finish(encoder(x, tissues, spatial))``."""
+        if self.cluster_logits is None:
+            return self.finish(self.quantized(x, tissues, spatial))
+        args = (self.finish, self.cluster_logits, x, tissues, spatial)
+        return encode_refining_ties(self.quantized, self.float_encoder, *args)
+
+
+class Int8InferenceMixin:
+    """int8 CPU inference for :class:`~cellplm_scvi.module.CellPLMModule`.
+
+    Mix into the module (before it in the bases). The module's forward runs its encoding stage
+    through :meth:`encode`: the float :meth:`encode_float` of the module, or, inside
+    :meth:`int8_inference` (evaluation mode), its :class:`Int8Encoder` (built from the
+    module's ``encoder``, ``pre_latent_norm`` and, for a GMVAE, the latent's cluster logits
+    on first use, and cached). The cache is dropped by ``train()``, ``load_state_dict`` and
+    every ``to()``/``cpu()``/``float()`` (all of which go through ``_apply``), and rebuilt
+    when a float weight of the encoder changed in place (its version counter) or moved (its
+    storage).
+    """
 
     @contextmanager
     def int8_inference(self) -> Iterator[None]:
-        """Run the forward with the int8 copies (``ValueError`` where int8 cannot run)."""
+        """Run the forward with the int8 encoder (``ValueError`` where int8 cannot run)."""
         reason = int8_unsupported(next(self.parameters()).device)
         if reason is not None:
             raise ValueError(reason)
         previous = self.__dict__.get("_int8_active")
-        self.__dict__["_int8_active"] = self._int8_copies()
+        self.__dict__["_int8_active"] = self.int8_encoder()
         try:
             yield
         finally:
             self.__dict__["_int8_active"] = previous
 
-    def inference_module(self, name: str) -> nn.Module:
-        """The submodule ``name``: its int8 copy inside :meth:`int8_inference`, else itself."""
+    def encode(
+        self,
+        x: torch.Tensor,
+        tissues: TissueSegments | None = None,
+        spatial: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(N, d) -> (N, d): :meth:`encode_float`, or the :class:`Int8Encoder` inside
+        :meth:`int8_inference` (evaluation mode)."""
         active = self.__dict__.get("_int8_active")
-        if active is None or self.training or name not in active:
-            return getattr(self, name)
-        return active[name]
+        if active is None or self.training:
+            return self.encode_float(x, tissues, spatial)
+        return active(x, tissues, spatial)
 
-    def _int8_fingerprint(self) -> tuple:
-        """Storage and version counter of every float tensor the copies were built from."""
-        tensors = [t for n in self._int8_submodules for t in getattr(self, n).parameters()]
-        return tuple((t.data_ptr(), t._version) for t in tensors)
-
-    def _int8_copies(self) -> dict[str, nn.Module]:
+    def int8_encoder(self) -> Int8Encoder:
+        """The cached :class:`Int8Encoder` of the module (quantized on first use)."""
         cache = self.__dict__.get("_int8_cache")
         fingerprint = self._int8_fingerprint()
         if cache is None or cache[0] != fingerprint:
-            copies = {n: int8_copy(getattr(self, n)) for n in self._int8_submodules}
-            cache = self.__dict__["_int8_cache"] = (fingerprint, copies)
-        return cache[1]
+            logits = None
+            if self.latent_type == "gmvae":
+                logits = self.latent.layers[1].cluster_logits
+            wrapper = Int8Encoder(self.encoder, self.pre_latent_norm, logits)
+            cache = self.__dict__["_int8_cache"] = (fingerprint, {"encoder": wrapper})
+        return cache[1]["encoder"]
+
+    def _int8_fingerprint(self) -> tuple:
+        """Storage and version counter of every float tensor the int8 copy was built from."""
+        return tuple((t.data_ptr(), t._version) for t in self.encoder.parameters())
 
     def drop_int8_cache(self) -> None:
-        """Free the int8 copies (the next int8 call quantizes again)."""
+        """Free the int8 encoder (the next int8 call quantizes again)."""
         self.__dict__.pop("_int8_cache", None)
 
     # ---------------------------------------------------- whatever may change the weights
@@ -311,6 +414,6 @@ class Int8InferenceMixin:
         return super().load_state_dict(*args, **kwargs)
 
     def __getstate__(self) -> dict:
-        """Pickles and deep copies leave the int8 copies out (they are rebuilt on use)."""
+        """Pickles and deep copies leave the int8 encoder out (it is rebuilt on use)."""
         state = super().__getstate__()
         return {k: v for k, v in state.items() if k not in ("_int8_cache", "_int8_active")}

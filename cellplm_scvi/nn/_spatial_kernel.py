@@ -20,34 +20,16 @@ within a few lattice steps, a fraction ``~1 / grid`` of the tissue's side. Cells
 coordinates (NaN) get the uniform features ``1 / sqrt(M)``: they attend to the whole tissue,
 evenly.
 
-:func:`scale_coordinates` is the per-tissue scaling of both spatial encodings: isotropic here,
-per axis for the sinusoidal encoding of the embedder.
+:func:`~cellplm_scvi._geometry.scale_coordinates` is the per-tissue scaling of both spatial
+encodings: isotropic here, per axis for the sinusoidal encoding of the embedder.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .._geometry import scale_coordinates
 from ._segments import TissueSegments
-
-
-def scale_coordinates(
-    coords: torch.Tensor, tissues: TissueSegments | None = None, isotropic: bool = False
-) -> torch.Tensor:
-    """Min-max scale (N, 2) coordinates of one tissue (or of each packed tissue) to [0, 1]:
-    per axis, or by the larger side (``isotropic``: distances keep their ratios). NaN rows
-    stay NaN."""
-    if tissues is not None:
-        out = coords.clone()
-        for rows in tissues.rows():
-            out[rows] = scale_coordinates(coords[rows], isotropic=isotropic)
-        return out
-    finite = ~coords.isnan().any(1)
-    if not finite.any():
-        return coords
-    lo = coords[finite].min(0).values
-    span = coords[finite].max(0).values - lo
-    return (coords - lo) / (span.max() if isotropic else span).clamp_min(1e-12)
 
 
 def spatial_kernel_features(

@@ -25,28 +25,6 @@ if TYPE_CHECKING:
 __all__ = ["assign_tissues", "random_chunks"]
 
 
-def local_regions(xy: np.ndarray, size: float, rng: np.random.Generator) -> np.ndarray:
-    """(n,) region of each of ``n`` cells (coordinates ``xy``, (n, 2)): a random local partition.
-
-    ``round(n / size)`` random cells are centres; each cell joins its nearest centre, and two
-    Lloyd steps (centres moved to their regions' means) even out the region sizes. Regions are
-    numbered ``0..R-1`` (every id used). Training tissues re-drawn every epoch and the windows of
-    the niche read-out both come from here.
-    """
-    n = len(xy)
-    n_regions = max(1, min(n, round(n / size)))
-    centres = xy[rng.choice(n, n_regions, replace=False)]
-    for step in range(3):
-        region = ((xy[:, None, :] - centres[None]) ** 2).sum(-1).argmin(1)  # (n,)
-        if step == 2:
-            break
-        counts = np.bincount(region, minlength=n_regions)[:, None]
-        sums = np.zeros_like(centres)
-        np.add.at(sums, region, xy)
-        centres = np.where(counts > 0, sums / np.maximum(counts, 1), centres)
-    return np.unique(region, return_inverse=True)[1].reshape(-1)
-
-
 def random_chunks(
     groups: np.ndarray, max_cells: int, seed: int = 0, keys: np.ndarray | None = None
 ) -> np.ndarray:
