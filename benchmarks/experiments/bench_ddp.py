@@ -18,8 +18,8 @@ share the cores and cannot be faster than one; the script says so next to the fi
 
 Usage::
 
-    python benchmarks/bench_ddp.py                            # 4 files, 20,000 cells, 1 vs 2
-    python benchmarks/bench_ddp.py --n-cells 100000 --devices 4
+    python benchmarks/experiments/bench_ddp.py          # 4 files, 20,000 cells, 1 vs 2
+    python benchmarks/experiments/bench_ddp.py --n-cells 100000 --devices 4
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import load_line, machine_info, tissue_corpus, write_corpus
 
 
