@@ -1,4 +1,4 @@
-"""Corpus loading benchmark (issue 13): reading engines for a many-file tissue corpus.
+"""Corpus loading benchmark: reading engines for a many-file tissue corpus.
 
 1. **Generate** ``--n-files`` ``.h5ad`` files holding ``--n-cells`` cells in all, each with
    its own random ``--n-genes`` genes of the 85M vocabulary (a quarter of them shared by all
@@ -24,7 +24,7 @@ warm tissue cache for ``corpus``), peak RSS. No assertions: figures only.
 Usage::
 
     python benchmarks/bench_corpus.py                        # 4 files, 200,000 cells
-    python benchmarks/bench_corpus.py --n-cells 2000000      # the issue's >= 2M-cell corpus
+    python benchmarks/bench_corpus.py --n-cells 2000000      # 2M cells
 """
 
 from __future__ import annotations
@@ -41,64 +41,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _system import load_line, machine_info, make_counts, peak_mb
+from _common import load_line, machine_info, peak_mb, tissue_corpus, write_corpus
 
 ENGINES = ("corpus", "backed", "anncollection")
-
-
-def generate(folder: Path, n_files: int, n_cells: int, n_genes: int, density: float, seed: int):
-    """Write the corpus files; returns their paths."""
-    import anndata as ad
-    import pandas as pd
-
-    from cellplm_scvi._genes import official_config
-
-    vocab = np.asarray(official_config()["gene_list"])
-    rng = np.random.default_rng(seed)
-    shared = rng.choice(len(vocab), n_genes // 4, replace=False)
-    rest = np.setdiff1d(np.arange(len(vocab)), shared)
-    paths = []
-    for k, n in enumerate(np.diff(np.linspace(0, n_cells, n_files + 1).astype(int))):
-        genes = np.concatenate([shared, rng.choice(rest, n_genes - len(shared), replace=False)])
-        obs = pd.DataFrame(
-            {"sample": np.repeat(["s1", "s2"], [n // 2, n - n // 2])},
-            index=[f"f{k}_{i}" for i in range(n)],
-        )
-        obsm = {}
-        if k == 0:  # spatial: a jittered square grid
-            side = int(np.ceil(np.sqrt(n)))
-            grid = np.stack(np.divmod(np.arange(n), side), 1).astype(float)
-            obsm["spatial"] = grid + rng.uniform(-0.3, 0.3, grid.shape)
-        skeleton = ad.AnnData(obs=obs, var=pd.DataFrame(index=vocab[genes]), obsm=obsm)
-        path = folder / f"part{k}.h5ad"
-        skeleton.write_h5ad(path)
-        import h5py
-
-        with h5py.File(path, "a") as fh:
-            chunk = 100_000
-            for start in range(0, n, chunk):
-                x = make_counts(min(chunk, n - start), n_genes, density, rng)
-                if start == 0:
-                    ad.io.write_elem(fh, "X", x)
-                else:
-                    ad.io.sparse_dataset(fh["X"]).append(x)
-        paths.append(path)
-    return paths
-
-
-def corpus(paths, args, cache_dir):
-    from cellplm_scvi.data import TissueCorpus
-
-    spatial = ["spatial" if Path(p).name == "part0.h5ad" else None for p in paths]
-    return TissueCorpus(
-        paths,
-        batch_key="sample",
-        spatial_key=spatial,
-        max_cells=args.max_cells,
-        validation_size=0.0,
-        seed=args.seed,
-        cache_dir=cache_dir,
-    )
 
 
 def worker(args) -> dict:
@@ -107,7 +52,7 @@ def worker(args) -> dict:
     import cellplm_scvi.data  # noqa: F401  (imports are not part of the timings)
 
     t0 = time.perf_counter()
-    dm = corpus(paths, args, args.cache_dir)
+    dm = tissue_corpus(paths, args.max_cells, args.seed, args.cache_dir)
     built = time.perf_counter() - t0
     steps = list(dm.sampler("train"))
     if args.engine == "corpus":
@@ -198,7 +143,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         folder = Path(tmp)
         t0 = time.perf_counter()
-        paths = generate(folder, args.n_files, args.n_cells, args.n_genes, args.density, args.seed)
+        paths = write_corpus(
+            folder, args.n_files, args.n_cells, args.n_genes, args.density, args.seed
+        )
         size = sum(p.stat().st_size for p in paths) / 2**20
         print(
             f"generated {args.n_files} files, {args.n_cells:,} cells in all, {args.n_genes} genes "

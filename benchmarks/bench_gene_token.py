@@ -39,7 +39,14 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _system import add_common_options, load_line, make_counts, start
+from _common import (
+    add_common_options,
+    counts_adata,
+    load_line,
+    make_counts,
+    official_genes,
+    start,
+)
 
 warnings.filterwarnings("ignore")
 
@@ -125,18 +132,13 @@ def main() -> None:
     add_common_options(parser)
     args = parser.parse_args()
 
-    import anndata as ad
-
     start(args)
     import cellplm_scvi as cp
-    from cellplm_scvi._genes import official_config
 
     # ------------------------------------------------------------------ CellPLM
-    genes = list(official_config()["gene_list"])
+    genes = official_genes()
     X = make_counts(args.n_cells, len(genes), args.density, args.seed)
-    adata = ad.AnnData(X=X)
-    adata.var_names = genes
-    adata.obs["tissue"] = "all"
+    adata = counts_adata(X, genes, tissues="all")
     with tempfile.TemporaryDirectory() as tmp:
         prefix = Path(tmp) / "random_85M"
         cp.datasets.random_official_checkpoint(

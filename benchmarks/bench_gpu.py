@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _system import machine_info, make_counts
+from _common import counts_adata, machine_info, make_counts, official_genes
 
 warnings.filterwarnings("ignore")
 
@@ -97,11 +97,8 @@ def encoder_flops(n_cells: int, n_hidden: int, n_layers: int, n_heads: int) -> f
 
 
 def make_adata(n_tissues: int, n_cells: int, genes: list[str], density: float) -> ad.AnnData:
-    adata = ad.AnnData(make_counts(n_tissues * n_cells, len(genes), density, seed=0))
-    adata.var_names = genes
-    adata.obs_names = [f"c{i}" for i in range(adata.n_obs)]
-    adata.obs["tissue"] = np.repeat([f"t{i}" for i in range(n_tissues)], n_cells)
-    return adata
+    X = make_counts(n_tissues * n_cells, len(genes), density, seed=0)
+    return counts_adata(X, genes, tissues=np.repeat([f"t{i}" for i in range(n_tissues)], n_cells))
 
 
 def main() -> None:
@@ -120,7 +117,6 @@ def main() -> None:
     import scvi
 
     from cellplm_scvi import CellPLM
-    from cellplm_scvi._genes import official_config
     from cellplm_scvi.datasets import random_official_checkpoint
 
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "scvi", "cellplm_scvi"):
@@ -140,7 +136,7 @@ def main() -> None:
         random_official_checkpoint(
             prefix, latent="gmvae", n_hidden=n_hidden, n_layers=n_layers, n_latent=n_latent
         )
-        genes = list(official_config()["gene_list"])
+        genes = official_genes()
         adata = make_adata(args.n_tissues, args.n_cells, genes, args.density)
         CellPLM.setup_anndata(adata, tissue_key="tissue", max_cells=None)
         n_cells = adata.n_obs

@@ -34,26 +34,16 @@ import pandas as pd
 import scipy.sparse as sp
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import QUIET_TRAIN, dense, log1p_cp10k, parser, print_table, setup, timer
-
-
-def per_gene_scores(pred_counts: np.ndarray, truth_counts: np.ndarray) -> dict:
-    """CellPLM ``imputation_eval`` (dim=1): per-gene metrics on log1p, averaged over genes."""
-    p = np.log1p(np.maximum(pred_counts, 0))
-    t = np.log1p(truth_counts)
-    pc, tc = p - p.mean(0), t - t.mean(0)
-    denom = np.sqrt((pc**2).sum(0) * (tc**2).sum(0))
-    ok = denom > 0
-    pearson = (pc * tc).sum(0)[ok] / denom[ok]
-    norm = np.linalg.norm(p, axis=0) * np.linalg.norm(t, axis=0)
-    cosine = (p * t).sum(0)[norm > 0] / norm[norm > 0]
-    rmse = np.sqrt(((p - t) ** 2).mean(0))
-    return {
-        "Pearson": float(pearson.mean()),
-        "cosine": float(cosine.mean()),
-        "RMSE": float(rmse.mean()),
-        "genes": int(ok.sum()),
-    }
+from _common import (
+    QUIET_TRAIN,
+    dense,
+    log1p_cp10k,
+    parser,
+    per_gene_scores,
+    print_table,
+    setup,
+    timer,
+)
 
 
 def panel_scale(pred: np.ndarray, observed: np.ndarray, measured: np.ndarray) -> np.ndarray:

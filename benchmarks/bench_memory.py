@@ -38,10 +38,12 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _system import (
+from _common import (
     add_common_options,
+    counts_adata,
     load_line,
     make_counts,
+    official_genes,
     peak_mb,
     reset_peak,
     rss_mb,
@@ -54,13 +56,8 @@ warnings.filterwarnings("ignore")
 
 # ------------------------------------------------------------------------------ data
 def make_adata(n_cells: int, genes: list[str], density: float, seed: int):
-    import anndata as ad
-
-    adata = ad.AnnData(X=make_counts(n_cells, len(genes), density, seed))
-    adata.var_names = genes
-    adata.obs_names = [f"c{i}" for i in range(n_cells)]
-    adata.obs["tissue"] = "all"  # one tissue: every cell attends to every other cell
-    return adata
+    """Random counts, all cells in one tissue: every cell attends to every other cell."""
+    return counts_adata(make_counts(n_cells, len(genes), density, seed), genes, tissues="all")
 
 
 def x_mb(adata) -> float:
@@ -80,9 +77,8 @@ def main() -> None:
 
     start(args)
     import cellplm_scvi as cp
-    from cellplm_scvi._genes import official_config
 
-    genes = list(official_config()["gene_list"])
+    genes = official_genes()
 
     with tempfile.TemporaryDirectory() as tmp:
         prefix = Path(tmp) / "random_85M"

@@ -43,14 +43,14 @@ import time
 import warnings
 from pathlib import Path
 
-import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _system import (
+from _common import (
     add_common_options,
+    counts_adata,
     load_line,
     make_counts,
     peak_mb,
@@ -59,6 +59,7 @@ from _system import (
     start,
     to_torch_coo,
     trim_heap,
+    write_official_checkpoint,
 )
 
 warnings.filterwarnings("ignore")
@@ -77,36 +78,6 @@ def measure(fn, inference_mode: bool = True):
         out = fn()
     dt = time.perf_counter() - t0
     return out, dt, peak_mb() - base
-
-
-# ------------------------------------------------------------------------------------ data
-
-
-def make_adata(X: sp.csr_matrix, genes: list[str]) -> ad.AnnData:
-    adata = ad.AnnData(X=X)
-    adata.var_names = genes
-    adata.obs_names = [f"c{i}" for i in range(X.shape[0])]
-    return adata
-
-
-def write_checkpoint(
-    directory: Path, name: str, seed: int = 0, latent: str = "gmvae"
-) -> tuple[str, int]:
-    """Random-weight official model from the vendored 85M config, saved in the official format
-    (``latent="vae"``: the plain VAE latent of ``20231027_85M`` instead of the config's GMVAE)."""
-    from CellPLM.model import OmicsFormer
-
-    from cellplm_scvi._genes import official_config
-
-    config = official_config()
-    config["latent_mod"] = latent
-    torch.manual_seed(seed)
-    model = OmicsFormer(**config)
-    n_params = sum(p.numel() for p in model.parameters())
-    with open(directory / f"{name}.config.json", "w") as fh:
-        json.dump(config, fh)
-    torch.save({"model_state_dict": model.state_dict()}, directory / f"{name}.best.ckpt")
-    return str(directory / name), n_params
 
 
 # ------------------------------------------------------------------------------------ stages
@@ -196,7 +167,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
-        prefix, n_official = write_checkpoint(tmp, "20230926_85M", args.seed, args.latent)
+        prefix, official_model = write_official_checkpoint(tmp, args.seed, args.latent)
+        n_official = sum(p.numel() for p in official_model.parameters())
+        del official_model
         size_mb = (tmp / "20230926_85M.best.ckpt").stat().st_size / 2**20
         print(
             f"checkpoint: {n_official:,} numbers, {size_mb:.0f} MB, "
@@ -216,7 +189,7 @@ def main() -> None:
         quiet = contextlib.redirect_stdout(io.StringIO())
         pipe = CellEmbeddingPipeline(pretrain_prefix="20230926_85M", pretrain_directory=str(tmp))
         t_load_off = time.perf_counter() - t0
-        adata_off = make_adata(X, genes)
+        adata_off = counts_adata(X, genes)
         # The official predict cannot run under torch.inference_mode() with >1 thread: its
         # sparse index_select fails ("Inplace update to inference tensor outside
         # InferenceMode"), so it runs under no_grad (which it also sets itself).
@@ -225,13 +198,11 @@ def main() -> None:
         official = lambda: pipe.predict(adata_off, device="cpu")  # noqa: E731
 
         # ---------------------------------------------------------------- (b, c) ours
-        warm = make_adata(X[:64].copy(), genes)
-        warm.obs["tissue"] = "all"
+        warm = counts_adata(X[:64].copy(), genes, tissues="all")
         cp.CellPLM.setup_anndata(warm, tissue_key="tissue")
         cp.CellPLM.load_official(prefix, warm).get_latent_representation()  # warm-up
 
-        adata = make_adata(X, genes)
-        adata.obs["tissue"] = "all"  # all cells in one tissue = one official group
+        adata = counts_adata(X, genes, tissues="all")  # one tissue = one official group
         t0 = time.perf_counter()
         cp.CellPLM.setup_anndata(adata, tissue_key="tissue")
         t_setup = time.perf_counter() - t0

@@ -1,4 +1,4 @@
-"""Official CellPLM pipelines vs our recipes, side by side (issue 12).
+"""Official CellPLM pipelines vs our recipes, side by side.
 
 ``--task annotation`` (default): ``CellTypeAnnotationPipeline`` vs ``annotation_recipe``. Both
 fine-tune the same random small official checkpoint (written in the official format, the
@@ -13,7 +13,7 @@ are hidden (zeros in the input, truth kept). Forward-pass groups are the same on
 (official ``batch`` = our ``tissue``: spatial tissues of contiguous cells, random reference
 chunks); whole groups are train or valid (20%, seeded). Both fine-tune the same random
 official checkpoint (``random_official_checkpoint``, VAE latent) for the same epochs.
-Prints the per-gene Pearson (``bench_imputation.per_gene_scores``, the official
+Prints the per-gene Pearson (``_common.per_gene_scores``, the official
 ``imputation_eval`` on log1p counts) over the hidden genes of the spatial cells: official
 ``predict``, ours with ``library="all"`` (the official read-out) and ``library="measured"``
 (our default).
@@ -39,19 +39,19 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import parser, print_table, setup
+from _common import official_genes, parser, per_gene_scores, print_table, setup
 
 
 def ensembl_pbmc68k():
     """pbmc68k counts in ``X``, the genes renamed to the Ensembl IDs of the official
     vocabulary (genes outside it dropped)."""
     import cellplm_scvi as cp
-    from cellplm_scvi._genes import official_config, to_ensembl
+    from cellplm_scvi._genes import to_ensembl
 
     adata = cp.datasets.pbmc68k_counts()
     adata.X = adata.layers["counts"].copy()
     ensembl = np.asarray(to_ensembl(adata.var_names), dtype=object)
-    vocabulary = set(official_config()["gene_list"])
+    vocabulary = set(official_genes())
     keep = np.array([g in vocabulary for g in ensembl])
     adata = adata[:, keep].copy()
     adata.var_names = list(ensembl[keep])
@@ -237,7 +237,6 @@ def imputation(args) -> None:
     import pandas as pd
     import scipy.sparse as sp
     import scvi
-    from bench_imputation import per_gene_scores
 
     import cellplm_scvi as cp
     from cellplm_scvi.model import IMPUTATION_OVERRIDES, imputation_recipe

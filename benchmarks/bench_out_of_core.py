@@ -47,7 +47,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _system import load_line, machine_info, make_counts, peak_mb, reset_peak, rss_mb, trim_heap
+from _common import load_line, machine_info, make_counts, peak_mb, reset_peak, rss_mb, trim_heap
 
 warnings.filterwarnings("ignore")
 
@@ -167,7 +167,7 @@ def main() -> None:
         "--precision",
         choices=["32", "int8"],
         default="32",
-        help="inference precision; int8: the encoder's Linear layers int8 (CPU, issue 16)",
+        help="inference precision; int8: the encoder's Linear layers int8 (CPU)",
     )
     args = parser.parse_args()
 

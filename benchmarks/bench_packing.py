@@ -19,13 +19,17 @@ Usage (the figures in benchmarks/README.md)::
 from __future__ import annotations
 
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from _common import QUIET_TRAIN, parser, print_table, setup
 from lightning.pytorch.callbacks import Callback
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import QUIET_TRAIN, parser, print_table, setup
 
 
 class EpochTimer(Callback):

@@ -40,7 +40,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -51,16 +50,19 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _system import (
+from _common import (
     add_common_options,
+    counts_adata,
     load_line,
     make_counts,
+    official_genes,
     peak_mb,
     reset_peak,
     rss_mb,
     start,
     to_torch_coo,
     trim_heap,
+    write_official_checkpoint,
 )
 
 warnings.filterwarnings("ignore")
@@ -76,32 +78,23 @@ def main() -> None:
     add_common_options(parser)
     args = parser.parse_args()
 
-    import anndata as ad
     import torch
-    from CellPLM.model import OmicsFormer
 
     start(args)
     from CellPLM.utils.sparse import simple_mask
 
     import cellplm_scvi as cp
     import cellplm_scvi.module._cellplm as module_impl
-    from cellplm_scvi._genes import official_config
     from cellplm_scvi.data import TissueDataLoader
     from cellplm_scvi.module._masking import sample_mask
 
-    config = official_config()
-    genes = list(config["gene_list"])
+    genes = official_genes()
     X = make_counts(args.n_cells, len(genes), args.density, args.seed)
-    torch.manual_seed(args.seed)
-    official = OmicsFormer(**{**config, "drop_node_rate": 0.0})
-    adata = ad.AnnData(X=X)
-    adata.var_names = genes
-    adata.obs["tissue"] = "all"
+    adata = counts_adata(X, genes, tissues="all")
     cp.CellPLM.setup_anndata(adata, tissue_key="tissue")
     with tempfile.TemporaryDirectory() as tmp:
-        prefix = Path(tmp) / "20230926_85M"
-        Path(f"{prefix}.config.json").write_text(json.dumps(config))
-        torch.save({"model_state_dict": official.state_dict()}, f"{prefix}.best.ckpt")
+        # the official model without its node drop (see the module docstring)
+        prefix, official = write_official_checkpoint(tmp, args.seed, drop_node_rate=0.0)
         model = cp.CellPLM.load_official(prefix, adata)
     module = model.module
     tensors = next(iter(TissueDataLoader(model.adata_manager, batch_size=None)))

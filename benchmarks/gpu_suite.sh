@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of cellplm_scvi, in one call of about 4 minutes (issue 15).
+# The GPU check of cellplm_scvi, in one call of about 4 minutes.
 #
 #   0. setup:     install the carried wheels of ./.whl (benchmarks/gpu_wheels.sh) into $SITE,
 #                 nvidia-smi, versions of python / torch / CUDA / NCCL / scvi-tools / ...

@@ -1,69 +1,163 @@
-"""The GPU benchmark runs rarely (only where a GPU is lent), so its CPU smoke mode is run here:
-it must complete all three parts. Nothing about speed is asserted."""
+"""Smoke runs of the maintained benchmarks (``benchmarks/*.py``): each script runs end to end at
+tiny sizes and prints rows whose figures are in range. Nothing about speed is asserted. The
+one-off studies in ``benchmarks/experiments/`` are not run.
+
+Each script runs as a program (``python script args``), in a process forked from a server that
+has imported ``cellplm_scvi`` once (``multiprocessing``'s forkserver with a preload): the
+import of scvi-tools alone costs about 7 s of CPU, more than most smoke runs. A script that
+patches a module or seeds the random state does so in its own process only.
+"""
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import importlib.util
+import multiprocessing
+import re
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).parents[1] / "benchmarks" / "bench_gpu.py"
+ROOT = Path(__file__).parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+HAS_OFFICIAL = importlib.util.find_spec("CellPLM") is not None
+needs_official = pytest.mark.skipif(not HAS_OFFICIAL, reason="needs the official CellPLM package")
+
+# every maintained script, with the test that smoke-runs it
+SMOKE_TESTED = {
+    "bench_annotation.py": "test_annotation_benchmark",
+    "bench_corpus.py": "test_corpus_benchmark",
+    "bench_de.py": "test_de_benchmark",
+    "bench_denoising.py": "test_denoising_benchmark",
+    "bench_gene_token.py": "test_gene_token_benchmark",
+    "bench_gpu.py": "test_gpu_benchmark_on_cpu",
+    "bench_imputation.py": "test_imputation_benchmark",
+    "bench_memory.py": "test_memory_benchmark",
+    "bench_niche.py": "test_niche_benchmark_with_peers",
+    "bench_official_embedding.py": "test_official_embedding_benchmark",
+    "bench_official_recipes.py": "test_official_recipes_benchmark",
+    "bench_out_of_core.py": "test_out_of_core_benchmark",
+    "bench_packing.py": "test_packing_benchmark",
+    "bench_train_step.py": "test_train_step_benchmark",
+}
 
 
-def test_gpu_benchmark_smoke_run_on_cpu():
-    args = "--device cpu --small --n-cells 150 --n-tissues 2 --precisions 32 bf16"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(SCRIPT),
-            *args.split(),
-            "--train-precisions",
-            "32",
-            "--train-epochs",
-            "1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
+def run_script(name: str, args: str, tmp_path: Path, monkeypatch, timeout: float = 600) -> str:
+    """stdout + stderr of ``python benchmarks/<name> <args>``; fails on a non-zero exit."""
+    assert name in SMOKE_TESTED, f"add {name} to SMOKE_TESTED"
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # the server and the child import _common
+    import _common
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["_common", "cellplm_scvi"])
+    log = tmp_path / f"{name}.log"
+    process = context.Process(
+        target=_common.run_as_main, args=(str(BENCHMARKS / name), args.split(), str(log))
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = proc.stdout
-    for part in ("1. get_latent_representation", "2. encoder alone", "3. model.train"):
-        assert part in out, out
-    bf16 = [line for line in out.splitlines() if "precision bf16" in line and "cells/s" in line]
-    assert len(bf16) == 1, out
-    bf16 = bf16[0]
-    relative = float(bf16.rsplit("relative", 1)[1])
-    assert 0 < relative < 5e-2  # autocast was on, and close to float32
-    assert "finite: True" in out
+    process.start()
+    process.join(timeout)
+    if process.is_alive():
+        process.kill()
+        process.join()
+        pytest.fail(f"{name} ran over {timeout} s:\n{log.read_text()[-3000:]}")
+    out = log.read_text()
+    assert process.exitcode == 0, out[-3000:]
+    return out
 
 
-NICHE = Path(__file__).parents[1] / "benchmarks" / "bench_niche.py"
+def table(out: str, title: str) -> dict[str, list[str]]:
+    """The rows (first cell -> other cells) of the markdown table under ``## <title>...``."""
+    rows, inside, header = {}, False, False
+    for line in out.splitlines():
+        if line.startswith("## "):
+            inside, header = line[3:].startswith(title), True
+        elif inside and line.startswith("| "):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if not header:
+                rows[cells[0]] = cells[1:]
+            header = False
+    assert rows, f"no table {title!r} in:\n{out}"
+    return rows
+
+
+def test_every_maintained_script_has_a_smoke_run():
+    """A script in ``benchmarks/`` is maintained: it has a smoke run here, and the README
+    documents it (the experiments too)."""
+    scripts = {p.name for p in BENCHMARKS.glob("*.py") if not p.name.startswith("_")}
+    assert scripts == set(SMOKE_TESTED)
+    assert all(test in globals() for test in SMOKE_TESTED.values())
+    readme = (BENCHMARKS / "README.md").read_text()
+    experiments = {f"experiments/{p.name}" for p in (BENCHMARKS / "experiments").glob("*.py")}
+    missing = [s for s in sorted(scripts | experiments) if f"`{s}`" not in readme]
+    assert not missing, f"not in benchmarks/README.md: {missing}"
+
+
+def test_links_to_benchmark_files_exist():
+    """Paths ``benchmarks/...`` named in the user docs and in the benchmarks' README exist."""
+    docs = [ROOT / "README.md", BENCHMARKS / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    docs = [
+        d for d in docs if d.exists() and d.name != "changelog.md"
+    ]  # history may name old files
+    named = {
+        (doc.name, path.rstrip(".,:)"))
+        for doc in docs
+        for path in re.findall(r"benchmarks/[\w./-]+", doc.read_text())
+    }
+    missing = sorted((doc, path) for doc, path in named if not (ROOT / path).exists())
+    assert not missing
+
+
+# ------------------------------------------------------------------------------ tasks
+@pytest.mark.slow
+def test_annotation_benchmark(tmp_path, monkeypatch):
+    args = "--epochs 1 --scvi-epochs 1 --scanvi-epochs 1 --n-hidden 16 --n-layers 1"
+    rows = table(run_script("bench_annotation.py", args, tmp_path, monkeypatch), "Annotation")
+    assert set(rows) == {"CellPLM (1 ep)", "PCA(50) + LogReg", "scANVI (1+1 ep)"}
+    for name, (f1, balanced, accuracy, _) in rows.items():
+        assert all(0 <= float(v) <= 1 for v in (f1, balanced, accuracy)), name
 
 
 @pytest.mark.slow
-def test_niche_benchmark_smoke_run_with_peers():
-    """bench_niche.py with tiny settings: every representation gets a row with scores in range,
-    and a peer whose package is missing is skipped with a printed line (never silently).
-    Novae is left out here (about 90 s for 400 cells on 2 cores)."""
-    import importlib.util
+def test_denoising_benchmark(tmp_path, monkeypatch):
+    args = "--epochs 1 --scvi-epochs 1 --n-hidden 16 --n-layers 1"
+    rows = table(run_script("bench_denoising.py", args, tmp_path, monkeypatch), "Denoising")
+    assert {"CellPLM (1 ep)", "scVI (1 ep)", "gene mean (corrupted data)"} <= set(rows)
+    floor = float(rows["no denoising (corrupted input)"][0])  # predicts 0 at hidden entries
+    for name in ("CellPLM (1 ep)", "scVI (1 ep)"):
+        rmse, mae, pearson, cosine = map(float, rows[name][:4])
+        assert 0 < mae <= rmse < floor and -1 <= pearson <= 1 and 0 <= cosine <= 1, name
 
-    args = "--n-cells 300 --epochs 1 --n-hidden 16 --n-layers 1 --skip-controls --scvi-epochs 1"
-    proc = subprocess.run(
-        [sys.executable, str(NICHE), *args.split(), "--peers", "cellcharter", "scviva"],
-        capture_output=True,
-        text=True,
-        timeout=600,
+
+@pytest.mark.slow
+def test_imputation_benchmark(tmp_path, monkeypatch):
+    args = "--n-cells 300 --epochs 1 --gimvi-epochs 1 --n-hidden 16 --n-layers 1"
+    rows = table(
+        run_script("bench_imputation.py", args, tmp_path, monkeypatch), "Spatial imputation"
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = proc.stdout
-    rows = {
-        line.split(" | ")[0].strip("| "): line.split(" | ")[2:-1]
-        for line in out.splitlines()
-        if line.startswith("| ") and not line.startswith("| representation")
-    }
+    assert {"CellPLM (1 ep)", "gimVI (1 ep)", "kNN mapping (k=10)"} <= set(rows), rows
+    for name, (pearson, cosine, rmse, *_) in rows.items():
+        assert -1 <= float(pearson) <= 1 and 0 <= float(cosine) <= 1 and float(rmse) > 0, name
+
+
+@pytest.mark.slow
+def test_de_benchmark(tmp_path, monkeypatch):
+    """CellPLM only (scVI's DE over 10 cell types would double the time)."""
+    args = "--epochs 1 --n-hidden 16 --n-layers 1 --null-groups 1 --skip-scvi"
+    out = run_script("bench_de.py", args, tmp_path, monkeypatch)
+    rows = table(out, "Overlap of the top-20")
+    types = [name for name in rows if not name.startswith(("mean", "range"))]
+    assert len(types) == 10, rows
+    assert all(0 <= int(rows[t][1]) <= 20 for t in types), rows  # the CellPLM column
+    assert len(table(out, "Null test")) == 1
+
+
+@pytest.mark.slow
+def test_niche_benchmark_with_peers(tmp_path, monkeypatch):
+    """Every representation gets a row with scores in range, and a peer whose package is missing
+    is skipped with a printed line (never silently). Novae is left out here (about 90 s for 400
+    cells on 2 cores)."""
+    args = "--n-cells 300 --epochs 1 --n-hidden 16 --n-layers 1 --skip-controls --scvi-epochs 1"
+    out = run_script("bench_niche.py", f"{args} --peers cellcharter scviva", tmp_path, monkeypatch)
+    rows = {name: cells[1:] for name, cells in table(out, "Linear probe").items()}
     expected = ["CellPLM squidpy tissues (1 ep)", "PCA (50)", "scVI"]
     expected += ["scVIVA (1 ep, uses true cell types)"]
     expected += [f"{expected[0]}, representation={r!r}" for r in ("niche", "both")]
@@ -73,7 +167,7 @@ def test_niche_benchmark_smoke_run_with_peers():
         expected += [f"CellCharter({x}), 3 layers" for x in ("PCA", "CellPLM", "scVI")]
     assert set(expected) <= set(rows), out
     assert not any(name.startswith("Novae") for name in rows)
-    for name, (niche_f1, type_f1, responder_f1, ari) in rows.items():
+    for name, (niche_f1, type_f1, responder_f1, ari, _) in rows.items():
         assert all(0 <= float(v) <= 1 for v in (niche_f1, type_f1, responder_f1)), name
         assert -1 <= float(ari) <= 1, name
     # the aggregation sees the neighbours: it recovers the niches better than PCA alone
@@ -81,27 +175,103 @@ def test_niche_benchmark_smoke_run_with_peers():
         assert float(rows["CellCharter(PCA), 3 layers"][0]) > float(rows["PCA (50)"][0])
 
 
-OFFICIAL_EMBEDDING = Path(__file__).parents[1] / "benchmarks" / "bench_official_embedding.py"
+@needs_official
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["annotation", "imputation"])
+def test_official_recipes_benchmark(task, tmp_path, monkeypatch):
+    """The official pipeline and our recipe fine-tune the same checkpoint side by side."""
+    args = f"--task {task} --seeds 1 --epochs 1 --n-hidden 16 --n-cells 200"
+    out = run_script("bench_official_recipes.py", args, tmp_path, monkeypatch)
+    seed_0 = table(out, task.capitalize())["0"]
+    if task == "annotation":  # official F1, ours F1
+        assert all(0 <= float(f1) <= 1 for f1 in seed_0[:2]), out
+    else:  # official r, ours r ("all"), ours r ("measured"), "all" - official
+        assert all(-1 <= float(r) <= 1 for r in seed_0[:3]), out
+        assert abs(float(seed_0[3])) < 0.05, out  # same checkpoint, data, groups and epochs
 
 
+# ------------------------------------------------------------------------------ speed, memory
+def test_gpu_benchmark_on_cpu(tmp_path, monkeypatch):
+    """The GPU benchmark runs rarely (only where a GPU is lent), so its CPU mode is run here: it
+    must complete all three parts."""
+    args = "--device cpu --small --n-cells 150 --n-tissues 2 --precisions 32 bf16"
+    args += " --train-precisions 32 --train-epochs 1"
+    out = run_script("bench_gpu.py", args, tmp_path, monkeypatch)
+    for part in ("1. get_latent_representation", "2. encoder alone", "3. model.train"):
+        assert part in out, out
+    bf16 = [line for line in out.splitlines() if "precision bf16" in line and "cells/s" in line]
+    assert len(bf16) == 1, out
+    relative = float(bf16[0].rsplit("relative", 1)[1])
+    assert 0 < relative < 5e-2  # autocast was on, and close to float32
+    assert "finite: True" in out
+
+
+@needs_official
 @pytest.mark.slow
 @pytest.mark.parametrize("latent", ["gmvae", "vae"])
-def test_official_embedding_benchmark_smoke_run(latent):
-    """bench_official_embedding.py (the int8 speed figures of issue 16) on 100 cells, one round:
-    it completes with the four alternating calls, the int8 accuracy line, and for the VAE
-    latent nothing to refine (the two int8 calls are the same computation)."""
-    pytest.importorskip("CellPLM")
+def test_official_embedding_benchmark(latent, tmp_path, monkeypatch):
+    """The int8 speed figures' script on 100 cells, one round: it completes with the four
+    alternating calls, the int8 accuracy line, and for the VAE latent nothing to refine (the
+    two int8 calls are the same computation)."""
     args = f"--n-cells 100 --repeats 1 --threads 1 --latent {latent}"
-    proc = subprocess.run(
-        [sys.executable, str(OFFICIAL_EMBEDDING), *args.split()],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = proc.stdout
+    out = run_script("bench_official_embedding.py", args, tmp_path, monkeypatch)
     assert "median of 1 alternating runs: official" in out, out
     cosine = float(out.split("per-cell cosine int8 vs fp32 min ")[1].split(",")[0])
     assert 0.99 < cosine <= 1.0
     if latent == "vae":
         assert "re-ran 0 of 100 cells" in out, out
+
+
+@pytest.mark.slow
+def test_memory_benchmark(tmp_path, monkeypatch):
+    """Two sizes of the 85M model's embedding (and the official pipeline's, where installed)."""
+    args = "--n-cells 100 200" + (" --official --official-n-cells 100" if HAS_OFFICIAL else "")
+    out = run_script("bench_memory.py", args, tmp_path, monkeypatch)
+    assert re.search(r"N=\s+100: .* z \(100, 512\)", out), out
+    assert re.search(r"N=\s+200: .* z \(200, 512\)", out), out
+    assert "growth between N=100 and N=200" in out
+    if HAS_OFFICIAL:
+        assert "emb (100, 512)" in out, out
+
+
+@pytest.mark.slow
+def test_gene_token_benchmark(tmp_path, monkeypatch):
+    args = "--n-cells 100 --repeats 1 --gt-cells 2 --gt-batch 1 --seq-len 64"
+    out = run_script("bench_gene_token.py", args, tmp_path, monkeypatch)
+    assert "z (100, 512)" in out and "ratio CellPLM / gene-token (d_hid 512): x" in out, out
+
+
+@needs_official
+@pytest.mark.slow
+def test_train_step_benchmark(tmp_path, monkeypatch):
+    """One step of ours and of the official model on the same weights, masks and seeds: the
+    losses agree (``tests/test_training_parity.py`` checks the tolerance)."""
+    out = run_script("bench_train_step.py", "--n-cells 50 --steps 1", tmp_path, monkeypatch)
+    difference = float(out.split("largest relative loss difference ")[1].split()[0])
+    assert difference < 1e-4, out
+
+
+def test_out_of_core_benchmark(tmp_path, monkeypatch):
+    """A backed file of 3,000 cells, embedded tissue by tissue with the int8 encoder."""
+    args = "--n-cells 3000 --n-genes 200 --cells-per-slide 1500 --chunk 1000 --max-cells 300"
+    args += f" --n-hidden 16 --n-layers 1 --n-latent 4 --precision int8 --path {tmp_path}/x.h5ad"
+    out = run_script("bench_out_of_core.py", args, tmp_path, monkeypatch)
+    assert "z (3000, 4) float32 (finite: True)" in out, out
+    assert "requirement < 4096 MB: met" in out, out
+
+
+def test_packing_benchmark(tmp_path, monkeypatch):
+    args = "--cells 256 --tissue-size 32 --per-step 1,4 --epochs 2 --n-hidden 16 --n-layers 1"
+    out = run_script("bench_packing.py", args, tmp_path, monkeypatch)
+    epochs = table(out, "Epoch time")
+    assert [cells[1] for cells in epochs.values()] == ["8", "2"], epochs  # steps per epoch
+    assert list(table(out, "Flow attention")) == ["4"]
+
+
+@pytest.mark.slow
+def test_corpus_benchmark(tmp_path, monkeypatch):
+    """One epoch of a 2-file corpus read by TissueCorpus: cold and warm tissue cache."""
+    args = "--n-cells 2000 --n-files 2 --n-genes 200 --max-cells 200 --engines corpus"
+    out = run_script("bench_corpus.py", f"{args} --dir {tmp_path}", tmp_path, monkeypatch)
+    rows = [line for line in out.splitlines() if line.startswith("| corpus |")]
+    assert len(rows) == 3 and "error" not in out, out

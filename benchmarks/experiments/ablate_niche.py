@@ -14,7 +14,7 @@ model and the folds), and read out as
 Baselines: PCA (50 PCs of log1p CP10k) and PCA + the mean PCA of the 10 nearest spatial
 neighbours (the quickstart's "PCA + spatial").
 
-    python benchmarks/ablate_niche.py [--configs default hide hide_pe hide_redraw ...]
+    python benchmarks/experiments/ablate_niche.py [--configs default hide hide_pe hide_redraw ...]
         [--seeds 0 1] [--epochs 80] [--n-cells 4000] [--n-slides 2] [--n-seeds 15]
 """
 
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))
 from _common import QUIET_TRAIN, log1p_cp10k, parser, pca, print_table, setup
 
 # The configurations before the local heads: the official latent, every head global.

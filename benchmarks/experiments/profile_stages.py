@@ -29,14 +29,13 @@ Stages (ours / official):
 
 Usage::
 
-    python benchmarks/profile_stages.py                     # 2000 cells, 10% non-zero
-    python benchmarks/profile_stages.py --n-cells 500 --repeats 1
+    python benchmarks/experiments/profile_stages.py             # 2000 cells, 10% non-zero
+    python benchmarks/experiments/profile_stages.py --n-cells 500 --repeats 1
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -48,8 +47,17 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _system import add_common_options, load_line, make_counts, start, to_torch_coo
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from _common import (
+    add_common_options,
+    counts_adata,
+    load_line,
+    make_counts,
+    official_genes,
+    start,
+    to_torch_coo,
+    write_official_checkpoint,
+)
 
 warnings.filterwarnings("ignore")
 
@@ -57,23 +65,11 @@ warnings.filterwarnings("ignore")
 # ------------------------------------------------------------------------------ data + models
 def build_models(tmp: Path, X: sp.csr_matrix, seed: int):
     """Official OmicsFormer (random weights) + ours loaded from the same official files."""
-    import anndata as ad
-    import torch
-    from CellPLM.model import OmicsFormer
-
     import cellplm_scvi as cp
-    from cellplm_scvi._genes import official_config
 
-    config = official_config()
-    torch.manual_seed(seed)
-    official = OmicsFormer(**config)
-    prefix = tmp / "20230926_85M"
-    (tmp / "20230926_85M.config.json").write_text(json.dumps(config))
-    torch.save({"model_state_dict": official.state_dict()}, f"{prefix}.best.ckpt")
-    genes = list(config["gene_list"])
-    adata = ad.AnnData(X=X)
-    adata.var_names = genes
-    adata.obs["tissue"] = "all"
+    prefix, official = write_official_checkpoint(tmp, seed)
+    genes = official_genes()
+    adata = counts_adata(X, genes, tissues="all")
     cp.CellPLM.setup_anndata(adata, tissue_key="tissue")
     ours = cp.CellPLM.load_official(prefix, adata)
     official.eval()
@@ -253,9 +249,7 @@ def main() -> None:
 
     start(args)
 
-    from cellplm_scvi._genes import official_config
-
-    n_genes = len(official_config()["gene_list"])
+    n_genes = len(official_genes())
     X = make_counts(args.n_cells, n_genes, args.density, args.seed)
     print(
         f"input: {args.n_cells:,} cells x {n_genes:,} genes, {X.nnz:,} non-zeros "

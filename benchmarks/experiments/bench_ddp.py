@@ -1,7 +1,8 @@
-"""Pretraining throughput with 1 and N processes, and time to first step (issue 13).
+"""Pretraining throughput with 1 and N processes, and time to first step.
 
-Generates a corpus as ``bench_corpus.py`` does (``--n-files`` ``.h5ad`` files, each with its
-own genes of the 85M vocabulary, file 0 spatial) and, each in a fresh process:
+Generates a corpus as ``bench_corpus.py`` does (``_common.write_corpus``: ``--n-files``
+``.h5ad`` files, each with its own genes of the 85M vocabulary, file 0 spatial) and, each in a
+fresh process:
 
 1. **time to first step**: one process, from ``TissueCorpus(...)`` construction (files opened,
    checked, aligned, tissues computed or read from the cache) to the end of the first
@@ -17,8 +18,8 @@ share the cores and cannot be faster than one; the script says so next to the fi
 
 Usage::
 
-    python benchmarks/bench_ddp.py                            # 4 files, 20,000 cells, 1 vs 2
-    python benchmarks/bench_ddp.py --n-cells 100000 --devices 4
+    python benchmarks/experiments/bench_ddp.py          # 4 files, 20,000 cells, 1 vs 2
+    python benchmarks/experiments/bench_ddp.py --n-cells 100000 --devices 4
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _system import load_line, machine_info
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import load_line, machine_info, tissue_corpus, write_corpus
 
 
 def worker(args) -> None:
@@ -42,7 +43,6 @@ def worker(args) -> None:
 
     torch.set_num_threads(1)
     import scvi
-    from bench_corpus import corpus
     from lightning.pytorch.callbacks import Callback
 
     import cellplm_scvi as cp
@@ -63,7 +63,7 @@ def worker(args) -> None:
 
     scvi.settings.seed = args.seed
     t0 = time.perf_counter()
-    dm = corpus(json.loads(args.files), args, args.cache_dir)
+    dm = tissue_corpus(json.loads(args.files), args.max_cells, args.seed, args.cache_dir)
     built = time.perf_counter() - t0
     model = cp.CellPLM(
         adata=None,
@@ -147,12 +147,12 @@ def main() -> None:
         worker(args)
         return
 
-    from bench_corpus import generate
-
     print(machine_info())
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         folder = Path(tmp)
-        paths = generate(folder, args.n_files, args.n_cells, args.n_genes, args.density, args.seed)
+        paths = write_corpus(
+            folder, args.n_files, args.n_cells, args.n_genes, args.density, args.seed
+        )
         print(
             f"corpus: {args.n_files} files, {args.n_cells:,} cells, {args.n_genes} genes per file "
             f"(85M vocabulary, 19,374 genes), tissues of <= {args.max_cells} cells; model "
