@@ -19,6 +19,8 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 
+from .._validation import check_coordinate_range
+
 if TYPE_CHECKING:
     from anndata import AnnData
 
@@ -208,6 +210,7 @@ def assign_tissues(
     if spatial_key is not None:
         xy = _coordinates(adata, spatial_key)
         groups = _spatial_groups(xy, strata, max_cells=int(max_cells), n_neighs=int(n_neighs))
+        _warn_one_cell_tissues(groups, strata, spatial_key)
         method = "bisect+components"
     elif max_cells is None:
         groups, method = strata.copy(), "whole_samples"  # one tissue per sample
@@ -294,7 +297,24 @@ def _coordinates(adata: AnnData, spatial_key: str) -> np.ndarray:
             f"`adata = adata[np.isfinite(adata.obsm[{spatial_key!r}]).all(1)].copy()`) or fill "
             f"their coordinates."
         )
+    check_coordinate_range(xy, spatial_key)
     return xy
+
+
+def _warn_one_cell_tissues(groups: np.ndarray, strata: np.ndarray, spatial_key: str) -> None:
+    """Warn when over 5% of the cells of multi-cell slides end up alone in their tissue: they
+    would be embedded without context (a one-cell slide is a one-cell tissue, no warning)."""
+    alone = (np.bincount(groups)[groups] == 1) & (np.bincount(strata)[strata] > 1)
+    n_alone = int(alone.sum())
+    if n_alone >= 2 and n_alone > 0.05 * len(groups):
+        warnings.warn(
+            f"assign_tissues: {n_alone} of {len(groups)} cells are alone in their tissue (no "
+            f"spatial neighbour within their slide), so the model sees them without context. "
+            f"Check adata.obsm[{spatial_key!r}] (the spatial_key), pass library_key so that "
+            "each slide is cut on its own, or use spatial_key=None to group cells by sample.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 @contextmanager
@@ -365,7 +385,8 @@ def _spatial_graph(xy: np.ndarray, strata: np.ndarray, n_neighs: int) -> sp.csr_
         offs = np.arange(reps.sum()) - np.repeat(np.cumsum(reps) - reps, reps)
         rows.append(np.repeat(small, reps))
         cols.append(small[np.repeat(first, reps) + offs])
-    r, c = np.concatenate(rows), np.concatenate(cols)
+    same_r, same_c = _same_position_edges(xy, strata)
+    r, c = np.concatenate([*rows, same_r]), np.concatenate([*cols, same_c])
     keep = r != c
     r, c = r[keep], c[keep]
     g = sp.csr_matrix(
@@ -373,6 +394,22 @@ def _spatial_graph(xy: np.ndarray, strata: np.ndarray, n_neighs: int) -> sp.csr_
     )
     g.data[:] = 1
     return g
+
+
+def _same_position_edges(xy: np.ndarray, strata: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Edges chaining the cells of one stratum at exactly the same position, in cell order.
+
+    A kNN graph among many identical points is arbitrary (every cell has the same distance
+    to all of them, so most pick the same few neighbours) and would leave most of them without
+    an edge inside their bisection leaf: one-cell tissues. The bisection splits identical points
+    by cell order, so a chain in cell order keeps each leaf's share of them connected.
+    """
+    keys = np.column_stack([strata.astype(np.float64), xy])
+    _, position = np.unique(keys, axis=0, return_inverse=True)
+    position = position.ravel()
+    order = np.lexsort((np.arange(len(position)), position))  # by position, then cell order
+    chained = position[order[1:]] == position[order[:-1]]
+    return order[:-1][chained], order[1:][chained]
 
 
 def _bisect(xy: np.ndarray, labels: np.ndarray, max_cells: int) -> np.ndarray:
