@@ -27,11 +27,6 @@ from lightning.pytorch import LightningDataModule
 from scvi import settings
 from torch.utils.data import Dataset, Sampler
 
-from .._validation import (
-    check_batch_size,
-    check_drop_node_rate,
-    check_loader_options,
-)
 from .._constants import (
     BATCH_KEY,
     LOSS_MASK_KEY,
@@ -41,6 +36,11 @@ from .._constants import (
     TISSUE_INDEX_KEY,
     TISSUE_KEY,
     X_KEY,
+)
+from .._validation import (
+    check_batch_size,
+    check_drop_node_rate,
+    check_loader_options,
 )
 from ..pp._tissues import local_regions
 from ._resume import ResumableLoader
