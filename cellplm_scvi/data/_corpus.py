@@ -179,11 +179,12 @@ class CorpusDataset(Dataset):
             info = self.files[k]
             handle = _open_h5ad(info.path)
             matrix = _matrix(handle, info.layer, info.path)
-            if tuple(matrix.shape) != (info.n_obs, info.n_genes):
+            shape = tuple(matrix.shape)
+            if shape != (info.n_obs, info.n_genes):
                 handle.close()
                 raise ValueError(
                     f"Corpus file {info.path!r} changed after the TissueCorpus was built: its "
-                    f"counts are {tuple(matrix.shape)} cells x genes, the corpus was built with "
+                    f"counts are {shape} cells x genes, the corpus was built with "
                     f"{(info.n_obs, info.n_genes)}. Build the TissueCorpus again (a new "
                     "TissueCorpus(files, ...)) after rewriting a file."
                 )
