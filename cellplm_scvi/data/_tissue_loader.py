@@ -388,8 +388,7 @@ class TissueDataLoader(ResumableLoader):
     Accepts the keyword arguments scvi-tools passes to a data loader; ``batch_size`` is the
     cap on cells per step (``None``: whole tissues). Counts always come as a sparse CSR tensor
     and every registered field is read, so ``drop_last=True``, ``load_sparse_tensor=False``
-    and ``data_and_attributes`` raise a ``ValueError`` (see
-    :func:`~cellplm_scvi._validation.check_loader_options`).
+    and ``data_and_attributes`` raise a ``ValueError``.
 
     With ``context=True`` (inference), every tissue holding one of ``indices`` is read whole, so
     that each cell is encoded with the cells of its tissue as registered, and a ``"requested"``

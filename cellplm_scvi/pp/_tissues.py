@@ -128,7 +128,10 @@ def assign_tissues(
     component stays on its own when it has no edge to another group (a slide, or a piece of a
     slide, that is disconnected in the kNN graph) or when every adjacent group is too full to
     take it. Slides with at most ``n_neighs`` cells use the complete graph (kNN with
-    ``k = n_cells - 1``). The result does not depend on ``seed``.
+    ``k = n_cells - 1``). Cells at exactly the same position are also chained together in
+    the graph, so repeated coordinates still give whole tissues. A ``UserWarning`` says when
+    over 5% of the cells of multi-cell slides are alone in their tissue (without context).
+    The result does not depend on ``seed``.
 
     **Without coordinates** (``spatial_key=None``), each sample (each ``batch_key`` value, within
     each ``library_key`` value; all cells when neither is given) is one tissue, as in the official
