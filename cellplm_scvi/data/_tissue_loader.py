@@ -540,6 +540,10 @@ class TissueDataSplitter(LightningDataModule):
         **loader_kwargs,
     ):
         super().__init__()
+        self.max_cells_per_step = check_batch_size(
+            max_cells_per_step, "batch_size (max_cells_per_step)"
+        )
+        self.drop_node_rate = check_drop_node_rate(drop_node_rate)
         if pack_tissues and not max_cells_per_step:
             raise ValueError(
                 "pack_tissues=True needs max_cells_per_step, the cell budget of a packed step."
@@ -563,10 +567,6 @@ class TissueDataSplitter(LightningDataModule):
             loader_kwargs.get("data_and_attributes"),
         )
         self.loader_kwargs = loader_kwargs
-        self.max_cells_per_step = check_batch_size(
-            max_cells_per_step, "batch_size (max_cells_per_step)"
-        )
-        self.drop_node_rate = check_drop_node_rate(drop_node_rate)
         self.distributed_sampler = distributed_sampler
 
         if split_by not in ("tissues", "cells"):
