@@ -407,12 +407,10 @@ def _same_position_edges(xy: np.ndarray, strata: np.ndarray) -> tuple[np.ndarray
     an edge inside their bisection leaf: one-cell tissues. The bisection splits identical points
     by cell order, so a chain in cell order keeps each leaf's share of them connected.
     """
-    keys = np.column_stack([strata.astype(np.float64), xy])
-    _, position = np.unique(keys, axis=0, return_inverse=True)
-    position = position.ravel()
-    order = np.lexsort((np.arange(len(position)), position))  # by position, then cell order
-    chained = position[order[1:]] == position[order[:-1]]
-    return order[:-1][chained], order[1:][chained]
+    order = np.lexsort((xy[:, 1], xy[:, 0], strata))  # stable: ties keep cell order
+    before, after = order[:-1], order[1:]
+    chained = (strata[after] == strata[before]) & (xy[after] == xy[before]).all(axis=1)
+    return before[chained], after[chained]
 
 
 def _bisect(xy: np.ndarray, labels: np.ndarray, max_cells: int) -> np.ndarray:
