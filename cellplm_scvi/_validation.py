@@ -7,6 +7,7 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 _CHUNK_ROWS = 10_000
+MAX_COORDINATE = 1e30  # coordinates are read as float32 (max 3.4e38) and their squares as float64
 
 
 def _stored_values(x, start: int, stop: int) -> np.ndarray:
@@ -84,4 +85,108 @@ def check_spatial(adata: AnnData, spatial_key: str) -> None:
         raise ValueError(
             f"adata.obsm[{spatial_key!r}] has NaN or infinite coordinates for {bad.sum()} cells; "
             "drop those cells (adata = adata[finite_mask].copy()) or fill their coordinates."
+        )
+    check_coordinate_range(coords[:, :2], spatial_key)
+
+
+def check_coordinate_range(coords: np.ndarray, spatial_key: str) -> None:
+    """Raise ``ValueError`` if finite coordinates are too large for float32 and squared distances.
+
+    Coordinates become float32 tensors in the model and squared distances in the spatial graph,
+    so values beyond :data:`MAX_COORDINATE` would overflow to infinity.
+    """
+    largest = float(np.abs(np.asarray(coords, dtype=np.float64)).max(initial=0.0))
+    if largest > MAX_COORDINATE:
+        raise ValueError(
+            f"adata.obsm[{spatial_key!r}] (spatial_key) has coordinates up to {largest:.3g}; they "
+            f"must be at most {MAX_COORDINATE:.0e} in absolute value (they are read as float32). "
+            f"Rescale them, e.g. adata.obsm[{spatial_key!r}] = adata.obsm[{spatial_key!r}] / "
+            f"{10 ** np.floor(np.log10(largest)):.0e} (tissues depend on relative positions only)."
+        )
+
+
+def check_batch_size(batch_size, argument: str = "batch_size") -> int | None:
+    """``None`` or a positive integer (cells per forward pass or training step)."""
+    if batch_size is None:
+        return None
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer):
+        raise ValueError(
+            f"{argument} must be a positive integer (cells per step) or None (whole tissues), "
+            f"got {batch_size!r}."
+        )
+    if batch_size < 1:
+        raise ValueError(
+            f"{argument} must be a positive integer (cells per step) or None (whole tissues), "
+            f"got {batch_size}."
+        )
+    return int(batch_size)
+
+
+def check_indices(indices, n_obs: int) -> np.ndarray:
+    """Row positions (int64) from ``None`` (all rows), integer positions or a boolean mask.
+
+    Raises ``ValueError`` for an empty selection, non-integer values (``2.5`` would silently
+    become row 2) and positions outside ``[0, n_obs)``.
+    """
+    if indices is None:
+        return np.arange(n_obs)
+    indices = np.asarray(indices)
+    if indices.dtype == bool:
+        if indices.shape != (n_obs,):
+            raise ValueError(
+                f"A boolean indices mask must have one entry per cell ({n_obs}), got shape "
+                f"{indices.shape}."
+            )
+        indices = np.flatnonzero(indices)
+    elif indices.size and not np.issubdtype(indices.dtype, np.integer):
+        raise ValueError(
+            f"indices must be integer row positions or a boolean mask, got {indices.dtype} "
+            f"values (e.g. {indices.reshape(-1)[:3].tolist()}); convert them with "
+            "np.asarray(indices, dtype=int) if they are whole numbers."
+        )
+    if indices.ndim != 1:
+        raise ValueError(f"indices must be one-dimensional, got shape {indices.shape}.")
+    if indices.size == 0:
+        raise ValueError(
+            "indices selects no cell; pass at least one row position (indices=None: all cells)."
+        )
+    if indices.min() < 0 or indices.max() >= n_obs:
+        raise ValueError(f"indices must be row positions in [0, {n_obs}).")
+    return indices.astype(np.int64, copy=False)
+
+
+def check_drop_node_rate(drop_node_rate: float) -> float:
+    """The fraction of a tissue's cells left out per training step: a number in ``[0, 1)``."""
+    if isinstance(drop_node_rate, bool) or not isinstance(drop_node_rate, int | float | np.number):
+        raise ValueError(f"drop_node_rate must be a number in [0, 1), got {drop_node_rate!r}.")
+    if not 0 <= drop_node_rate < 1:
+        raise ValueError(
+            f"drop_node_rate must be in [0, 1) (the fraction of a tissue's cells left out at "
+            f"each training step; 0: none), got {drop_node_rate}."
+        )
+    return float(drop_node_rate)
+
+
+def check_loader_options(drop_last, load_sparse_tensor, data_and_attributes) -> None:
+    """Refuse scvi-tools data-loader options that a tissue loader cannot honour.
+
+    A tissue minibatch holds a whole tissue (its size is the tissue's), its counts are always
+    a sparse CSR tensor and every registered field is read (the module needs the tissue codes).
+    """
+    if drop_last:
+        raise ValueError(
+            f"drop_last={drop_last!r} is not supported: a CellPLM minibatch is one tissue, of its "
+            "own size, so there is no incomplete last batch to drop. Leave drop_last out; to "
+            "leave small tissues out, subset adata before setup_anndata."
+        )
+    if load_sparse_tensor is False:
+        raise ValueError(
+            "load_sparse_tensor=False is not supported: CellPLM always reads counts as a sparse "
+            "CSR tensor (the embedder sums over each cell's stored genes). Leave "
+            "load_sparse_tensor out (or pass True)."
+        )
+    if data_and_attributes is not None:
+        raise ValueError(
+            "data_and_attributes is not supported: CellPLM's loader reads every registered field "
+            "(the module needs the tissue codes and coordinates). Leave it out."
         )

@@ -23,6 +23,7 @@ import logging
 import os
 import uuid
 import warnings
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,7 @@ from .._constants import (
     X_KEY,
 )
 from .._genes import align_genes, available_configs, official_config
+from .._validation import check_batch_size, check_drop_node_rate
 from ..pp._tissues import assign_tissues
 from ._resume import ResumableLoader
 from ._tissue_loader import TissueBatchSampler, _is_packed, _to_csr_tensor, pack_minibatches
@@ -176,7 +178,17 @@ class CorpusDataset(Dataset):
         if k not in self._handles:
             info = self.files[k]
             handle = _open_h5ad(info.path)
-            self._handles[k] = (handle, _matrix(handle, info.layer, info.path))
+            matrix = _matrix(handle, info.layer, info.path)
+            shape = tuple(matrix.shape)
+            if shape != (info.n_obs, info.n_genes):
+                handle.close()
+                raise ValueError(
+                    f"Corpus file {info.path!r} changed after the TissueCorpus was built: its "
+                    f"counts are {shape} cells x genes, the corpus was built with "
+                    f"{(info.n_obs, info.n_genes)}. Build the TissueCorpus again (a new "
+                    "TissueCorpus(files, ...)) after rewriting a file."
+                )
+            self._handles[k] = (handle, matrix)
         return self._handles[k][1]
 
     def _coordinates(self, k: int, rows: np.ndarray) -> np.ndarray:
@@ -337,6 +349,8 @@ class TissueCorpus(LightningDataModule):
                 "pack_tissues=True needs max_cells_per_step, the cell budget of a packed step "
                 "(e.g. 8 * max_cells)."
             )
+        check_batch_size(max_cells_per_step, "max_cells_per_step")
+        check_drop_node_rate(drop_node_rate)
         self.pack_tissues = pack_tissues
         self.vocabulary = self._vocabulary(vocabulary)
         self.seed, self.max_cells, self.validation_size = seed, max_cells, validation_size
@@ -500,11 +514,9 @@ class TissueCorpus(LightningDataModule):
         """(n_obs,) int64 tissue code per cell of one file, from the cache or computed."""
         digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
         cache = self.cache_dir / f"{digest}.npz"
-        if cache.exists():  # complete if there: written whole, then renamed (below)
-            with np.load(cache) as stored:
-                codes = stored["tissue"]
-            if len(codes) == len(obs_names):
-                return codes.astype(np.int64), True
+        codes = _read_cache(cache) if cache.exists() else None
+        if codes is not None and len(codes) == len(obs_names):
+            return codes.astype(np.int64), True
         obs = pd.DataFrame(meta, index=obs_names)
         light = AnnData(obs=obs, obsm={"xy": xy} if xy is not None else None)  # no X
         max_cells = self.max_cells
@@ -703,6 +715,17 @@ class TissueCorpus(LightningDataModule):
     def teardown(self, stage: str | None = None) -> None:
         """Close the file handles of the main process."""
         self.dataset.close()
+
+
+def _read_cache(cache: Path) -> np.ndarray | None:
+    """The tissue codes of a cache file, or ``None`` (with a warning in the log) when it cannot
+    be read (truncated, empty, or not written by this module): the tissues are then rebuilt."""
+    try:
+        with np.load(cache) as stored:
+            return np.asarray(stored["tissue"])
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        logger.warning("Tissue cache %s is unreadable (%s); rebuilding it.", cache, e)
+        return None
 
 
 def _file_labels(paths: list[str]) -> list[str]:

@@ -38,6 +38,11 @@ from .._constants import (
     X_KEY,
 )
 from .._geometry import local_regions
+from .._validation import (
+    check_batch_size,
+    check_drop_node_rate,
+    check_loader_options,
+)
 from ._resume import ResumableLoader
 
 SPLIT_NAMES = {"train": 0, "validation": 1, "valid": 1, "test": 2}  # `split_key` values
@@ -47,9 +52,14 @@ def _to_csr_tensor(x) -> torch.Tensor:
     """Rows read from the AnnData -> float32 CSR tensor, sharing scipy's buffers.
 
     scipy's index dtype is kept (int32 unless the rows hold over 2**31 non-zeros): half the
-    memory of int64 indices, and no copy.
+    memory of int64 indices, and no copy. A matrix with duplicate entries (the same matrix to
+    scipy) is summed first, on a copy: the embedder takes ``log1p`` of each stored value, so
+    the tensor must hold one value per (cell, gene).
     """
     x = sp.csr_matrix(x, dtype=np.float32)
+    if not x.has_canonical_format:  # duplicates, or unsorted genes: never the caller's buffers
+        x = x.copy()
+        x.sum_duplicates()
     index_dtype = np.promote_types(x.indptr.dtype, x.indices.dtype)
     with warnings.catch_warnings():  # torch's "CSR support is in beta" note is not for users
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
@@ -264,6 +274,8 @@ class TissueBatchSampler(Sampler):
         redraw: tuple[np.ndarray, np.ndarray, int | None] | None = None,
         pack_tissues: bool = False,
     ):
+        drop_node_rate = check_drop_node_rate(drop_node_rate)
+        max_cells = check_batch_size(max_cells, "max_cells (batch_size)")
         if pack_tissues:
             if not shuffle or requested is not None:
                 raise ValueError(
@@ -374,7 +386,9 @@ class TissueDataLoader(ResumableLoader):
     (``load_state_dict()``; see ``start`` of :class:`TissueBatchSampler`).
 
     Accepts the keyword arguments scvi-tools passes to a data loader; ``batch_size`` is the
-    cap on cells per step (``None``: whole tissues).
+    cap on cells per step (``None``: whole tissues). Counts always come as a sparse CSR tensor
+    and every registered field is read, so ``drop_last=True``, ``load_sparse_tensor=False``
+    and ``data_and_attributes`` raise a ``ValueError``.
 
     With ``context=True`` (inference), every tissue holding one of ``indices`` is read whole, so
     that each cell is encoded with the cells of its tissue as registered, and a ``"requested"``
@@ -402,15 +416,17 @@ class TissueDataLoader(ResumableLoader):
         distributed_sampler: bool = False,
         seed: int | None = None,
         drop_last: bool = False,
-        load_sparse_tensor: bool = False,
+        load_sparse_tensor: bool | None = None,
         pin_memory: bool = False,
-        data_and_attributes=None,
+        data_and_attributes: list | dict | None = None,
         context: bool = False,
         loss_rows: np.ndarray | None = None,
         redraw_tissues: bool | int = False,
         pack_tissues: bool = False,
         **kwargs,
     ):
+        check_loader_options(drop_last, load_sparse_tensor, data_and_attributes)
+        batch_size = check_batch_size(batch_size)
         n_obs = adata_manager.adata.n_obs
         indices = np.arange(n_obs) if indices is None else np.asarray(indices)
         if indices.dtype == bool:
@@ -524,6 +540,10 @@ class TissueDataSplitter(LightningDataModule):
         **loader_kwargs,
     ):
         super().__init__()
+        self.max_cells_per_step = check_batch_size(
+            max_cells_per_step, "batch_size (max_cells_per_step)"
+        )
+        self.drop_node_rate = check_drop_node_rate(drop_node_rate)
         if pack_tissues and not max_cells_per_step:
             raise ValueError(
                 "pack_tissues=True needs max_cells_per_step, the cell budget of a packed step."
@@ -531,10 +551,22 @@ class TissueDataSplitter(LightningDataModule):
         self.pack_tissues = pack_tissues
         self.adata_manager = adata_manager
         self.redraw_tissues = redraw_tissues
-        for unused in ("batch_size", "load_sparse_tensor", "drop_last", "drop_dataset_tail"):
-            loader_kwargs.pop(unused, None)
+        if "batch_size" in loader_kwargs:
+            raise ValueError(
+                "batch_size in datasplitter_kwargs is not read: the cells per training step are "
+                "train(batch_size=...) (max_cells_per_step of the splitter)."
+            )
+        if loader_kwargs.pop("drop_dataset_tail", False):
+            raise ValueError(
+                "drop_dataset_tail=True is not supported: the tissue sampler gives every DDP rank "
+                "the same number of steps itself. Leave it out."
+            )
+        check_loader_options(
+            loader_kwargs.get("drop_last", False),
+            loader_kwargs.get("load_sparse_tensor"),
+            loader_kwargs.get("data_and_attributes"),
+        )
         self.loader_kwargs = loader_kwargs
-        self.max_cells_per_step, self.drop_node_rate = max_cells_per_step, drop_node_rate
         self.distributed_sampler = distributed_sampler
 
         if split_by not in ("tissues", "cells"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 from scvi.data._constants import _ADATA_MINIFY_TYPE_UNS_KEY
 
 
@@ -41,6 +42,6 @@ class MinifyMixin:
         mini.uns[_ADATA_MINIFY_TYPE_UNS_KEY] = minified_data_type
         mini.obsm[self._LATENT_QZM_KEY] = self.adata.obsm[use_latent_qzm_key]
         mini.obsm[self._LATENT_QZV_KEY] = self.adata.obsm[use_latent_qzv_key]
-        mini.obs[self._OBSERVED_LIB_SIZE_KEY] = library
+        mini.obs[self._OBSERVED_LIB_SIZE_KEY] = np.rint(library).astype(np.int64)  # as scvi-tools
         self._update_adata_and_manager_post_minification(mini, minified_data_type)
         self.module.minified_data_type = minified_data_type

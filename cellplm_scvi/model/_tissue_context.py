@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 from anndata import AnnData
 
+from .._validation import check_batch_size, check_indices
 from ..data import TissueDataLoader
 
 _AUTOCAST = {"32": torch.float32, "bf16": torch.bfloat16, "16": torch.float16}
@@ -67,12 +68,12 @@ class TissueContextMixin:
         if data_loader_class not in (None, TissueDataLoader):
             raise ValueError("CellPLM reads tissues with its TissueDataLoader only.")
         self.module.eval()  # inference: no masking, no dropout (`train` switches back)
-        for key in ("data_and_attributes", "iter_ndarray", "load_sparse_tensor"):
-            data_loader_kwargs.pop(key, None)  # scvi-tools' loader options; ours reads all keys
+        data_loader_kwargs.pop("iter_ndarray", None)  # scvi-tools' option; the loader refuses
+        # the options it cannot honour (drop_last, load_sparse_tensor=False, data_and_attributes)
         return TissueDataLoader(
             self.get_anndata_manager(adata, required=True),
-            indices=_as_indices(indices, adata.n_obs),
-            batch_size=batch_size,
+            indices=check_indices(indices, adata.n_obs),
+            batch_size=check_batch_size(batch_size),
             context=True,
             **data_loader_kwargs,
         )
@@ -82,7 +83,8 @@ class TissueContextMixin:
     ) -> tuple[AnnData, np.ndarray, np.ndarray]:
         """(validated adata, requested rows in emission order, caller position -> emission)."""
         adata = self._validate_anndata(adata)
-        indices = _as_indices(indices, adata.n_obs)
+        indices = check_indices(indices, adata.n_obs)
+        batch_size = check_batch_size(batch_size)
         emitted = self._make_data_loader(adata, indices, batch_size).emission_order()
         return adata, emitted, _positions(emitted, indices, adata.n_obs)
 
@@ -364,7 +366,7 @@ class TissueContextMixin:
         out = (out[:, back] if out.ndim == 3 else out[back])[..., order]
         if return_numpy or out.ndim == 3:
             return out
-        names = adata.obs_names[_as_indices(indices, adata.n_obs)]
+        names = adata.obs_names[check_indices(indices, adata.n_obs)]
         return pd.DataFrame(out, index=names, columns=pd.Index(gene_list))
 
     def _check_decoded(self, adata: AnnData, gene_list: Sequence[str] | None) -> list[str]:
@@ -506,19 +508,6 @@ class TissueContextMixin:
             for tensors in self._make_data_loader(adata, emitted, batch_size)
         ]
         return torch.cat(libraries).numpy()[back]
-
-
-def _as_indices(indices, n_obs: int) -> np.ndarray:
-    if indices is None:
-        return np.arange(n_obs)
-    indices = np.asarray(indices)
-    if indices.dtype == bool:
-        if len(indices) != n_obs:
-            raise ValueError(f"A boolean indices mask must have {n_obs} entries.")
-        return np.flatnonzero(indices)
-    if indices.size and (indices.min() < 0 or indices.max() >= n_obs):
-        raise ValueError(f"indices must be row positions in [0, {n_obs}).")
-    return indices.astype(np.int64, copy=False)
 
 
 def _positions(emitted: np.ndarray, indices: np.ndarray, n_obs: int) -> np.ndarray:

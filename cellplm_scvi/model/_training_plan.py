@@ -19,6 +19,12 @@ from .._constants import LABELS_KEY
 from ..nn import GMVAELatent
 
 CHECKPOINT_KEY = "cellplm_training_plan"  # what this plan adds to a Lightning checkpoint
+SCANVI_METRICS = (  # scvi-tools' SemiSupervisedTrainingPlan names, logged with a head
+    "validation_classification_loss",
+    "validation_accuracy",
+    "validation_f1_score",
+    "validation_calibration_error",
+)
 
 
 def _numpy_rng_state() -> tuple:
@@ -260,22 +266,27 @@ class CellPLMTrainingPlan(TrainingPlan):
         if in_loss is not None:
             rows = rows & in_loss.to(rows.device)
         logits = self._last_inference["logits"]
-        self._val_predictions.append((logits[rows].argmax(-1).cpu(), labels[rows].cpu()))
+        self._val_predictions.append((logits[rows].float().cpu(), labels[rows].cpu()))
 
     def on_validation_epoch_end(self):
-        """Log ``validation_f1`` (torchmetrics' macro-F1, the official metric) and keep the
-        best state."""
+        """Log the head's validation metrics and keep the best state.
+
+        ``validation_f1``: torchmetrics' macro-F1, the official metric. scvi-tools' SCANVI
+        names with its definitions (torchmetrics, micro-averaged): ``validation_accuracy``,
+        ``validation_f1_score``, ``validation_calibration_error`` (15 bins, L1) and
+        ``validation_classification_loss`` (mean cross-entropy). All are computed over the
+        epoch's validation cells together (SCANVI averages per-minibatch values).
+        """
         scores = {}
         if self._val_losses:  # official: the mean over validation steps
             scores["validation_loss"] = sum(self._val_losses) / len(self._val_losses)
         if self._val_predictions:
-            from torchmetrics.functional.classification import multiclass_f1_score
-
-            pred, true = (torch.cat(t) for t in zip(*self._val_predictions))
+            logits, true = (torch.cat(t) for t in zip(*self._val_predictions))
             if len(true):
-                f1 = multiclass_f1_score(pred, true, self.module.n_labels, average="macro")
-                scores["validation_f1"] = f1.item()
+                scores.update(self._classification_scores(logits, true))
                 self.log("validation_f1", scores["validation_f1"], on_epoch=True, prog_bar=True)
+                for name in SCANVI_METRICS:
+                    self.log(name, scores[name], on_epoch=True)
         self._val_losses, self._val_predictions = [], []
         if self.keep_best_state is None or self.trainer.sanity_checking:
             return
@@ -290,6 +301,27 @@ class CellPLMTrainingPlan(TrainingPlan):
         if self.best_score is None or score >= self.best_score:  # official: ties replace
             self.best_score, self.best_epoch = score, self.current_epoch
             self.best_state = copy.deepcopy(self.module.state_dict())
+
+    def _classification_scores(self, logits: torch.Tensor, true: torch.Tensor) -> dict:
+        """``validation_f1`` and :data:`SCANVI_METRICS` of (n, n_labels) logits and labels."""
+        from torchmetrics.functional import classification as tmf
+
+        n_labels, pred = self.module.n_labels, logits.argmax(-1)
+        return {
+            "validation_f1": tmf.multiclass_f1_score(pred, true, n_labels, average="macro").item(),
+            "validation_classification_loss": torch.nn.functional.cross_entropy(
+                logits, true
+            ).item(),
+            "validation_accuracy": tmf.multiclass_accuracy(
+                pred, true, n_labels, average="micro"
+            ).item(),
+            "validation_f1_score": tmf.multiclass_f1_score(
+                pred, true, n_labels, average="micro"
+            ).item(),
+            "validation_calibration_error": tmf.multiclass_calibration_error(
+                logits, true, n_labels
+            ).item(),
+        }
 
     def on_train_end(self):
         """Load the best validation epoch's state (``keep_best_state``)."""

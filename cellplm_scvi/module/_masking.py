@@ -47,7 +47,13 @@ def sample_mask(
 
 
 def apply_mask(x: torch.Tensor, mask: TissueMask) -> torch.Tensor:
-    """Zero the hidden entries of ``x`` (N, G), dense or sparse CSR; returns a new tensor."""
+    """Zero the hidden entries of ``x`` (N, G), dense or sparse CSR; returns a new tensor.
+
+    An empty mask (no cell; e.g. a niche read-out pass of a tissue with fewer cells than
+    passes) returns ``x`` unchanged.
+    """
+    if len(mask.cells) == 0:
+        return x.clone()
     if x.layout != torch.sparse_csr:
         x = x.clone()
         x[mask.cells] = x[mask.cells].masked_fill(mask.entries, 0.0)

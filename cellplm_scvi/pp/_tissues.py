@@ -19,6 +19,8 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 
+from .._validation import check_coordinate_range
+
 if TYPE_CHECKING:
     from anndata import AnnData
 
@@ -104,7 +106,10 @@ def assign_tissues(
     component stays on its own when it has no edge to another group (a slide, or a piece of a
     slide, that is disconnected in the kNN graph) or when every adjacent group is too full to
     take it. Slides with at most ``n_neighs`` cells use the complete graph (kNN with
-    ``k = n_cells - 1``). The result does not depend on ``seed``.
+    ``k = n_cells - 1``). Cells at exactly the same position are also chained together in
+    the graph, so repeated coordinates still give whole tissues. A ``UserWarning`` says when
+    over 5% of the cells of multi-cell slides are alone in their tissue (without context).
+    The result does not depend on ``seed``.
 
     **Without coordinates** (``spatial_key=None``), each sample (each ``batch_key`` value, within
     each ``library_key`` value; all cells when neither is given) is one tissue, as in the official
@@ -186,6 +191,7 @@ def assign_tissues(
     if spatial_key is not None:
         xy = _coordinates(adata, spatial_key)
         groups = _spatial_groups(xy, strata, max_cells=int(max_cells), n_neighs=int(n_neighs))
+        _warn_one_cell_tissues(groups, strata, spatial_key)
         method = "bisect+components"
     elif max_cells is None:
         groups, method = strata.copy(), "whole_samples"  # one tissue per sample
@@ -272,7 +278,24 @@ def _coordinates(adata: AnnData, spatial_key: str) -> np.ndarray:
             f"`adata = adata[np.isfinite(adata.obsm[{spatial_key!r}]).all(1)].copy()`) or fill "
             f"their coordinates."
         )
+    check_coordinate_range(xy, spatial_key)
     return xy
+
+
+def _warn_one_cell_tissues(groups: np.ndarray, strata: np.ndarray, spatial_key: str) -> None:
+    """Warn when over 5% of the cells of multi-cell slides end up alone in their tissue: they
+    would be embedded without context (a one-cell slide is a one-cell tissue, no warning)."""
+    alone = (np.bincount(groups)[groups] == 1) & (np.bincount(strata)[strata] > 1)
+    n_alone = int(alone.sum())
+    if n_alone >= 2 and n_alone > 0.05 * len(groups):
+        warnings.warn(
+            f"assign_tissues: {n_alone} of {len(groups)} cells are alone in their tissue (no "
+            f"spatial neighbour within their slide), so the model sees them without context. "
+            f"Check adata.obsm[{spatial_key!r}] (the spatial_key), pass library_key so that "
+            "each slide is cut on its own, or use spatial_key=None to group cells by sample.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 @contextmanager
@@ -343,7 +366,8 @@ def _spatial_graph(xy: np.ndarray, strata: np.ndarray, n_neighs: int) -> sp.csr_
         offs = np.arange(reps.sum()) - np.repeat(np.cumsum(reps) - reps, reps)
         rows.append(np.repeat(small, reps))
         cols.append(small[np.repeat(first, reps) + offs])
-    r, c = np.concatenate(rows), np.concatenate(cols)
+    same_r, same_c = _same_position_edges(xy, strata)
+    r, c = np.concatenate([*rows, same_r]), np.concatenate([*cols, same_c])
     keep = r != c
     r, c = r[keep], c[keep]
     g = sp.csr_matrix(
@@ -351,6 +375,20 @@ def _spatial_graph(xy: np.ndarray, strata: np.ndarray, n_neighs: int) -> sp.csr_
     )
     g.data[:] = 1
     return g
+
+
+def _same_position_edges(xy: np.ndarray, strata: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Edges chaining the cells of one stratum at exactly the same position, in cell order.
+
+    A kNN graph among many identical points is arbitrary (every cell has the same distance
+    to all of them, so most pick the same few neighbours) and would leave most of them without
+    an edge inside their bisection leaf: one-cell tissues. The bisection splits identical points
+    by cell order, so a chain in cell order keeps each leaf's share of them connected.
+    """
+    order = np.lexsort((xy[:, 1], xy[:, 0], strata))  # stable: ties keep cell order
+    before, after = order[:-1], order[1:]
+    chained = (strata[after] == strata[before]) & (xy[after] == xy[before]).all(axis=1)
+    return before[chained], after[chained]
 
 
 def _bisect(xy: np.ndarray, labels: np.ndarray, max_cells: int) -> np.ndarray:
