@@ -522,6 +522,11 @@ class TissueDataSplitter(LightningDataModule):
         ``library_key`` slide, else batch, of this many cells, or for ``True`` of the
         registered tissues' mean size; see
         ``redraw`` of :class:`TissueBatchSampler`); validation and test keep the registered ones.
+    batch_size
+        What scvi-tools' ``train`` passes to every splitter (its ``batch_size``, or
+        ``scvi.settings.batch_size`` for ``None``). Not a cell count here: the cells per step
+        are ``max_cells_per_step``, which :meth:`CellPLM.train` sets from its own
+        ``batch_size``.
     """
 
     def __init__(
@@ -537,9 +542,11 @@ class TissueDataSplitter(LightningDataModule):
         split_key: str | None = None,
         redraw_tissues: bool | int = False,
         pack_tissues: bool = False,
+        batch_size: int | None = None,
         **loader_kwargs,
     ):
         super().__init__()
+        del batch_size  # scvi-tools' train hands every splitter its batch_size: see the docstring
         self.max_cells_per_step = check_batch_size(
             max_cells_per_step, "batch_size (max_cells_per_step)"
         )
@@ -551,11 +558,6 @@ class TissueDataSplitter(LightningDataModule):
         self.pack_tissues = pack_tissues
         self.adata_manager = adata_manager
         self.redraw_tissues = redraw_tissues
-        if "batch_size" in loader_kwargs:
-            raise ValueError(
-                "batch_size in datasplitter_kwargs is not read: the cells per training step are "
-                "train(batch_size=...) (max_cells_per_step of the splitter)."
-            )
         if loader_kwargs.pop("drop_dataset_tail", False):
             raise ValueError(
                 "drop_dataset_tail=True is not supported: the tissue sampler gives every DDP rank "

@@ -38,6 +38,7 @@ from scvi.model.base import UnsupervisedTrainingMixin
 from scvi.train import TrainRunner
 from scvi.train._config import merge_kwargs
 
+from .._validation import check_loader_options
 from ._presets import resolve_redraw_tissues
 from ._registry_data import training_on
 
@@ -92,7 +93,7 @@ class TrainingMixin(UnsupervisedTrainingMixin):
         train_size: float | None = None,
         validation_size: float | None = None,
         shuffle_set_split: bool = True,
-        load_sparse_tensor: bool = False,
+        load_sparse_tensor: bool | None = None,
         batch_size: int | None = 4000,
         early_stopping: bool = False,
         datasplitter_kwargs: dict | None = None,
@@ -127,8 +128,8 @@ class TrainingMixin(UnsupervisedTrainingMixin):
         shuffle_set_split
             Shuffle tissues before splitting them (``False``: in tissue-code order).
         load_sparse_tensor
-            Accepted for scvi-tools compatibility: CellPLM always loads counts as sparse CSR
-            tensors.
+            CellPLM always loads counts as sparse CSR tensors: ``None`` (default) or ``True``;
+            ``False`` raises.
         batch_size
             Cap on cells per training step: larger tissues are subsampled at each step
             (official ``max_batch_size``). ``None``: whole tissues.
@@ -235,6 +236,14 @@ class TrainingMixin(UnsupervisedTrainingMixin):
             trainer_kwargs["checkpoint_dir"] = checkpoint_dir
         if use_distributed_sampler(trainer_kwargs.get("strategy")):
             trainer_kwargs.setdefault("use_distributed_sampler", False)  # our sampler shards
+        datasplitter_kwargs = dict(datasplitter_kwargs or {})
+        if "batch_size" in datasplitter_kwargs:
+            raise ValueError(
+                "batch_size in datasplitter_kwargs is not read: the cells per training step are "
+                "train(batch_size=...) (max_cells_per_step of the splitter)."
+            )
+        load_sparse_tensor = datasplitter_kwargs.pop("load_sparse_tensor", load_sparse_tensor)
+        check_loader_options(False, load_sparse_tensor, None)
         if datamodule is None:  # scvi-tools builds the splitter with these
             setup_args = self.adata_manager.registry["setup_args"]
             datasplitter_kwargs = {
@@ -242,7 +251,7 @@ class TrainingMixin(UnsupervisedTrainingMixin):
                 "drop_node_rate": drop_node_rate,
                 "redraw_tissues": resolve_redraw_tissues(self._preset, setup_args, redraw_tissues),
                 **({"pack_tissues": True} if pack_tissues else {}),
-                **(datasplitter_kwargs or {}),
+                **datasplitter_kwargs,
             }
         plan_kwargs = {"lr": lr, **merge_kwargs(plan_config, plan_kwargs, name="plan")}
         if gradient_clip_val is not None:
