@@ -12,6 +12,7 @@ from anndata import AnnData
 
 from .. import _checkpoint
 from .._genes import official_config
+from ..official._download import official_files
 
 if TYPE_CHECKING:
     from ._cellplm import CellPLM
@@ -461,7 +462,7 @@ def load_official(
     -------
     The model holding the pretrained weights, in evaluation mode.
     """
-    config_path, ckpt_path = _checkpoint.official_paths(prefix)
+    config_path, ckpt_path = official_files(prefix)  # a name: the cache, else a download
     config = _checkpoint.read_config(config_path)
     replaced, latent = check_overrides(overrides, config)  # before reading a large checkpoint
     state = _checkpoint.read_state_dict(ckpt_path, trust_pickle=trust_pickle)
