@@ -42,6 +42,7 @@ from .._constants import (
     X_KEY,
 )
 from .._genes import align_genes
+from .._quiet import quiet_setup, quiet_training
 from .._validation import check_counts, check_obs_key, check_spatial
 from ..data import TissueDataLoader, TissueDataSplitter
 from ..module import CellPLMModule
@@ -544,7 +545,8 @@ class CellPLM(TissueContextMixin, RNASeqMixin, VAEMixin, BaseMinifiedModeModelCl
         if minify_type is not None:
             fields += cls._get_fields_for_adata_minification(minify_type)
         manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
-        manager.register_fields(adata, **kwargs)
+        with quiet_setup():  # scvi-tools' INFO line naming the coordinates' columns
+            manager.register_fields(adata, **kwargs)
         cls.register_manager(manager)
 
     @staticmethod
@@ -843,6 +845,7 @@ class CellPLM(TissueContextMixin, RNASeqMixin, VAEMixin, BaseMinifiedModeModelCl
         return model
 
     # ------------------------------------------------------------------ training
+    @quiet_training()  # Lightning's hints and two foreign warnings (see cellplm_scvi._quiet)
     def train(
         self,
         max_epochs: int | None = None,
