@@ -658,7 +658,9 @@ class TissueDataSplitter(LightningDataModule):
             return None
         loss_rows = None
         if self.split_by == "cells":  # whole tissues; this split's cells enter the loss
-            loss_rows, indices = whole_tissues(self._codes, indices)
+            marked, whole = whole_tissues(self._codes, indices)
+            if len(whole) > len(indices):  # else whole tissues: no mask, as split_by="tissues"
+                loss_rows, indices = marked, whole
         return TissueDataLoader(
             self.adata_manager,
             indices=indices,
