@@ -162,6 +162,8 @@ def test_not_found_anywhere_says_where_the_weights_come_from(cache, tmp_path):
     ]:
         assert part in message, part
     # a path prefix without its files: the same information, naming that folder
-    with pytest.raises(FileNotFoundError, match="dropbox.com") as info:
-        official_files(str(tmp_path / "ckpt" / NAME))
-    assert str(tmp_path / "ckpt") in str(info.value)
+    for prefix in (NAME, f"{NAME}.best.ckpt"):
+        with pytest.raises(FileNotFoundError, match="dropbox.com") as info:
+            official_files(str(tmp_path / "ckpt" / prefix))
+        assert str(tmp_path / "ckpt") in str(info.value)
+        assert f" {NAME}.config.json and {NAME}.best.ckpt " in str(info.value)

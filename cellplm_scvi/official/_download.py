@@ -67,7 +67,9 @@ class OfficialRelease:
 
 
 OFFICIAL_RELEASES: dict[str, OfficialRelease] = {
-    "20231027_85M": OfficialRelease("VAE latent; the authors' release for cell embedding"),
+    "20231027_85M": OfficialRelease(
+        "VAE latent; used by the authors' embedding and imputation tutorials"
+    ),
     "20230926_85M": OfficialRelease(
         "GMVAE latent; the version the official README calls the latest (10/10/2023)"
     ),
@@ -145,11 +147,14 @@ def official_files(
         return config_path, ckpt_path
     name = _bare_name(str(prefix))
     if name is None:  # a path: the files are not there
-        raise FileNotFoundError(_not_found_message(Path(str(prefix)).name, config_path.parent))
+        stem = config_path.name[: -len(CONFIG_SUFFIX)]
+        raise FileNotFoundError(_not_found_message(stem, config_path.parent))
     cached = _checkpoint.official_paths(cache_dir() / name)
     if cached[0].is_file() and cached[1].is_file():
+        registered = OFFICIAL_RELEASES[name].sha256 if name in OFFICIAL_RELEASES else {}
         for path in cached:
-            _check_registered_hash(name, path)
+            if path.name in registered:  # hashing a large file only where it is checked
+                _check_registered_hash(name, path)
         return cached
     release = OFFICIAL_RELEASES.get(name)
     url = url or os.environ.get(URL_ENV) or (release.url if release else None)
@@ -256,8 +261,8 @@ def _not_found_message(name: str, folder: Path | None) -> str:
         f"The official CellPLM release {name!r}{known} was not found: {config_name} and "
         f"{ckpt_name} are not both in {' or '.join(looked)}.\n"
         f"Source: the authors' Dropbox folder {OFFICIAL_SOURCE} , linked from the README of "
-        f"{OFFICIAL_REPOSITORY} (code under the BSD-2-Clause licence; the weights carry no "
-        "separate licence statement).\n"
+        f"{OFFICIAL_REPOSITORY} (code under the BSD-2-Clause licence; no separate licence "
+        "is stated for the weights).\n"
         f"Files: {config_name} (config and gene list) and {ckpt_name} (weights); sizes are not "
         "published (85M float32 parameters: roughly 0.3-0.4 GB for the checkpoint). Known "
         f"releases: {releases}.\n"
