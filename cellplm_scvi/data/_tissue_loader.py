@@ -507,7 +507,7 @@ def _redraw(adata_manager, indices: np.ndarray, redraw_tissues: bool | int) -> t
 
 
 class TissueDataSplitter(LightningDataModule):
-    """Split tissues, or cells within tissues, into train / validation / test.
+    """Train / validation / test split: cells within every tissue (default), or whole tissues.
 
     Parameters
     ----------
