@@ -31,10 +31,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -223,7 +224,8 @@ def run(
     gpu = accelerator != "cpu" and torch.cuda.is_available()
     say(f"Training for {epochs} epochs on the {'GPU' if gpu else 'CPU'}:")
     torch.set_num_threads(n_threads)
-    model.train(max_epochs=epochs, accelerator=accelerator, enable_progress_bar=verbose)
+    with redirect_stdout(sys.stderr):  # the progress bar: stdout keeps the results alone
+        model.train(max_epochs=epochs, accelerator=accelerator, enable_progress_bar=verbose)
 
     # 4. the embeddings: the cell's own, and its niche read from the rest of its tissue
     adata.obsm[LATENT_KEY] = model.get_latent_representation()

@@ -80,7 +80,9 @@ def _anndata_splitter(**kwargs) -> cp.data.TissueDataSplitter:
     adata.obs["tissue"] = [f"t{i // 10}" for i in range(240)]
     cp.CellPLM.setup_anndata(adata, tissue_key="tissue")
     manager = cp.CellPLM(adata, n_hidden=8, n_layers=1, n_latent=2).adata_manager
-    return cp.data.TissueDataSplitter(manager, train_size=0.75, shuffle_set_split=False, **kwargs)
+    return cp.data.TissueDataSplitter(
+        manager, train_size=0.75, shuffle_set_split=False, split_by="tissues", **kwargs
+    )
 
 
 def _rows(batch) -> tuple[int, ...]:

@@ -7,8 +7,8 @@ come from the same tissue, because cells attend to each other. Three pieces do i
   order, node drop and a cell cap in training; one rank's share under DDP), or, with
   ``pack_tissues=True``, a list of several tissues' rows up to a cell budget;
 - :class:`TissueDataLoader` reads those rows (counts as a sparse CSR tensor);
-- :class:`TissueDataSplitter` splits whole tissues (or, ``split_by="cells"``, the cells within
-  tissues) into train / validation / test.
+- :class:`TissueDataSplitter` splits the cells within every tissue (or, ``split_by="tissues"``,
+  whole tissues) into train / validation / test.
 
 Results are put back in AnnData order through the registered row index ``ind_x``.
 """
@@ -469,6 +469,43 @@ class TissueDataLoader(ResumableLoader):
         return self.tissue_sampler.emission_order()
 
 
+MIN_CELLS_TO_SPLIT = 10  # split_by="cells": smaller tissues go wholly to training
+
+
+def _refuse_unseen_levels(adata_manager, train_idx: np.ndarray) -> None:
+    """``split_by="tissues"``: refuse a split whose training cells miss a batch or
+    categorical covariate level (its decoder row would only ever see held-out tissues)."""
+    columns = {}
+    setup = adata_manager.registry["setup_args"]
+    if setup.get("batch_key") is not None:
+        columns[f"batch_key={setup['batch_key']!r}"] = adata_manager.adata.obs[setup["batch_key"]]
+    for key in setup.get("categorical_covariate_keys") or []:
+        columns[f"categorical covariate {key!r}"] = adata_manager.adata.obs[key]
+    unseen = {}
+    for name, values in columns.items():
+        values = values.astype(str).to_numpy()
+        missing = sorted(set(values) - set(values[train_idx]))
+        if missing:
+            unseen[name] = missing[:5]
+    if not unseen:
+        return
+    without_coords = (
+        SPATIAL_KEY not in adata_manager.data_registry and setup.get("tissue_key") is None
+    )
+    reason = (
+        " Without coordinates the computed tissues are whole batch_key samples (unless "
+        "max_cells cuts them), so holding out a tissue holds out a batch."
+        if without_coords
+        else ""
+    )
+    raise ValueError(
+        f"split_by='tissues' would hold out every cell of {unseen}: those levels' decoder "
+        f"covariate rows would never be trained.{reason} Use the default split_by='cells' "
+        "(validation cells taken within every tissue, trained on as context), or pass "
+        "train_size=1.0 to hold nothing out."
+    )
+
+
 def _redraw(adata_manager, indices: np.ndarray, redraw_tissues: bool | int) -> tuple:
     """``redraw`` of :class:`TissueBatchSampler`: (coordinates, slide code) of ``indices`` and
     the size (an int ``redraw_tissues``, else ``None``). Slides are the ``library_key`` values,
@@ -486,17 +523,17 @@ def _redraw(adata_manager, indices: np.ndarray, redraw_tissues: bool | int) -> t
 
 
 class TissueDataSplitter(LightningDataModule):
-    """Split tissues, or cells within tissues, into train / validation / test.
+    """Train / validation / test split: cells within every tissue (default), or whole tissues.
 
     Parameters
     ----------
     adata_manager
         The model's :class:`~scvi.data.AnnDataManager`.
     train_size
-        Fraction of tissues (or cells) for training (``None``: 0.9, or all when there is one
-        tissue and ``split_by="tissues"``).
+        Fraction of each tissue's cells (or, ``split_by="tissues"``, of the tissues) for
+        training (``None``: 0.9; all tissues when there is one and ``split_by="tissues"``).
     validation_size
-        Fraction of tissues (or cells) for validation (default: the rest).
+        Fraction of each tissue's cells (or of the tissues) for validation (default: the rest).
     max_cells_per_step
         Cap on cells per training step (larger tissues are subsampled each step).
     drop_node_rate
@@ -508,12 +545,19 @@ class TissueDataSplitter(LightningDataModule):
         (see ``pack_tissues`` of :class:`TissueBatchSampler`); validation and test read one
         tissue per step.
     split_by
-        ``"tissues"``: whole tissues go to one split. ``"cells"`` (the official fine-tuning
-        pipelines' ``split_field``): cells of one tissue go to different splits; every loader
-        reads its tissues whole and marks its own split's cells in a ``"loss_mask"``, so
-        validation cells are in the training forward pass (as attention context) but not in
-        the training loss. The cells are split by a random permutation seeded by
-        ``scvi.settings.seed``.
+        ``"cells"`` (default; the official fine-tuning pipelines' ``split_field``): the cells
+        of every tissue are split, stratified per tissue, so every tissue, slide, sample and
+        batch is trained on; a tissue of fewer than ``MIN_CELLS_TO_SPLIT`` (10) cells goes
+        wholly to training. Every loader reads its tissues whole and marks its own split's
+        cells in a ``"loss_mask"``: validation cells stay in the training forward pass (as
+        attention context of their tissue) and leave only the loss. The validation loss is
+        therefore that of held-out cells seen in context, not an estimate for unseen tissues.
+        Within each tissue the cells are permuted with ``scvi.settings.seed``
+        (``shuffle_set_split=False``: taken in row order).
+        ``"tissues"``: whole tissues go to one split (an estimate for unseen tissues). Refused
+        when a held-out tissue would take a ``batch_key`` or categorical covariate level out
+        of training (its decoder covariate row would never be trained), so always with tissues
+        made from ``batch_key`` (data without coordinates).
     split_key
         ``adata.obs`` column with the split of each cell (``"train"``, ``"validation"`` or
         ``"valid"``, ``"test"``); implies ``split_by="cells"`` and replaces the sizes.
@@ -538,7 +582,7 @@ class TissueDataSplitter(LightningDataModule):
         max_cells_per_step: int | None = None,
         drop_node_rate: float = 0.0,
         distributed_sampler: bool = False,
-        split_by: str = "tissues",
+        split_by: str = "cells",
         split_key: str | None = None,
         redraw_tissues: bool | int = False,
         pack_tissues: bool = False,
@@ -577,7 +621,8 @@ class TissueDataSplitter(LightningDataModule):
         codes = np.asarray(adata_manager.get_from_registry(TISSUE_KEY)).reshape(-1)
         self._codes = codes
         if self.split_by == "cells":
-            split = self._cell_split(adata_manager.adata, split_key, train_size, validation_size)
+            sizes = (train_size, validation_size, shuffle_set_split)
+            split = self._cell_split(adata_manager.adata, codes, split_key, *sizes)
             self.train_idx, self.val_idx, self.test_idx = split
             self.n_train, self.n_val = len(self.train_idx), len(self.val_idx)
             return
@@ -599,10 +644,13 @@ class TissueDataSplitter(LightningDataModule):
         rows = np.arange(len(codes))
         self.train_idx, self.val_idx, self.test_idx = (rows[np.isin(codes, t)] for t in split)
         self.n_train, self.n_val = len(self.train_idx), len(self.val_idx)
+        _refuse_unseen_levels(adata_manager, self.train_idx)
 
     @staticmethod
-    def _cell_split(adata, split_key, train_size, validation_size) -> list[np.ndarray]:
-        """Row indices of the train / validation / test cells."""
+    def _cell_split(
+        adata, codes, split_key, train_size, validation_size, shuffle=True
+    ) -> list[np.ndarray]:
+        """Row indices of the train / validation / test cells, split within each tissue."""
         n_obs = adata.n_obs
         if split_key is not None:
             if split_key not in adata.obs:
@@ -622,11 +670,19 @@ class TissueDataSplitter(LightningDataModule):
         val_size = 1 - train_size if validation_size is None else validation_size
         if train_size + val_size > 1 + 1e-9:
             raise ValueError("train_size + validation_size must not exceed 1.")
-        n_train = max(1, round(train_size * n_obs))
-        n_val = min(n_obs - n_train, round(val_size * n_obs))
-        order = np.random.RandomState(settings.seed).permutation(n_obs)
-        split = np.split(order, [n_train, n_train + n_val])
-        return [np.sort(rows) for rows in split]
+        rng = np.random.RandomState(settings.seed)
+        parts: list[list[np.ndarray]] = [[], [], []]
+        for rows in _group_by(np.arange(n_obs), codes):
+            if shuffle:
+                rows = rng.permutation(rows)
+            if len(rows) < MIN_CELLS_TO_SPLIT:  # too few to spare any: all train
+                parts[0].append(rows)
+                continue
+            n_train = max(1, round(train_size * len(rows)))
+            n_val = min(len(rows) - n_train, round(val_size * len(rows)))
+            for part, chunk in zip(parts, np.split(rows, [n_train, n_train + n_val])):
+                part.append(chunk)
+        return [np.sort(np.concatenate(part)) if part else np.zeros(0, int) for part in parts]
 
     def setup(self, stage: str | None = None) -> None:
         """Splits are fixed at construction (``TrainRunner`` reads their sizes first)."""
@@ -636,7 +692,9 @@ class TissueDataSplitter(LightningDataModule):
             return None
         loss_rows = None
         if self.split_by == "cells":  # whole tissues; this split's cells enter the loss
-            loss_rows, indices = whole_tissues(self._codes, indices)
+            marked, whole = whole_tissues(self._codes, indices)
+            if len(whole) > len(indices):  # else whole tissues: no mask, as split_by="tissues"
+                loss_rows, indices = marked, whole
         return TissueDataLoader(
             self.adata_manager,
             indices=indices,

@@ -36,6 +36,7 @@ from .._constants import (
     TISSUE_KEY,
     X_KEY,
 )
+from .._quiet import quiet_setup
 from ..data import TissueDataLoader, TissueDataSplitter
 from ..module import CellPLMModule
 from ..official import OfficialMixin
@@ -349,7 +350,8 @@ class CellPLM(
         if minify_type is not None:
             fields += cls._get_fields_for_adata_minification(minify_type)
         manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
-        manager.register_fields(adata, **kwargs)
+        with quiet_setup():  # scvi-tools' INFO line naming the coordinates' columns
+            manager.register_fields(adata, **kwargs)
         cls.register_manager(manager)
 
     # ------------------------------------------------------------------ CellPLM-specific

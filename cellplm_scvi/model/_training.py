@@ -38,6 +38,7 @@ from scvi.model.base import UnsupervisedTrainingMixin
 from scvi.train import TrainRunner
 from scvi.train._config import merge_kwargs
 
+from .._quiet import quiet_training
 from .._validation import check_loader_options
 from ._presets import resolve_redraw_tissues
 from ._registry_data import training_on
@@ -70,8 +71,8 @@ class TissueTrainRunner(TrainRunner):
         if needs_validation and getattr(self.data_splitter, "n_val", 1) == 0:
             raise ValueError(
                 "Validation was requested (early_stopping, check_val_every_n_epoch or "
-                "reduce_lr_on_plateau) but no tissue is left for validation: lower train_size, "
-                "or use more/smaller tissues (setup_anndata(max_cells=...))."
+                "reduce_lr_on_plateau) but no cell is left for validation: lower train_size "
+                "(tissues of fewer than 10 cells are never split: they train whole)."
             )
         if checkpoint_every_n_steps is not None:
             # after the trainer is built: Lightning refuses a ModelCheckpoint in `callbacks=`
@@ -85,6 +86,7 @@ class TrainingMixin(UnsupervisedTrainingMixin):
 
     _train_runner_cls = TissueTrainRunner
 
+    @quiet_training()  # Lightning's hints and two foreign warnings (see cellplm_scvi._quiet)
     def train(
         self,
         max_epochs: int | None = None,
@@ -124,9 +126,12 @@ class TrainingMixin(UnsupervisedTrainingMixin):
         accelerator, devices
             Lightning device selection (``"auto"`` uses one GPU when there is one).
         train_size, validation_size
-            Fractions of *tissues* for training and validation.
+            Fractions of cells for training and validation, taken within every tissue
+            (validation cells stay in their tissue as context and only leave the loss; tissues
+            of fewer than 10 cells train whole). ``datasplitter_kwargs={"split_by":
+            "tissues"}`` holds out whole tissues instead.
         shuffle_set_split
-            Shuffle tissues before splitting them (``False``: in tissue-code order).
+            Shuffle cells before splitting them (``False``: in row order).
         load_sparse_tensor
             CellPLM always loads counts as sparse CSR tensors: ``None`` (default) or ``True``;
             ``False`` raises.
@@ -134,7 +139,10 @@ class TrainingMixin(UnsupervisedTrainingMixin):
             Cap on cells per training step: larger tissues are subsampled at each step
             (official ``max_batch_size``). ``None``: whole tissues.
         early_stopping
-            Stop on the validation loss (needs validation tissues).
+            Stop on ``early_stopping_monitor`` (default ``"elbo_validation"``, as in scVI).
+            ``early_stopping_patience`` counts epochs, and an epoch here is one optimiser step
+            per training tissue (not a pass over cells in minibatches of 128): with few
+            tissues, raise the patience or check ``check_val_every_n_epoch``.
         datasplitter_kwargs
             Passed to :class:`~cellplm_scvi.data.TissueDataSplitter`.
         plan_config, plan_kwargs
@@ -257,7 +265,7 @@ class TrainingMixin(UnsupervisedTrainingMixin):
         if gradient_clip_val is not None:
             trainer_kwargs.setdefault("gradient_clip_val", gradient_clip_val)
         if early_stopping:
-            trainer_kwargs.setdefault("early_stopping_monitor", "validation_loss")
+            trainer_kwargs.setdefault("early_stopping_monitor", "elbo_validation")
         if plan_kwargs.get("reduce_lr_on_plateau"):
             trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
         self.module.train()  # inference calls leave the module in eval mode

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from anndata import AnnData
 
 from . import _files
+from ._download import official_files
 
 if TYPE_CHECKING:
     from ..model import CellPLM
@@ -299,7 +300,7 @@ class OfficialMixin:
         >>> model = cp.CellPLM.load_official("ckpt/20231027_85M", adata)
         >>> adata.obsm["X_cellplm"] = model.get_latent_representation()
         """
-        config_path, ckpt_path = _files.official_paths(prefix)
+        config_path, ckpt_path = official_files(prefix)  # a name: the cache, else a download
         config = _files.read_config(config_path)
         replaced, latent = check_overrides(overrides, config)  # before reading a large file
         state = _files.read_state_dict(ckpt_path, trust_pickle=trust_pickle)

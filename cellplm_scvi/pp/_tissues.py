@@ -323,7 +323,11 @@ def _without_info(logger_name: str):
 def _spatial_graph(xy: np.ndarray, strata: np.ndarray, n_neighs: int) -> sp.csr_matrix:
     """Symmetric binary kNN graph without self loops and without edges across strata."""
     import anndata as ad
-    import squidpy as sq
+
+    from .._quiet import quiet_squidpy_import
+
+    with quiet_squidpy_import():  # docrep's SyntaxWarnings about squidpy's docstrings
+        import squidpy as sq
 
     n = xy.shape[0]
     sizes = np.bincount(strata)

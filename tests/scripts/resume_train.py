@@ -100,7 +100,7 @@ def main(mode: str, out: str, ckpt_dir: str, files: list[str]) -> None:
     arch = {"n_hidden": 16, "n_layers": 1, "n_latent": 4, "latent": "vae"}
     if files == ["anndata"]:
         model = cp.CellPLM(_anndata(vocab), **arch)
-        data_kwargs = {"train_size": 0.8}
+        data_kwargs = {"train_size": 0.8, "datasplitter_kwargs": {"split_by": "tissues"}}
     else:
         dm = _corpus(files, vocab, ckpt_dir)
         model = cp.CellPLM(adata=None, registry=dm.registry, **arch)
