@@ -85,3 +85,23 @@ def check_spatial(adata: AnnData, spatial_key: str) -> None:
             f"adata.obsm[{spatial_key!r}] has NaN or infinite coordinates for {bad.sum()} cells; "
             "drop those cells (adata = adata[finite_mask].copy()) or fill their coordinates."
         )
+
+
+def check_counts_sample(
+    adata: AnnData, layer: str | None, n_rows: int = 100, seed: int | None = None
+) -> None:
+    """:func:`check_counts` on ``n_rows`` randomly chosen cells (all cells if fewer).
+
+    For checks that run on every call on possibly large data (``train()``), as scvi-tools'
+    ``_check_nonnegative_integers`` samples: only the sampled rows are read. The draw uses
+    its own generator, so NumPy's and torch's global random states are untouched.
+    """
+    n_rows = min(n_rows, adata.n_obs)
+    rows = np.sort(np.random.default_rng(seed).choice(adata.n_obs, size=n_rows, replace=False))
+    try:
+        check_counts(adata[rows], layer)  # a view: only the sampled rows are read
+    except ValueError as err:
+        raise ValueError(
+            f"{err} (Found in {n_rows} cells sampled at train(): were the registered counts "
+            "replaced after setup_anndata, e.g. by normalised values?)"
+        ) from None

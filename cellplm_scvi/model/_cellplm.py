@@ -49,6 +49,7 @@ from ._setup import (
     categorical_covariates,
     check_setup_arguments,
     label_names,
+    record_tissue_codes,
     write_tissue_columns,
 )
 from ._tissue_context import TissueContextMixin, _precision
@@ -350,6 +351,7 @@ class CellPLM(
             fields += cls._get_fields_for_adata_minification(minify_type)
         manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
         manager.register_fields(adata, **kwargs)
+        record_tissue_codes(manager)  # a later setup with other tissues is caught
         cls.register_manager(manager)
 
     # ------------------------------------------------------------------ CellPLM-specific
