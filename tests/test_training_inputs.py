@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.sparse as sp
+import torch
 
 import cellplm_scvi as cp
 from cellplm_scvi import CellPLM
@@ -54,11 +55,11 @@ def test_sampled_count_check_keeps_global_random_state(simulated):
     x = adata.layers["counts"].toarray().astype(np.float32)
     x[7] = x[7] * 0.5 + 0.25  # one row of non-counts
     adata.layers["counts"] = sp.csr_matrix(x)
-    state = np.random.get_state()
+    state = np.random.get_state()  # noqa: NPY002 (the global state is what is checked)
     with pytest.raises(ValueError, match="non-integer"):
         check_counts_sample(adata, "counts", n_rows=adata.n_obs)
     check_counts_sample(simulated, "counts", n_rows=10)
-    assert np.array_equal(np.random.get_state()[1], state[1])
+    assert np.array_equal(np.random.get_state()[1], state[1])  # noqa: NPY002
 
 
 def test_setup_again_with_other_tissues_is_caught(simulated):
@@ -120,10 +121,4 @@ def test_load_sparse_tensor_true_is_honoured(simulated):
     model, _ = _model(simulated)
     model.train(**FIT, load_sparse_tensor=True)  # CellPLM's loader is sparse either way
     tensors = next(iter(model.trainer.datamodule.train_dataloader()))
-    assert tensors["X"].layout == torch_sparse_csr()
-
-
-def torch_sparse_csr():
-    import torch
-
-    return torch.sparse_csr
+    assert tensors["X"].layout == torch.sparse_csr
