@@ -101,6 +101,35 @@ html_title = "cellplm-scvi"
 html_theme_options = {"navigation_with_keys": False}
 pygments_style = "default"
 
+
+def package_members(package: str = "cellplm_scvi") -> dict[str, list[str]]:
+    """Public members of each class of ``package``, by the name it is documented under, that
+    the class or one of its bases in ``package`` defines (e.g. ``CellPLM.train`` from its
+    training mixin); members inherited from scvi-tools and Lightning are left out (the page
+    links those bases). ``_templates/autosummary/class.rst`` documents these."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    root = importlib.import_module(package)
+    names = [package] + [info.name for info in pkgutil.walk_packages(root.__path__, f"{package}.")]
+    members: dict[str, list[str]] = {}
+    for module_name in names:
+        module = importlib.import_module(module_name)
+        for attribute, cls in vars(module).items():
+            if not inspect.isclass(cls) or not cls.__module__.startswith(package):
+                continue
+            own = []
+            for name in dir(cls):
+                owner = next((k for k in cls.__mro__ if name in vars(k)), None)
+                if not name.startswith("_") and owner and owner.__module__.startswith(package):
+                    own.append(name)
+            members[f"{module_name}.{attribute}"] = own
+    return members
+
+
+autosummary_context = {"package_members": package_members()}
+
 # -- Build-time hooks ----------------------------------------------------------------------
 
 TUTORIALS_SRC = REPO / "tutorials"
