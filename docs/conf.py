@@ -56,7 +56,9 @@ default_role = "literal"
 # autodoc / autosummary / napoleon
 autosummary_generate = True
 autodoc_member_order = "groupwise"
-autodoc_default_options = {"members": True, "show-inheritance": True}
+# no "members" default: Sphinx 9 lets a boolean default replace a directive's explicit member
+# list, which _templates/autosummary/class.rst gives (it sets :members: itself)
+autodoc_default_options = {"show-inheritance": True}
 autodoc_typehints = "description"
 autodoc_mock_imports: list[str] = []
 napoleon_google_docstring = False
