@@ -190,3 +190,23 @@ def check_loader_options(drop_last, load_sparse_tensor, data_and_attributes) -> 
             "data_and_attributes is not supported: CellPLM's loader reads every registered field "
             "(the module needs the tissue codes and coordinates). Leave it out."
         )
+
+
+def check_counts_sample(
+    adata: AnnData, layer: str | None, n_rows: int = 100, seed: int | None = None
+) -> None:
+    """:func:`check_counts` on ``n_rows`` randomly chosen cells (all cells if fewer).
+
+    For checks that run on every call on possibly large data (``train()``), as scvi-tools'
+    ``_check_nonnegative_integers`` samples: only the sampled rows are read. The draw uses
+    its own generator, so NumPy's and torch's global random states are untouched.
+    """
+    n_rows = min(n_rows, adata.n_obs)
+    rows = np.sort(np.random.default_rng(seed).choice(adata.n_obs, size=n_rows, replace=False))
+    try:
+        check_counts(adata[rows], layer)  # a view: only the sampled rows are read
+    except ValueError as err:
+        raise ValueError(
+            f"{err} (Found in {n_rows} cells sampled at train(): were the registered counts "
+            "replaced after setup_anndata, e.g. by normalised values?)"
+        ) from None

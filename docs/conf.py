@@ -56,7 +56,9 @@ default_role = "literal"
 # autodoc / autosummary / napoleon
 autosummary_generate = True
 autodoc_member_order = "groupwise"
-autodoc_default_options = {"members": True, "show-inheritance": True}
+# no "members" default: Sphinx 9 lets a boolean default replace a directive's explicit member
+# list, which _templates/autosummary/class.rst gives (it sets :members: itself)
+autodoc_default_options = {"show-inheritance": True}
 autodoc_typehints = "description"
 autodoc_mock_imports: list[str] = []
 napoleon_google_docstring = False
@@ -100,6 +102,35 @@ html_static_path = ["_static"]
 html_title = "cellplm-scvi"
 html_theme_options = {"navigation_with_keys": False}
 pygments_style = "default"
+
+
+def package_members(package: str = "cellplm_scvi") -> dict[str, list[str]]:
+    """Public members of each class of ``package``, by the name it is documented under, that
+    the class or one of its bases in ``package`` defines (e.g. ``CellPLM.train`` from its
+    training mixin); members inherited from scvi-tools and Lightning are left out (the page
+    links those bases). ``_templates/autosummary/class.rst`` documents these."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    root = importlib.import_module(package)
+    names = [package] + [info.name for info in pkgutil.walk_packages(root.__path__, f"{package}.")]
+    members: dict[str, list[str]] = {}
+    for module_name in names:
+        module = importlib.import_module(module_name)
+        for attribute, cls in vars(module).items():
+            if not inspect.isclass(cls) or not cls.__module__.startswith(package):
+                continue
+            own = []
+            for name in dir(cls):
+                owner = next((k for k in cls.__mro__ if name in vars(k)), None)
+                if not name.startswith("_") and owner and owner.__module__.startswith(package):
+                    own.append(name)
+            members[f"{module_name}.{attribute}"] = own
+    return members
+
+
+autosummary_context = {"package_members": package_members()}
 
 # -- Build-time hooks ----------------------------------------------------------------------
 

@@ -64,4 +64,9 @@ def test_docs_build(tmp_path):
     ]:
         assert (out / page).exists(), page
     # the CellPLM docstring cites Wen2024 through the bibliography
-    assert "Wen" in (out / "generated" / "cellplm_scvi.CellPLM.html").read_text()
+    cellplm_page = (out / "generated" / "cellplm_scvi.CellPLM.html").read_text()
+    assert "Wen" in cellplm_page
+    # methods the package's mixins give CellPLM are on its page, scvi-tools' generic ones not
+    for method in ("train", "save", "load", "load_official", "minify_adata", "load_query_data"):
+        assert f'id="cellplm_scvi.CellPLM.{method}"' in cellplm_page, method
+    assert 'id="cellplm_scvi.CellPLM.differential_expression"' not in cellplm_page

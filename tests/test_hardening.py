@@ -155,8 +155,8 @@ def test_inference_arguments_are_checked(trained, kwargs, match):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"batch_size": -1}, r"batch_size \(max_cells_per_step\) must be a positive integer"),
-        ({"batch_size": 0}, r"batch_size \(max_cells_per_step\) must be a positive integer"),
+        ({"batch_size": -1}, "batch_size must be a positive integer"),
+        ({"batch_size": 0}, "batch_size must be a positive integer"),
         ({"drop_node_rate": 1.5}, r"drop_node_rate must be in \[0, 1\)"),
         ({"datasplitter_kwargs": {"drop_last": True}}, "drop_last=True is not supported"),
         ({"datasplitter_kwargs": {"load_sparse_tensor": False}}, "load_sparse_tensor=False"),

@@ -50,6 +50,7 @@ from ._setup import (
     categorical_covariates,
     check_setup_arguments,
     label_names,
+    record_tissue_codes,
     write_tissue_columns,
 )
 from ._tissue_context import TissueContextMixin, _precision
@@ -352,6 +353,7 @@ class CellPLM(
         manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
         with quiet_setup():  # scvi-tools' INFO line naming the coordinates' columns
             manager.register_fields(adata, **kwargs)
+        record_tissue_codes(manager)  # a later setup with other tissues is caught
         cls.register_manager(manager)
 
     # ------------------------------------------------------------------ CellPLM-specific

@@ -4,6 +4,7 @@ its registry (label names, categorical covariates)."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
 import numpy as np
@@ -68,6 +69,47 @@ def write_tissue_columns(
         )
     adata.obs[TISSUE_CODE_OBS] = codes.astype(np.int64)
     adata.obs[INDICES_OBS] = np.arange(adata.n_obs, dtype=np.int64)
+
+
+_TISSUE_FINGERPRINT_ATTR = "cellplm_tissue_fingerprint"
+
+
+def tissue_fingerprint(adata: AnnData) -> str:
+    """A hash of ``obs["_cellplm_tissue_code"]``: which cells share a tissue."""
+    codes = np.ascontiguousarray(adata.obs[TISSUE_CODE_OBS].to_numpy(dtype=np.int64))
+    return hashlib.blake2b(codes.tobytes(), digest_size=16).hexdigest()
+
+
+def record_tissue_codes(manager) -> None:
+    """Remember, on an :class:`~scvi.data.AnnDataManager`, the tissues it registered."""
+    setattr(manager, _TISSUE_FINGERPRINT_ATTR, tissue_fingerprint(manager.adata))
+
+
+def check_tissue_codes(manager, adata: AnnData) -> None:
+    """Raise ``ValueError`` if ``adata``'s tissues are no longer those ``manager`` registered.
+
+    ``setup_anndata`` run again on a model's AnnData with other arguments rewrites
+    ``obs["_cellplm_tissue_code"]``; scvi-tools then replays the model's own registration, which
+    would read the new tissues while the model's registry names the old ones. Only the AnnData
+    object the manager registered is checked (copies share its id but not its rows).
+    """
+    expected = getattr(manager, _TISSUE_FINGERPRINT_ATTR, None)
+    if expected is None or adata is not manager.adata:
+        return
+    if TISSUE_CODE_OBS in adata.obs and tissue_fingerprint(adata) == expected:
+        return
+    args = manager.registry["setup_args"]
+    tissue_args = {
+        key: args.get(key)
+        for key in ("spatial_key", "tissue_key", "library_key", "batch_key", "max_cells")
+    }
+    raise ValueError(
+        "This AnnData's tissues (obs['_cellplm_tissue_code']) changed after the model registered "
+        "it: setup_anndata was run on it again with other arguments. The model still uses its "
+        f"own setup ({tissue_args}). Either call CellPLM.setup_anndata(adata, "
+        "**model.adata_manager.registry['setup_args']) again to restore the model's tissues, or "
+        "create a new model on the newly set up AnnData."
+    )
 
 
 def check_setup_arguments(
@@ -156,6 +198,9 @@ class TissueSetupMixin:
         """Check a new AnnData and add its tissue columns before scvi-tools transfers the setup."""
         if self.adata is None:  # built from a registry: any AnnData set up with setup_anndata
             return _registry_data.validate(self, adata)
+        registered = self.get_anndata_manager(self.adata if adata is None else adata)
+        if registered is not None:  # D6: setup_anndata re-run with other arguments
+            check_tissue_codes(registered, self.adata if adata is None else adata)
         if adata is not None and not adata.var_names.equals(self.adata.var_names):
             n_diff = (
                 (adata.var_names != self.adata.var_names).sum()
@@ -192,6 +237,9 @@ class TissueSetupMixin:
                     "relabel it to a known category."
                 ) from None
             raise
+        manager = self.get_anndata_manager(adata)
+        if manager is not None and not hasattr(manager, _TISSUE_FINGERPRINT_ATTR):
+            record_tissue_codes(manager)  # a transferred setup: the tissues written above
         rows = np.arange(adata.n_obs)  # copies/views of registered data keep a stale index
         if not np.array_equal(adata.obs[INDICES_OBS].to_numpy(), rows):
             adata.obs[INDICES_OBS] = rows

@@ -31,6 +31,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 from lightning.pytorch.callbacks import ModelCheckpoint
 from scvi import settings
 from scvi.model._utils import get_max_epochs_heuristic, use_distributed_sampler
@@ -39,9 +40,10 @@ from scvi.train import TrainRunner
 from scvi.train._config import merge_kwargs
 
 from .._quiet import quiet_training
-from .._validation import check_loader_options
+from .._validation import check_batch_size, check_counts_sample, check_loader_options
 from ._presets import resolve_redraw_tissues
 from ._registry_data import training_on
+from ._setup import check_tissue_codes
 
 
 class TissueTrainRunner(TrainRunner):
@@ -137,14 +139,16 @@ class TrainingMixin(UnsupervisedTrainingMixin):
             ``False`` raises.
         batch_size
             Cap on cells per training step: larger tissues are subsampled at each step
-            (official ``max_batch_size``). ``None``: whole tissues.
+            (official ``max_batch_size``); a positive int. ``None``: whole tissues.
         early_stopping
             Stop on ``early_stopping_monitor`` (default ``"elbo_validation"``, as in scVI).
             ``early_stopping_patience`` counts epochs, and an epoch here is one optimiser step
             per training tissue (not a pass over cells in minibatches of 128): with few
             tissues, raise the patience or check ``check_val_every_n_epoch``.
         datasplitter_kwargs
-            Passed to :class:`~cellplm_scvi.data.TissueDataSplitter`.
+            Passed to :class:`~cellplm_scvi.data.TissueDataSplitter`; a fixed split is
+            ``{"split_key": column}`` (an ``adata.obs`` column of ``"train"``/``"validation"``/
+            ``"test"``). scvi-tools' ``external_indexing`` is refused with that advice.
         plan_config, plan_kwargs
             Passed (merged) to :class:`CellPLMTrainingPlan`, e.g. ``weight_decay``,
             ``n_steps_lr_warmup``, ``reduce_lr_on_plateau``.
@@ -205,7 +209,18 @@ class TrainingMixin(UnsupervisedTrainingMixin):
         **trainer_kwargs
             Passed to :class:`scvi.train.Trainer` (e.g. ``strategy="ddp"``,
             ``check_val_every_n_epoch``).
+
+        Raises
+        ------
+        ValueError
+            On a minified AnnData (``minify_adata()`` dropped the counts), counts that are no
+            longer raw (a random sample of cells is checked, as at ``setup_anndata``), tissues
+            rewritten by a later ``setup_anndata`` with other arguments, a ``batch_size`` that is
+            not a positive int, or ``datasplitter_kwargs["external_indexing"]``.
         """
+        check_train_arguments(batch_size, max_cells_per_step, load_sparse_tensor)
+        if datamodule is None:
+            check_training_data(self, datasplitter_kwargs)
         if max_cells_per_step is not None:
             if batch_size not in (None, 4000, max_cells_per_step):
                 raise ValueError("Pass batch_size or its alias max_cells_per_step, not both.")
@@ -293,6 +308,39 @@ class TrainingMixin(UnsupervisedTrainingMixin):
                 )
         finally:
             self.is_trained_ = self.is_trained_ or starts_history
+
+
+def check_train_arguments(
+    batch_size: int | None, max_cells_per_step: int | None, load_sparse_tensor: bool | None
+) -> None:
+    """Refuse training arguments that would otherwise be misread or ignored."""
+    check_batch_size(batch_size, "batch_size")
+    check_batch_size(max_cells_per_step, "max_cells_per_step")
+    if load_sparse_tensor is not None and not isinstance(load_sparse_tensor, bool | np.bool_):
+        raise ValueError(
+            f"load_sparse_tensor must be a bool, got {load_sparse_tensor!r} (CellPLM always "
+            "loads counts as sparse tensors)."
+        )
+
+
+def check_training_data(model, datasplitter_kwargs: dict | None) -> None:
+    """What ``train()`` checks of the model's AnnData before scvi-tools builds the splitter."""
+    if model.minified_data_type is not None:
+        raise ValueError(
+            "train() needs counts, and this model's AnnData is minified (minify_adata() replaced "
+            "them by latent posteriors). Train before minifying, or load the model with the full "
+            "AnnData (CellPLM.load(dir_path, adata=full_adata)) and train that."
+        )
+    if datasplitter_kwargs and "external_indexing" in datasplitter_kwargs:
+        raise ValueError(
+            "datasplitter_kwargs['external_indexing'] (scvi-tools' fixed split) is not supported: "
+            "CellPLM splits cells within their tissues. Write the split into an adata.obs column "
+            "of 'train'/'validation'/'test' and pass datasplitter_kwargs={'split_key': column}."
+        )
+    if model.adata is None:  # a registry-built model without a data module: scvi-tools raises
+        return
+    check_tissue_codes(model.adata_manager, model.adata)
+    check_counts_sample(model.adata, model.adata_manager.registry["setup_args"]["layer"])
 
 
 def step_checkpoint(every_n_steps: int, dirpath: str | os.PathLike | None) -> ModelCheckpoint:
