@@ -221,13 +221,22 @@ def test_differential_expression_runs_in_both_modes(trained):
 def test_latent_representation_scvi_arguments(trained):
     model, adata = trained
     z = model.get_latent_representation()
-    np.testing.assert_allclose(model.get_latent_representation(mc_samples=10), z, atol=1e-6)
+    qz_m, qz_v = model.get_latent_representation(return_dist=True)
+    np.testing.assert_allclose(qz_m, z, atol=1e-6)
+    # give_mean=False: one draw of q(z|x) per cell, N(0, 1) once standardised
+    torch.manual_seed(0)
+    sample = model.get_latent_representation(give_mean=False)
+    standardised = (sample - qz_m) / np.sqrt(qz_v)
+    assert abs(standardised.mean()) < 0.1 and abs(standardised.std() - 1) < 0.1
     loader = model._make_data_loader(adata, indices=np.arange(50)[::-1])
     np.testing.assert_allclose(
         model.get_latent_representation(dataloader=loader), z[np.arange(50)[::-1]], atol=1e-5
     )
-    # a positional call in scvi-tools' order: (adata, indices, give_mean, mc_samples, ...)
+    # positional calls in scvi-tools' order: (adata, indices, give_mean, mc_samples, ...)
     np.testing.assert_allclose(model.get_latent_representation(None, None, True), z, atol=1e-6)
+    torch.manual_seed(0)
+    positional = model.get_latent_representation(None, None, False, 10)
+    np.testing.assert_allclose(positional, sample, atol=1e-6)
 
 
 def test_predict_scanvi_arguments(trained):
