@@ -19,10 +19,10 @@ import cellplm_scvi as cp
 from cellplm_scvi.data import TissueCorpus
 from cellplm_scvi.datasets import random_official_checkpoint
 from cellplm_scvi.model import PRETRAINING_CORPUS_KWARGS, pretraining_recipe
+from tests._helpers import FIT
 from tests.test_corpus import KWARGS, _corpus, corpus_files  # noqa: F401 (a fixture)
 
 ATOL = 1e-5
-QUIET = {"accelerator": "cpu", "enable_progress_bar": False, "enable_model_summary": False}
 GENE_KEYS = KWARGS["gene_key"]  # file 1 names its genes by symbol in var["symbol"]
 
 
@@ -34,7 +34,7 @@ def trained(corpus_files, tmp_path_factory):
         adata=None, registry=dm.registry, n_hidden=32, n_layers=1, n_heads=4, n_latent=8,
         spatial_pe=False,
     )  # fmt: skip
-    model.train(datamodule=dm, max_epochs=1, **QUIET)
+    model.train(datamodule=dm, max_epochs=1, **FIT)
     return dm, model
 
 
@@ -89,7 +89,7 @@ def test_spatial_encoding_with_and_without_coordinates(corpus_files, tmp_path):
         adata=None, registry=dm.registry, n_hidden=16, n_layers=1, n_latent=4, spatial_pe=True
     )
     assert model.module.use_spatial_pe
-    model.train(datamodule=dm, max_epochs=1, **QUIET)
+    model.train(datamodule=dm, max_epochs=1, **FIT)
     rows, z_corpus = _corpus_embedding(dm, model)
     for k in (0, 2):
         adata = ad.read_h5ad(corpus_files[k])
@@ -181,7 +181,7 @@ def test_continued_pretraining_of_an_official_checkpoint(corpus_files, tmp_path)
     cp.CellPLM.setup_anndata(adata)
     model = cp.CellPLM.load_official(prefix, adata)
     z_before = model.get_latent_representation()
-    model.train(datamodule=dm, max_epochs=1, max_steps=3, **recipe, **QUIET)
+    model.train(datamodule=dm, max_epochs=1, max_steps=3, **recipe, **FIT)
     groups = model.trainer.optimizers[0].param_groups
     assert {g["initial_lr"] for g in groups} == {2e-4}  # before the linear warm-up factor
     assert {g["weight_decay"] for g in groups} == {1e-8}
@@ -205,4 +205,4 @@ def test_corpus_vocabulary_must_be_the_models(corpus_files, tmp_path):
     model = cp.CellPLM.load_official(prefix, adata)
     dm = _corpus(corpus_files, cache_dir=tmp_path / "cache")  # 40-gene vocabulary
     with pytest.raises(ValueError, match="vocabulary='20230926_85M'"):
-        model.train(datamodule=dm, max_steps=1, **QUIET)
+        model.train(datamodule=dm, max_steps=1, **FIT)

@@ -24,10 +24,9 @@ from tests._anndata_checks import (
     snapshot,
     unregistered,
 )
+from tests._helpers import ARCH, FIT
 
 N_CELLS = 800
-ARCH = {"n_hidden": 32, "n_layers": 1, "n_heads": 4, "n_latent": 8}
-FIT = {"accelerator": "cpu", "enable_progress_bar": False}
 VAL = {"check_val_every_n_epoch": 1}  # validation loss every epoch
 CELLPLM_OBS = {"cellplm_tissue", "_cellplm_tissue_code", "_cellplm_indices"}
 SCVI_OBS = {"_scvi_batch", "_scvi_labels"}  # written by scvi-tools' categorical obs fields

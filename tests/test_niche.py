@@ -19,9 +19,7 @@ from cellplm_scvi import CellPLM
 from cellplm_scvi.data import TissueBatchSampler, TissueDataSplitter
 from cellplm_scvi.module import CellPLMModule
 from cellplm_scvi.module._masking import apply_mask, sample_mask
-
-ARCH = {"n_hidden": 32, "n_layers": 1, "n_heads": 4, "n_latent": 8}
-FIT = {"accelerator": "cpu", "enable_progress_bar": False, "train_size": 1.0}
+from tests._helpers import ARCH, FIT
 
 
 def _spatial(n_cells: int = 600, seed: int = 0, max_cells: int = 100):
@@ -37,7 +35,7 @@ def trained():
     scvi.settings.seed = 0
     adata = _spatial()
     model = CellPLM(adata, **ARCH)
-    model.train(max_epochs=2, **FIT)
+    model.train(max_epochs=2, train_size=1.0, **FIT)
     return model, adata
 
 
@@ -139,7 +137,7 @@ def test_defaults_spatial_nonspatial_official(tmp_path):
     assert flat.module.latent_type == "gmvae" and flat.module.n_local_heads == 0
     assert flat._redraw_default(None) is False
     with pytest.raises(ValueError, match="redraw_tissues=True needs coordinates"):
-        flat.train(max_epochs=1, redraw_tissues=True, **FIT)
+        flat.train(max_epochs=1, redraw_tissues=True, train_size=1.0, **FIT)
     with pytest.raises(ValueError, match="hide_cell_rate > 0"):
         flat.get_latent_representation(representation="niche")
 
@@ -289,7 +287,7 @@ def test_niche_readout_carries_niche_signal():
     scvi.settings.seed = 0
     adata = _spatial(1600, seed=3, max_cells=200)
     model = CellPLM(adata, n_hidden=64, n_layers=2, n_latent=16, spatial_pe=False)
-    model.train(max_epochs=25, lr=1e-3, **FIT)
+    model.train(max_epochs=25, lr=1e-3, train_size=1.0, **FIT)
     niche = model.get_latent_representation(representation="niche")
     cell = model.get_latent_representation()
     x = adata.layers["counts"].toarray()

@@ -21,9 +21,7 @@ import torch
 import cellplm_scvi as cp
 from cellplm_scvi import CellPLM
 from tests._anndata_checks import unregistered
-
-ARCH = {"n_hidden": 32, "n_layers": 1, "n_heads": 4, "n_latent": 8}
-FIT = {"accelerator": "cpu", "enable_progress_bar": False}
+from tests._helpers import ARCH, FIT
 
 
 def _simulate(n_cells: int = 600, seed: int = 0) -> ad.AnnData:
