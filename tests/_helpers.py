@@ -2,6 +2,7 @@
 
 - ``ARCH`` (a tiny network) and ``FIT`` (quiet CPU training) for the model tests;
 - ``simulated_slides``: two small simulated slides with fields of view;
+- the four small ``.h5ad`` files of the corpus tests (``write_corpus_files``, ``corpus``);
 - bridges to the official CellPLM package: random official models in the official file format
   (``small_config``, ``build_official``, ``save_official``), its forward pass on one tissue
   (``official_forward``, ``official_model_forward``) and the comparisons (``max_abs``,
@@ -25,7 +26,8 @@ import torch
 from torch import nn
 
 import cellplm_scvi as cp
-from cellplm_scvi._genes import official_config
+from cellplm_scvi._genes import official_config, symbol_table
+from cellplm_scvi.data import TissueCorpus
 
 ARCH = {"n_hidden": 32, "n_layers": 1, "n_heads": 4, "n_latent": 8}  # a tiny network
 FIT = {"accelerator": "cpu", "enable_progress_bar": False, "enable_model_summary": False}
@@ -253,3 +255,64 @@ def assert_same_weights(model: cp.CellPLM, off: nn.Module) -> None:
     assert counters <= {"latent.layers.1.kl_step_count"}
     for key in set(ours) - counters:
         assert torch.equal(ours[key], theirs[key]), key
+
+
+# ------------------------------------------------------------------------------ corpus files
+
+CORPUS_VOCAB = official_config()["gene_list"][:40]  # 40 real Ensembl IDs
+# the TissueCorpus arguments of the four files of ``write_corpus_files``
+CORPUS_KWARGS = {
+    "gene_key": [None, "symbol", None, None],
+    "batch_key": "sample",
+    "spatial_key": [None, None, "spatial", None],
+    "max_cells": 64,
+    "validation_size": 0.2,
+}
+
+
+def poisson_counts(rng: np.random.Generator, n_cells: int, n_genes: int) -> np.ndarray:
+    """Dense float32 Poisson(0.8) counts."""
+    return rng.poisson(0.8, (n_cells, n_genes)).astype(np.float32)
+
+
+def write_h5ad(path: Path, x, genes, obs=None, obsm=None, var=None) -> Path:
+    """Write an AnnData of ``x`` with genes ``genes`` and cells ``<file stem>_c<i>``."""
+    adata = ad.AnnData(X=x, obs=obs, obsm=obsm, var=var)
+    adata.var_names = genes
+    adata.obs_names = [f"{path.stem}_c{i}" for i in range(adata.n_obs)]
+    adata.write_h5ad(path)
+    return path
+
+
+def write_corpus_files(root: Path) -> list[Path]:
+    """Four small files: two samples; symbols via gene_key; spatial; dense X."""
+    rng = np.random.default_rng(0)
+    symbols = dict(zip(symbol_table()["ensembl_id"], symbol_table()["symbol"]))
+    files = []
+    # f0: Ensembl IDs, two samples, CSR
+    obs = pd.DataFrame({"sample": np.repeat(["s1", "s2"], [180, 120])})
+    x = sp.csr_matrix(poisson_counts(rng, 300, 25))
+    files.append(write_h5ad(root / "f0.h5ad", x, CORPUS_VOCAB[:25], obs))
+    # f1: symbols in var["symbol"], shuffled genes plus two unknown ones
+    genes = list(rng.permutation(CORPUS_VOCAB[10:35])) + ["NOT_A_GENE1", "NOT_A_GENE2"]
+    var = pd.DataFrame({"symbol": [symbols.get(g, g) for g in genes]})
+    obs = pd.DataFrame({"sample": ["a"] * 200})
+    x = sp.csr_matrix(poisson_counts(rng, 200, 27))
+    files.append(write_h5ad(root / "f1.h5ad", x, [f"gene{i}" for i in range(27)], obs, var=var))
+    # f2: spatial, versioned Ensembl IDs
+    obs = pd.DataFrame({"sample": ["slide"] * 400})
+    xy = rng.uniform(0, 100, (400, 2))
+    x = sp.csr_matrix(poisson_counts(rng, 400, 20))
+    genes = [f"{g}.7" for g in CORPUS_VOCAB[20:40]]
+    files.append(write_h5ad(root / "f2.h5ad", x, genes, obs, obsm={"spatial": xy}))
+    # f3: dense X, every other vocabulary gene
+    obs = pd.DataFrame({"sample": ["b"] * 150})
+    files.append(
+        write_h5ad(root / "f3.h5ad", poisson_counts(rng, 150, 20), CORPUS_VOCAB[::2], obs)
+    )
+    return files
+
+
+def corpus(files, **kwargs) -> TissueCorpus:
+    """A TissueCorpus of the corpus files (``CORPUS_KWARGS``, overridden by ``kwargs``)."""
+    return TissueCorpus(files, vocabulary=CORPUS_VOCAB, **{**CORPUS_KWARGS, **kwargs})

@@ -52,3 +52,12 @@ def gumbel_argmax(monkeypatch):
         "sample_gumbel",
         lambda self, logits, eps=1e-20: torch.zeros_like(logits),
     )
+
+
+@pytest.fixture(scope="module")
+def corpus_files(tmp_path_factory):
+    """Four small .h5ad files (``tests/_helpers.py:write_corpus_files``), new for each module
+    (a module's tests may leave a tissue cache next to them)."""
+    from tests._helpers import write_corpus_files
+
+    return write_corpus_files(tmp_path_factory.mktemp("corpus"))

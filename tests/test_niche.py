@@ -19,7 +19,10 @@ from cellplm_scvi import CellPLM
 from cellplm_scvi.data import TissueBatchSampler, TissueDataSplitter
 from cellplm_scvi.module import CellPLMModule
 from cellplm_scvi.module._masking import apply_mask, sample_mask
-from tests._helpers import ARCH, FIT
+from tests._helpers import ARCH
+from tests._helpers import FIT as QUIET_CPU
+
+FIT = {**QUIET_CPU, "train_size": 1.0}  # every tissue trains
 
 
 def _spatial(n_cells: int = 600, seed: int = 0, max_cells: int = 100):
@@ -35,7 +38,7 @@ def trained():
     scvi.settings.seed = 0
     adata = _spatial()
     model = CellPLM(adata, **ARCH)
-    model.train(max_epochs=2, train_size=1.0, **FIT)
+    model.train(max_epochs=2, **FIT)
     return model, adata
 
 
@@ -137,7 +140,7 @@ def test_defaults_spatial_nonspatial_official(tmp_path):
     assert flat.module.latent_type == "gmvae" and flat.module.n_local_heads == 0
     assert flat._redraw_default(None) is False
     with pytest.raises(ValueError, match="redraw_tissues=True needs coordinates"):
-        flat.train(max_epochs=1, redraw_tissues=True, train_size=1.0, **FIT)
+        flat.train(max_epochs=1, redraw_tissues=True, **FIT)
     with pytest.raises(ValueError, match="hide_cell_rate > 0"):
         flat.get_latent_representation(representation="niche")
 
@@ -287,7 +290,7 @@ def test_niche_readout_carries_niche_signal():
     scvi.settings.seed = 0
     adata = _spatial(1600, seed=3, max_cells=200)
     model = CellPLM(adata, n_hidden=64, n_layers=2, n_latent=16, spatial_pe=False)
-    model.train(max_epochs=25, lr=1e-3, train_size=1.0, **FIT)
+    model.train(max_epochs=25, lr=1e-3, **FIT)
     niche = model.get_latent_representation(representation="niche")
     cell = model.get_latent_representation()
     x = adata.layers["counts"].toarray()
