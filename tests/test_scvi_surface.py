@@ -51,6 +51,15 @@ def trained():
     return model, adata
 
 
+@pytest.fixture
+def fresh(trained):
+    """A new, untrained model on the trained model's AnnData: tests that call ``train`` use it,
+    so the shared model stays as the fixture trained it."""
+    _, adata = trained
+    scvi.settings.seed = 0
+    return CellPLM(adata, **ARCH), adata
+
+
 def _permuted(adata: ad.AnnData, seed: int = 1) -> tuple[ad.AnnData, np.ndarray]:
     perm = np.random.default_rng(seed).permutation(adata.n_obs)
     return unregistered(adata[perm].copy()), perm
@@ -250,8 +259,8 @@ def test_predict_scanvi_arguments(trained):
 # ------------------------------------------------------------------ train / setup arguments
 
 
-def test_train_takes_scvi_arguments(trained):
-    model, adata = trained
+def test_train_takes_scvi_arguments(fresh):
+    model, _ = fresh
     seen = []
 
     class Spy(cp.data.TissueDataSplitter):
@@ -277,8 +286,8 @@ def test_train_takes_scvi_arguments(trained):
     assert max(len(rows) for rows in steps) <= 50
 
 
-def test_reduce_lr_on_plateau_gives_scvis_scheduler(trained):
-    model, _ = trained
+def test_reduce_lr_on_plateau_gives_scvis_scheduler(fresh):
+    model, _ = fresh
     model.train(
         max_epochs=2,
         train_size=0.7,
