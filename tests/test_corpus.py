@@ -385,17 +385,26 @@ def test_rss_bounded_by_tissues_not_corpus(tmp_path):
     stored_bytes = 8 * n_cells * nnz_per_cell  # float32 data + int32 indices of one file
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
-    def peak_kb(paths) -> int:
+    def start(paths) -> subprocess.Popen:
         args = [json.dumps([str(p) for p in paths]), json.dumps(vocab), str(tmp_path / "c")]
-        run = subprocess.run(
-            [sys.executable, "-c", _RSS_SCRIPT, *args], capture_output=True, text=True, env=env
+        return subprocess.Popen(
+            [sys.executable, "-c", _RSS_SCRIPT, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
         )
-        assert run.returncode == 0, run.stderr
-        result = json.loads(run.stdout.strip().splitlines()[-1])
-        assert result["cells"] == n_cells * len(paths)
+
+    def peak_kb(run: subprocess.Popen, n_files: int) -> int:
+        stdout, stderr = run.communicate(timeout=600)
+        assert run.returncode == 0, stderr
+        result = json.loads(stdout.strip().splitlines()[-1])
+        assert result["cells"] == n_cells * n_files
         return result["peak_kb"]
 
-    one, four = peak_kb(files[:1]), peak_kb(files)
+    # each process measures its own peak, so the two (one thread each) run at once
+    runs = start(files[:1]), start(files)
+    one, four = peak_kb(runs[0], 1), peak_kb(runs[1], 4)
     growth = (four - one) * 1024
     print(f"peak RSS: 1 file {one / 1024:.0f} MB, 4 files {four / 1024:.0f} MB")
     assert growth < 1024**3
