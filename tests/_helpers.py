@@ -51,11 +51,6 @@ def simulated_slides(n_cells: int, seed: int = 0) -> ad.AnnData:
     return adata
 
 
-def history(model: cp.CellPLM, key: str) -> np.ndarray:
-    """One ``model.history`` column as a flat float array."""
-    return model.history[key].to_numpy(dtype=float).ravel()
-
-
 # ------------------------------------------------------------------------------ comparisons
 
 
