@@ -38,3 +38,26 @@ def test_device():
     if device.type not in ("cuda", "cpu"):
         pytest.fail(f"{DEVICE_VARIABLE}={name!r}: use 'cuda', 'cuda:<index>' or 'cpu'.")
     return device
+
+
+@pytest.fixture
+def gumbel_argmax(monkeypatch):
+    """The official hard Gumbel-softmax with zero noise: ``y = one_hot(argmax logits)`` (needs
+    the official ``CellPLM`` package; skips without it)."""
+    import torch
+
+    autoencoders = pytest.importorskip("CellPLM.latent.autoencoders")
+    monkeypatch.setattr(
+        autoencoders.GumbelSoftmax,
+        "sample_gumbel",
+        lambda self, logits, eps=1e-20: torch.zeros_like(logits),
+    )
+
+
+@pytest.fixture(scope="module")
+def corpus_files(tmp_path_factory):
+    """Four small .h5ad files (``tests/_helpers.py:write_corpus_files``), new for each module
+    (a module's tests may leave a tissue cache next to them)."""
+    from tests._helpers import write_corpus_files
+
+    return write_corpus_files(tmp_path_factory.mktemp("corpus"))

@@ -22,74 +22,7 @@ import cellplm_scvi as cp
 from cellplm_scvi._genes import official_config, symbol_table
 from cellplm_scvi.data import TissueCorpus
 from cellplm_scvi.module import CellPLMModule
-
-VOCAB = official_config()["gene_list"][:40]  # 40 real Ensembl IDs
-
-
-def _counts(rng, n_cells: int, n_genes: int) -> np.ndarray:
-    return rng.poisson(0.8, (n_cells, n_genes)).astype(np.float32)
-
-
-def _write(path: Path, x, genes, obs=None, obsm=None, var=None) -> Path:
-    adata = ad.AnnData(X=x, obs=obs, obsm=obsm, var=var)
-    adata.var_names = genes
-    adata.obs_names = [f"{path.stem}_c{i}" for i in range(adata.n_obs)]
-    adata.write_h5ad(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def corpus_files(tmp_path_factory):
-    """Four small files: two samples; symbols via gene_key; spatial; dense X."""
-    root = tmp_path_factory.mktemp("corpus")
-    rng = np.random.default_rng(0)
-    symbols = dict(zip(symbol_table()["ensembl_id"], symbol_table()["symbol"]))
-    files = []
-    # f0: Ensembl IDs, two samples, CSR
-    obs = pd.DataFrame({"sample": np.repeat(["s1", "s2"], [180, 120])})
-    files.append(_write(root / "f0.h5ad", sp.csr_matrix(_counts(rng, 300, 25)), VOCAB[:25], obs))
-    # f1: symbols in var["symbol"], shuffled genes plus two unknown ones
-    genes = list(rng.permutation(VOCAB[10:35])) + ["NOT_A_GENE1", "NOT_A_GENE2"]
-    var = pd.DataFrame({"symbol": [symbols.get(g, g) for g in genes]})
-    obs = pd.DataFrame({"sample": ["a"] * 200})
-    files.append(
-        _write(
-            root / "f1.h5ad",
-            sp.csr_matrix(_counts(rng, 200, 27)),
-            [f"gene{i}" for i in range(27)],
-            obs,
-            var=var,
-        )
-    )
-    # f2: spatial, versioned Ensembl IDs
-    obs = pd.DataFrame({"sample": ["slide"] * 400})
-    xy = rng.uniform(0, 100, (400, 2))
-    files.append(
-        _write(
-            root / "f2.h5ad",
-            sp.csr_matrix(_counts(rng, 400, 20)),
-            [f"{g}.7" for g in VOCAB[20:40]],
-            obs,
-            obsm={"spatial": xy},
-        )
-    )
-    # f3: dense X, every other vocabulary gene
-    obs = pd.DataFrame({"sample": ["b"] * 150})
-    files.append(_write(root / "f3.h5ad", _counts(rng, 150, 20), VOCAB[::2], obs))
-    return files
-
-
-KWARGS = {
-    "gene_key": [None, "symbol", None, None],
-    "batch_key": "sample",
-    "spatial_key": [None, None, "spatial", None],
-    "max_cells": 64,
-    "validation_size": 0.2,
-}
-
-
-def _corpus(files, **kwargs) -> TissueCorpus:
-    return TissueCorpus(files, vocabulary=VOCAB, **{**KWARGS, **kwargs})
+from tests._helpers import CORPUS_KWARGS, CORPUS_VOCAB, corpus, poisson_counts, write_h5ad
 
 
 def _expected_vocab_counts(path: Path, gene_key, rows: np.ndarray) -> np.ndarray:
@@ -98,8 +31,8 @@ def _expected_vocab_counts(path: Path, gene_key, rows: np.ndarray) -> np.ndarray
     genes = adata.var_names if gene_key is None else adata.var[gene_key]
     x = adata.X[rows]
     x = x.toarray() if sp.issparse(x) else np.asarray(x)
-    out = np.zeros((len(rows), len(VOCAB)), dtype=np.float32)
-    position = {g: i for i, g in enumerate(VOCAB)}
+    out = np.zeros((len(rows), len(CORPUS_VOCAB)), dtype=np.float32)
+    position = {g: i for i, g in enumerate(CORPUS_VOCAB)}
     ens = dict(zip(symbol_table()["symbol"], symbol_table()["ensembl_id"]))
     for j, gene in enumerate(genes):
         gene = ens.get(gene, gene.split(".")[0])
@@ -114,7 +47,7 @@ def _minibatches(dm: TissueCorpus, split: str = "validation"):
 
 
 def test_alignment_report(corpus_files, tmp_path):
-    dm = _corpus(corpus_files, cache_dir=tmp_path)
+    dm = corpus(corpus_files, cache_dir=tmp_path)
     report = dm.alignment_report
     assert list(report["file"]) == [str(f) for f in corpus_files]
     assert list(report["n_genes"]) == [25, 27, 20, 20]
@@ -136,7 +69,7 @@ def test_alignment_report(corpus_files, tmp_path):
 
 
 def test_counts_land_in_vocabulary_columns(corpus_files, tmp_path):
-    dm = _corpus(corpus_files, cache_dir=tmp_path, validation_size=0.5)
+    dm = corpus(corpus_files, cache_dir=tmp_path, validation_size=0.5)
     seen = np.zeros(dm.n_obs, dtype=bool)
     for split in ("train", "validation"):
         sampler = dm.sampler(split)
@@ -148,7 +81,7 @@ def test_counts_land_in_vocabulary_columns(corpus_files, tmp_path):
             local = rows - dm.offsets[k]
             x = batch["X"]
             assert x.layout == torch.sparse_csr and x.shape == (len(rows), 40)
-            expected = _expected_vocab_counts(corpus_files[k], KWARGS["gene_key"][k], local)
+            expected = _expected_vocab_counts(corpus_files[k], CORPUS_KWARGS["gene_key"][k], local)
             np.testing.assert_array_equal(x.to_dense().numpy(), expected)
             measured = batch["measured"].numpy()
             np.testing.assert_array_equal(measured, expected.any(0) | dm.files[k].measured)
@@ -163,7 +96,7 @@ def test_counts_land_in_vocabulary_columns(corpus_files, tmp_path):
 
 
 def test_measured_masks(corpus_files, tmp_path):
-    dm = _corpus(corpus_files, cache_dir=tmp_path)
+    dm = corpus(corpus_files, cache_dir=tmp_path)
     in_file = [set(range(25)), set(range(10, 35)), set(range(20, 40)), set(range(0, 40, 2))]
     for k, genes in enumerate(in_file):
         assert set(np.flatnonzero(dm.files[k].measured)) == genes
@@ -179,19 +112,19 @@ def _digest(path: Path) -> tuple[str, int]:
 def test_tissue_cache_deterministic_and_outside_the_files(corpus_files):
     before = [_digest(f) for f in corpus_files]
     cache_dir = corpus_files[0].parent / ".cellplm_tissues"
-    first = _corpus(corpus_files)
+    first = corpus(corpus_files)
     assert cache_dir.is_dir() and len(list(cache_dir.glob("*.npz"))) == 4
-    second = _corpus(corpus_files)
+    second = corpus(corpus_files)
     assert not first.alignment_report["cached"].any() or second.alignment_report["cached"].all()
     assert second.alignment_report["cached"].all()
     np.testing.assert_array_equal(first.tissue_codes, second.tissue_codes)
     assert [_digest(f) for f in corpus_files] == before  # the user's files are untouched
     # a fresh computation (other cache folder) gives the same tissues
-    fresh = _corpus(corpus_files, cache_dir=corpus_files[0].parent / "other_cache")
+    fresh = corpus(corpus_files, cache_dir=corpus_files[0].parent / "other_cache")
     assert not fresh.alignment_report["cached"].any()
     np.testing.assert_array_equal(first.tissue_codes, fresh.tissue_codes)
     # other settings are other cache entries
-    other = _corpus(corpus_files, max_cells=32)
+    other = corpus(corpus_files, max_cells=32)
     assert not other.alignment_report["cached"].any()
     assert np.bincount(other.tissue_codes).max() <= 32
 
@@ -207,7 +140,7 @@ def _build_as_a_rank(barrier, queue, files, cache_dir) -> None:
     logging.getLogger("cellplm_scvi").addHandler(handler)
     barrier.wait()
     try:
-        codes = _corpus(files, cache_dir=cache_dir).tissue_codes
+        codes = corpus(files, cache_dir=cache_dir).tissue_codes
         queue.put((codes, [r.getMessage() for r in records if "not written" in r.getMessage()]))
     except Exception as e:  # reported by the test
         queue.put((None, [repr(e)]))
@@ -232,14 +165,14 @@ def test_concurrent_first_builds_of_one_cache(corpus_files, tmp_path):
         assert [problems for _, problems in results] == [[]] * 4  # no error, no failed write
         assert [p.name for p in cache_dir.iterdir() if "tmp" in p.name] == []
         assert len(list(cache_dir.glob("*.npz"))) == 4  # one entry per file
-        again = _corpus(corpus_files, cache_dir=cache_dir)  # reads the cache whole
+        again = corpus(corpus_files, cache_dir=cache_dir)  # reads the cache whole
         assert again.alignment_report["cached"].all()
         for codes, _ in results:
             np.testing.assert_array_equal(codes, again.tissue_codes)
 
 
 def test_split_by_whole_tissues_deterministic(corpus_files, tmp_path):
-    a, b = _corpus(corpus_files, cache_dir=tmp_path), _corpus(corpus_files, cache_dir=tmp_path)
+    a, b = corpus(corpus_files, cache_dir=tmp_path), corpus(corpus_files, cache_dir=tmp_path)
     np.testing.assert_array_equal(a.val_tissues, b.val_tissues)
     np.testing.assert_array_equal(a.val_idx, b.val_idx)
     train_tissues = set(a.tissue_codes[a.train_idx])
@@ -249,7 +182,7 @@ def test_split_by_whole_tissues_deterministic(corpus_files, tmp_path):
     assert a.n_train + a.n_val == a.n_obs
     n_tissues = a.tissue_codes.max() + 1
     assert len(val_tissues) == round(0.2 * n_tissues)
-    c = _corpus(corpus_files, cache_dir=tmp_path, seed=1)
+    c = corpus(corpus_files, cache_dir=tmp_path, seed=1)
     assert not np.array_equal(a.val_tissues, c.val_tissues)
 
 
@@ -258,7 +191,7 @@ def _file_of(dm: TissueCorpus, rows) -> int:
 
 
 def test_shuffling_across_files_per_epoch(corpus_files, tmp_path):
-    dm = _corpus(corpus_files, cache_dir=tmp_path)
+    dm = corpus(corpus_files, cache_dir=tmp_path)
     sampler = dm.sampler("train")
     epoch0 = [sorted(rows) for rows in sampler]
     files0 = [_file_of(dm, rows) for rows in epoch0]
@@ -276,7 +209,7 @@ def test_shuffling_across_files_per_epoch(corpus_files, tmp_path):
 
 
 def test_ddp_shards_are_disjoint(corpus_files, tmp_path):
-    dm = _corpus(corpus_files, cache_dir=tmp_path)
+    dm = corpus(corpus_files, cache_dir=tmp_path)
     shards = [
         [tuple(sorted(rows)) for rows in dm.sampler("train", num_replicas=2, rank=r)]
         for r in (0, 1)
@@ -289,7 +222,7 @@ def test_ddp_shards_are_disjoint(corpus_files, tmp_path):
 
 
 def test_max_cells_per_step_and_node_drop(corpus_files, tmp_path):
-    dm = _corpus(corpus_files, cache_dir=tmp_path, max_cells_per_step=10, drop_node_rate=0.5)
+    dm = corpus(corpus_files, cache_dir=tmp_path, max_cells_per_step=10, drop_node_rate=0.5)
     sizes = [len(rows) for rows in dm.sampler("train")]
     assert max(sizes) <= 10
     val_sizes = [len(rows) for rows in dm.sampler("validation")]
@@ -297,7 +230,7 @@ def test_max_cells_per_step_and_node_drop(corpus_files, tmp_path):
 
 
 def test_registry_matches_setup_anndata(corpus_files, tmp_path):
-    dm = _corpus(corpus_files, cache_dir=tmp_path)
+    dm = corpus(corpus_files, cache_dir=tmp_path)
     registry = dm.registry
     adata = ad.read_h5ad(corpus_files[2])
     adata.obs["b"] = "x"
@@ -312,13 +245,15 @@ def test_registry_matches_setup_anndata(corpus_files, tmp_path):
         assert set(field["state_registry"]) == set(real["field_registries"][key]["state_registry"])
     stats = AnnDataManager._get_summary_stats_from_registry(registry)
     assert stats.n_vars == 40 and stats.n_batch == 5 and stats.n_labels == 1
-    assert list(registry["field_registries"]["X"]["state_registry"]["column_names"]) == VOCAB
+    assert (
+        list(registry["field_registries"]["X"]["state_registry"]["column_names"]) == CORPUS_VOCAB
+    )
     cats = registry["field_registries"]["batch"]["state_registry"]["categorical_mapping"]
     assert list(cats) == dm.batch_names
 
 
 def test_one_epoch_through_the_module(corpus_files, tmp_path):
-    dm = _corpus(corpus_files, cache_dir=tmp_path, max_cells_per_step=48)
+    dm = corpus(corpus_files, cache_dir=tmp_path, max_cells_per_step=48)
     torch.manual_seed(0)
     module = CellPLMModule(
         n_vocab=dm.n_vars,
@@ -352,32 +287,38 @@ def test_one_epoch_through_the_module(corpus_files, tmp_path):
 def _bad_setup(tmp_path, corpus_files, bad: Path, **kwargs):
     files = [corpus_files[0], bad]
     kwargs = {"batch_key": "sample", "cache_dir": tmp_path / "cache", **kwargs}
-    return TissueCorpus(files, vocabulary=VOCAB, **kwargs)
+    return TissueCorpus(files, vocabulary=CORPUS_VOCAB, **kwargs)
 
 
 def test_file_without_vocabulary_genes(corpus_files, tmp_path):
     rng = np.random.default_rng(1)
     obs = pd.DataFrame({"sample": ["a"] * 20})
-    bad = _write(tmp_path / "mouse.h5ad", sp.csr_matrix(_counts(rng, 20, 5)), list("vwxyz"), obs)
+    bad = write_h5ad(
+        tmp_path / "mouse.h5ad", sp.csr_matrix(poisson_counts(rng, 20, 5)), list("vwxyz"), obs
+    )
     with pytest.raises(ValueError, match=r"mouse\.h5ad.*None of the 5 input genes"):
         _bad_setup(tmp_path, corpus_files, bad)
 
 
 def test_non_count_file(corpus_files, tmp_path):
     rng = np.random.default_rng(1)
-    x = np.log1p(_counts(rng, 30, 10) * 1.3)
+    x = np.log1p(poisson_counts(rng, 30, 10) * 1.3)
     obs = pd.DataFrame({"sample": ["a"] * 30})
-    bad = _write(tmp_path / "lognorm.h5ad", sp.csr_matrix(x), VOCAB[:10], obs)
+    bad = write_h5ad(tmp_path / "lognorm.h5ad", sp.csr_matrix(x), CORPUS_VOCAB[:10], obs)
     with pytest.raises(ValueError, match=r"lognorm\.h5ad.*non-integer.*layer="):
         _bad_setup(tmp_path, corpus_files, bad)
-    neg = _write(tmp_path / "neg.h5ad", -_counts(rng, 30, 10) - 1, VOCAB[:10], obs)
+    neg = write_h5ad(
+        tmp_path / "neg.h5ad", -poisson_counts(rng, 30, 10) - 1, CORPUS_VOCAB[:10], obs
+    )
     with pytest.raises(ValueError, match=r"neg\.h5ad.*negative"):
         _bad_setup(tmp_path, corpus_files, neg)
 
 
 def test_missing_key_in_one_file(corpus_files, tmp_path):
     rng = np.random.default_rng(1)
-    nokey = _write(tmp_path / "nokey.h5ad", sp.csr_matrix(_counts(rng, 20, 10)), VOCAB[:10])
+    nokey = write_h5ad(
+        tmp_path / "nokey.h5ad", sp.csr_matrix(poisson_counts(rng, 20, 10)), CORPUS_VOCAB[:10]
+    )
     with pytest.raises(KeyError, match=r"batch_key='sample'.*nokey\.h5ad.*per-file list"):
         _bad_setup(tmp_path, corpus_files, nokey)
     with pytest.raises(KeyError, match=r"spatial_key='spatial'.*f0\.h5ad.*None"):
@@ -396,7 +337,7 @@ def test_unreadable_file(corpus_files, tmp_path):
     with pytest.raises(ValueError, match=r"missing\.h5ad.*cannot be read"):
         _bad_setup(tmp_path, corpus_files, tmp_path / "missing.h5ad")
     with pytest.raises(ValueError, match="per file"):
-        TissueCorpus(corpus_files, vocabulary=VOCAB, gene_key=[None, "symbol"])
+        TissueCorpus(corpus_files, vocabulary=CORPUS_VOCAB, gene_key=[None, "symbol"])
 
 
 # ---------------------------------------------------------------------------- memory
@@ -438,23 +379,32 @@ def test_rss_bounded_by_tissues_not_corpus(tmp_path):
         x = sp.csr_matrix((data, indices, indptr), shape=(n_cells, n_genes))
         x.sum_duplicates()
         files.append(
-            _write(tmp_path / f"big{k}.h5ad", x, official_config()["gene_list"][:n_genes])
+            write_h5ad(tmp_path / f"big{k}.h5ad", x, official_config()["gene_list"][:n_genes])
         )
     vocab = official_config()["gene_list"][:n_genes]
     stored_bytes = 8 * n_cells * nnz_per_cell  # float32 data + int32 indices of one file
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
-    def peak_kb(paths) -> int:
+    def start(paths) -> subprocess.Popen:
         args = [json.dumps([str(p) for p in paths]), json.dumps(vocab), str(tmp_path / "c")]
-        run = subprocess.run(
-            [sys.executable, "-c", _RSS_SCRIPT, *args], capture_output=True, text=True, env=env
+        return subprocess.Popen(
+            [sys.executable, "-c", _RSS_SCRIPT, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
         )
-        assert run.returncode == 0, run.stderr
-        result = json.loads(run.stdout.strip().splitlines()[-1])
-        assert result["cells"] == n_cells * len(paths)
+
+    def peak_kb(run: subprocess.Popen, n_files: int) -> int:
+        stdout, stderr = run.communicate(timeout=600)
+        assert run.returncode == 0, stderr
+        result = json.loads(stdout.strip().splitlines()[-1])
+        assert result["cells"] == n_cells * n_files
         return result["peak_kb"]
 
-    one, four = peak_kb(files[:1]), peak_kb(files)
+    # each process measures its own peak, so the two (one thread each) run at once
+    runs = start(files[:1]), start(files)
+    one, four = peak_kb(runs[0], 1), peak_kb(runs[1], 4)
     growth = (four - one) * 1024
     print(f"peak RSS: 1 file {one / 1024:.0f} MB, 4 files {four / 1024:.0f} MB")
     assert growth < 1024**3
@@ -463,7 +413,7 @@ def test_rss_bounded_by_tissues_not_corpus(tmp_path):
 
 def test_dataloader_workers_open_their_own_files(corpus_files, tmp_path):
     """With workers the dataset is pickled without h5py handles; every row still comes once."""
-    dm = _corpus(corpus_files, cache_dir=tmp_path, num_workers=2)
+    dm = corpus(corpus_files, cache_dir=tmp_path, num_workers=2)
     rows = [batch["ind_x"].view(-1) for batch in dm.val_dataloader()]
     np.testing.assert_array_equal(np.sort(torch.cat(rows).numpy()), dm.val_idx)
     assert dm.dataset._handles == {}  # the main process opened nothing
@@ -476,12 +426,12 @@ def test_cellplm_from_the_registry_trains_on_the_corpus(corpus_files, tmp_path):
     """``CellPLM(adata=None, registry=dm.registry)`` + ``train(datamodule=dm)``: the loss of
     each minibatch uses its file's measured genes; the trained model exports to the official
     format and embeds a new AnnData through ``load_official``."""
-    dm = _corpus(corpus_files, spatial_key=[None, None, "spatial", None], cache_dir=tmp_path)
+    dm = corpus(corpus_files, spatial_key=[None, None, "spatial", None], cache_dir=tmp_path)
     model = cp.CellPLM(
         adata=None, registry=dm.registry, n_hidden=32, n_layers=1, n_heads=4, n_latent=8,
         spatial_pe=False,
     )  # fmt: skip
-    assert model.module.n_vocab == len(VOCAB) and model.module.measured_genes is None
+    assert model.module.n_vocab == len(CORPUS_VOCAB) and model.module.measured_genes is None
     seen, seen_full = [], []
     measured_weights = model.module.measured_weights
 
@@ -504,7 +454,7 @@ def test_cellplm_from_the_registry_trains_on_the_corpus(corpus_files, tmp_path):
     assert z_val.shape[1] == 8 and np.isfinite(z_val).all()
     model.save(tmp_path / "scvi_layout")  # no AnnData: genes come from the registry
     saved = torch.load(tmp_path / "scvi_layout" / "model.pt", weights_only=True)
-    assert saved["var_names"] == list(VOCAB)
+    assert saved["var_names"] == list(CORPUS_VOCAB)
     with pytest.raises(ValueError, match="no AnnData"):
         model.save(tmp_path / "with_adata", save_anndata=True)
     model.save_official(tmp_path / "pretrained")

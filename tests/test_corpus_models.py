@@ -6,7 +6,6 @@ embed the cells exactly as the corpus loader does (the same tissues: the corpus'
 are passed as ``tissue_key``) and as the model exported to the official files does.
 """
 
-# ruff: noqa: F811 (test arguments name the imported corpus_files fixture)
 from __future__ import annotations
 
 import anndata as ad
@@ -19,22 +18,21 @@ import cellplm_scvi as cp
 from cellplm_scvi.data import TissueCorpus
 from cellplm_scvi.datasets import random_official_checkpoint
 from cellplm_scvi.model import PRETRAINING_CORPUS_KWARGS, pretraining_recipe
-from tests.test_corpus import KWARGS, _corpus, corpus_files  # noqa: F401 (a fixture)
+from tests._helpers import CORPUS_KWARGS, FIT, corpus
 
 ATOL = 1e-5
-QUIET = {"accelerator": "cpu", "enable_progress_bar": False, "enable_model_summary": False}
-GENE_KEYS = KWARGS["gene_key"]  # file 1 names its genes by symbol in var["symbol"]
+GENE_KEYS = CORPUS_KWARGS["gene_key"]  # file 1 names its genes by symbol in var["symbol"]
 
 
 @pytest.fixture(scope="module")
 def trained(corpus_files, tmp_path_factory):
-    dm = _corpus(corpus_files, cache_dir=tmp_path_factory.mktemp("cache"), validation_size=0.5)
+    dm = corpus(corpus_files, cache_dir=tmp_path_factory.mktemp("cache"), validation_size=0.5)
     torch.manual_seed(0)
     model = cp.CellPLM(
         adata=None, registry=dm.registry, n_hidden=32, n_layers=1, n_heads=4, n_latent=8,
         spatial_pe=False,
     )  # fmt: skip
-    model.train(datamodule=dm, max_epochs=1, **QUIET)
+    model.train(datamodule=dm, max_epochs=1, **FIT)
     return dm, model
 
 
@@ -83,13 +81,13 @@ def test_spatial_encoding_with_and_without_coordinates(corpus_files, tmp_path):
     """A model with the spatial encoding (asked for: a spatial from-scratch model leaves it off
     by default, issue 14) reads the spatial file (set up with its coordinates) and a file
     without coordinates (the learned missing-coordinate encoding) as the corpus loader does."""
-    dm = _corpus(corpus_files, cache_dir=tmp_path, validation_size=0.5)
+    dm = corpus(corpus_files, cache_dir=tmp_path, validation_size=0.5)
     torch.manual_seed(0)
     model = cp.CellPLM(
         adata=None, registry=dm.registry, n_hidden=16, n_layers=1, n_latent=4, spatial_pe=True
     )
     assert model.module.use_spatial_pe
-    model.train(datamodule=dm, max_epochs=1, **QUIET)
+    model.train(datamodule=dm, max_epochs=1, **FIT)
     rows, z_corpus = _corpus_embedding(dm, model)
     for k in (0, 2):
         adata = ad.read_h5ad(corpus_files[k])
@@ -175,13 +173,13 @@ def test_continued_pretraining_of_an_official_checkpoint(corpus_files, tmp_path)
     assert recipe == {"lr": 2e-4, "plan_kwargs": {"weight_decay": 1e-8}}
     prefix = tmp_path / "random_85M"
     random_official_checkpoint(prefix, latent="gmvae", n_hidden=32, n_layers=1, n_latent=8)
-    kwargs = {**KWARGS, **PRETRAINING_CORPUS_KWARGS, "cache_dir": tmp_path / "cache"}
+    kwargs = {**CORPUS_KWARGS, **PRETRAINING_CORPUS_KWARGS, "cache_dir": tmp_path / "cache"}
     dm = TissueCorpus(corpus_files, vocabulary="20230926_85M", **kwargs)
     adata = ad.read_h5ad(corpus_files[0])
     cp.CellPLM.setup_anndata(adata)
     model = cp.CellPLM.load_official(prefix, adata)
     z_before = model.get_latent_representation()
-    model.train(datamodule=dm, max_epochs=1, max_steps=3, **recipe, **QUIET)
+    model.train(datamodule=dm, max_epochs=1, max_steps=3, **recipe, **FIT)
     groups = model.trainer.optimizers[0].param_groups
     assert {g["initial_lr"] for g in groups} == {2e-4}  # before the linear warm-up factor
     assert {g["weight_decay"] for g in groups} == {1e-8}
@@ -203,6 +201,6 @@ def test_corpus_vocabulary_must_be_the_models(corpus_files, tmp_path):
     adata = ad.read_h5ad(corpus_files[0])
     cp.CellPLM.setup_anndata(adata)
     model = cp.CellPLM.load_official(prefix, adata)
-    dm = _corpus(corpus_files, cache_dir=tmp_path / "cache")  # 40-gene vocabulary
+    dm = corpus(corpus_files, cache_dir=tmp_path / "cache")  # 40-gene vocabulary
     with pytest.raises(ValueError, match="vocabulary='20230926_85M'"):
-        model.train(datamodule=dm, max_steps=1, **QUIET)
+        model.train(datamodule=dm, max_steps=1, **FIT)

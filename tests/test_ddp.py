@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from cellplm_scvi.data import TissueBatchSampler
-from tests.test_corpus import corpus_files  # noqa: F401 (fixture)
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_train.py"
 
@@ -30,25 +29,30 @@ def test_sampler_gives_every_rank_the_same_number_of_tissues():
     assert per_rank[0] | per_rank[1] == set(range(7))  # all tissues are seen
 
 
-def _run(tmp_path: Path, devices: int) -> list[float]:
+def _start(tmp_path: Path, devices: int) -> subprocess.Popen:
+    """Start the training script with ``devices`` processes, in the background."""
     out = tmp_path / f"loss_{devices}.json"
-    proc = subprocess.run(
+    return subprocess.Popen(
         [sys.executable, str(SCRIPT), str(out), str(devices)],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=600,
         cwd=tmp_path,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+
+
+def _loss_curve(proc: subprocess.Popen, tmp_path: Path, devices: int) -> list[float]:
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    result = json.loads((tmp_path / f"loss_{devices}.json").read_text())
     assert result["world_size"] == devices  # the processes Lightning really ran
     return result["train_loss"]
 
 
 @pytest.mark.slow
 def test_ddp_two_processes_trains_like_one(tmp_path):
-    single = _run(tmp_path, 1)
-    ddp = _run(tmp_path, 2)
+    started = {devices: _start(tmp_path, devices) for devices in (1, 2)}  # independent runs
+    single, ddp = (_loss_curve(started[devices], tmp_path, devices) for devices in (1, 2))
     assert len(single) == len(ddp) == 6
     assert np.isfinite(ddp).all()
     assert ddp[-1] < ddp[0]  # it learns
@@ -66,7 +70,7 @@ CORPUS_SCRIPT = Path(__file__).parent / "scripts" / "ddp_corpus.py"
 
 @pytest.mark.slow
 def test_ddp_over_a_corpus_shares_tissues_and_averages_gradients(
-    corpus_files,  # noqa: F811
+    corpus_files,
     tmp_path,
     monkeypatch,
 ):

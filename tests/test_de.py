@@ -16,10 +16,10 @@ import scanpy as sc
 import scvi
 
 import cellplm_scvi as cp
+from tests._helpers import FIT
 
 CONFIG = {"n_hidden": 128, "n_layers": 2, "n_latent": 32}
 EPOCHS = 100
-QUIET = {"enable_progress_bar": False, "enable_model_summary": False}
 N_TOP = 20
 FDR_COLUMN = "is_de_fdr_0.05"
 
@@ -33,7 +33,7 @@ def trained():
     adata = cp.datasets.pbmc68k_counts()
     cp.CellPLM.setup_anndata(adata, layer="counts")
     model = cp.CellPLM(adata, **CONFIG)
-    model.train(max_epochs=EPOCHS, lr=1e-3, train_size=1.0, **QUIET)
+    model.train(max_epochs=EPOCHS, lr=1e-3, train_size=1.0, **FIT)
     return adata, model
 
 

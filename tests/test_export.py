@@ -25,17 +25,20 @@ import cellplm_scvi as cp
 from cellplm_scvi._genes import official_config as released_config
 from cellplm_scvi.datasets import random_official_checkpoint
 from cellplm_scvi.official._files import DEAD_KEYS, read_config, read_state_dict
+from tests._helpers import (
+    ATOL,
+    FIT,
+    RTOL,
+    max_abs,
+    max_rel,
+    official_model_forward,
+    read_official,
+    to_csr,
+)
 
-OmicsFormer = pytest.importorskip("CellPLM.model").OmicsFormer
-GumbelSoftmax = pytest.importorskip("CellPLM.latent.autoencoders").GumbelSoftmax
-embedding_pipeline = pytest.importorskip("CellPLM.pipeline.cell_embedding")
-
-ATOL = 1e-5  # official vs ours (absolute, embeddings of magnitude ~1)
-RTOL = 1e-5  # official vs ours (relative, NB means and dispersions)
 ROUND_TRIP_ATOL = 1e-6  # ours -> files -> ours
 N_CELLS = 160
 N_GENES = 100
-QUIET = {"enable_progress_bar": False, "enable_model_summary": False, "train_size": 1.0}
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -74,47 +77,6 @@ def build_model(adata: ad.AnnData, latent: str = "vae", **kwargs) -> cp.CellPLM:
     )  # fmt: skip
 
 
-def read_official(prefix: str) -> torch.nn.Module:
-    """The official package's model from our files: ``OmicsFormer(**config)``, strict load of a
-    weights-only checkpoint, evaluation mode."""
-    config = json.loads(Path(f"{prefix}.config.json").read_text())
-    off = OmicsFormer(**config)
-    state = torch.load(f"{prefix}.best.ckpt", map_location="cpu", weights_only=True)
-    off.load_state_dict(state["model_state_dict"], strict=True)
-    return off.eval()
-
-
-def to_coo(X: sp.spmatrix) -> torch.Tensor:
-    coo = X.tocoo()
-    index = torch.from_numpy(np.vstack([coo.row, coo.col]).astype(np.int64))
-    return torch.sparse_coo_tensor(index, torch.from_numpy(coo.data), coo.shape).coalesce()
-
-
-def to_csr(X: sp.spmatrix) -> torch.Tensor:
-    X = sp.csr_matrix(X)
-    return torch.sparse_csr_tensor(
-        torch.from_numpy(X.indptr.astype(np.int64)),
-        torch.from_numpy(X.indices.astype(np.int64)),
-        torch.from_numpy(X.data),
-        X.shape,
-    )
-
-
-@torch.no_grad()
-def official_forward(off, X: sp.spmatrix, genes, batch: np.ndarray | None = None) -> dict:
-    """The official evaluation forward (``OmicsFormer.forward``) on one tissue: embedding
-    ``latent`` (N, L), NB ``mean`` (N, G) and ``disp`` (N, G)."""
-    x_dict = {
-        "x_seq": to_coo(X),
-        "coord": -torch.ones(X.shape[0], 2),
-        "gene_mask": torch.ones(X.shape[1], dtype=torch.bool),
-    }
-    if batch is not None:
-        x_dict["batch"] = torch.as_tensor(batch, dtype=torch.long)
-    out, _ = off(x_dict, list(genes))
-    return out
-
-
 def tissues(adata: ad.AnnData) -> list[np.ndarray]:
     codes = adata.obs["cellplm_tissue"].to_numpy()
     return [np.flatnonzero(codes == t) for t in pd.unique(codes)]
@@ -134,23 +96,6 @@ def clear_clusters(model: cp.CellPLM, X: sp.spmatrix) -> np.ndarray:
     return (top2[:, 0] - top2[:, 1] > 1e-4).numpy()
 
 
-def max_abs(a, b) -> float:
-    return float(np.abs(np.asarray(a) - np.asarray(b)).max())
-
-
-def max_rel(a, b) -> float:
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return float((np.abs(a - b) / np.abs(b)).max())
-
-
-@pytest.fixture
-def gumbel_argmax(monkeypatch):
-    """The official hard Gumbel-softmax with zero noise: ``y = one_hot(argmax logits)``."""
-    monkeypatch.setattr(
-        GumbelSoftmax, "sample_gumbel", lambda self, logits, eps=1e-20: torch.zeros_like(logits)
-    )
-
-
 @pytest.fixture(
     scope="module",
     params=[("vae", False), ("vae", True), ("gmvae", False), ("gmvae", True)],
@@ -164,7 +109,7 @@ def trained(request, tmp_path_factory):
     assert adata.obs["cellplm_tissue"].nunique() == (2 if with_batch else 1)
     torch.manual_seed(0)
     model = build_model(adata, latent)
-    model.train(max_epochs=2, **QUIET)
+    model.train(max_epochs=2, train_size=1.0, **FIT)
     model.module.eval()
     prefix = str(tmp_path_factory.mktemp(f"export_{latent}_{with_batch}") / "mine")
     model.save_official(prefix)
@@ -194,7 +139,7 @@ def test_official_package_embeds_the_export_identically(trained, gumbel_argmax):
     diffs, rel_means, rel_disps, kept = [], [], [], []
     for rows in tissues(adata):
         X = adata.X[rows]
-        ref = official_forward(off, X, adata.var_names, codes[rows] if with_batch else None)
+        ref = official_model_forward(off, X, adata.var_names, codes[rows] if with_batch else None)
         keep = clear_clusters(model, X) if latent == "gmvae" else np.ones(len(rows), bool)
         kept.append(keep.mean())
         diffs.append(max_abs(z[rows][keep], ref["latent"].numpy()[keep]))
@@ -218,12 +163,16 @@ def test_official_package_embeds_the_export_identically(trained, gumbel_argmax):
     # negative control: mislabelled genes move the official embedding far beyond the tolerance
     rows = tissues(adata)[0]
     shuffled = list(np.random.default_rng(0).permutation(adata.var_names))
-    wrong = official_forward(off, adata.X[rows], shuffled, codes[rows] if with_batch else None)
+    wrong = official_model_forward(
+        off, adata.X[rows], shuffled, codes[rows] if with_batch else None
+    )
     assert max_abs(z[rows], wrong["latent"].numpy()) > 100 * ATOL
 
 
 def test_official_embedding_pipeline_reads_the_export(trained, gumbel_argmax):
     """The official ``CellEmbeddingPipeline`` (its own loader, grouping by ``obs['batch']``)."""
+    from CellPLM.pipeline import cell_embedding as embedding_pipeline
+
     model, adata, prefix = trained
     with_batch = model.adata_manager.registry["setup_args"]["batch_key"] is not None
     query = ad.AnnData(X=adata.X.copy(), obs=pd.DataFrame(index=adata.obs_names))
@@ -283,6 +232,7 @@ def test_load_official_reads_the_export_back(trained):
 @pytest.mark.parametrize("latent", ["vae", "gmvae"])
 def test_official_checkpoint_round_trips(latent, tmp_path):
     """An official release -> ``load_official`` -> ``save_official``: the same weights."""
+    OmicsFormer = pytest.importorskip("CellPLM.model").OmicsFormer
     source = str(tmp_path / "release")
     random_official_checkpoint(source, latent=latent, n_hidden=32, n_layers=1, n_latent=8)
     original = read_config(Path(f"{source}.config.json"))
@@ -315,6 +265,7 @@ def test_official_checkpoint_round_trips(latent, tmp_path):
 
 
 def test_spatial_encoding_is_refused(tmp_path):
+    pytest.importorskip("CellPLM")
     adata = make_adata()
     cp.CellPLM.setup_anndata(adata, spatial_key="spatial")
     model = build_model(adata, spatial_pe=True)
@@ -359,6 +310,7 @@ def test_existing_files_need_overwrite(tmp_path):
 
 
 def test_classifier_head_is_left_out_with_a_warning(tmp_path):
+    pytest.importorskip("CellPLM")
     adata = make_adata()
     cp.CellPLM.setup_anndata(adata, labels_key="cell_type")
     model = build_model(adata)
@@ -371,6 +323,7 @@ def test_classifier_head_is_left_out_with_a_warning(tmp_path):
 
 
 def test_vae_settings_the_official_layer_lacks_warn(tmp_path):
+    pytest.importorskip("CellPLM")
     adata = make_adata()
     cp.CellPLM.setup_anndata(adata)
     model = build_model(adata, latent_kwargs={"lamda": 2.0, "kl_warmup_steps": 100})
@@ -382,6 +335,7 @@ def test_vae_settings_the_official_layer_lacks_warn(tmp_path):
 def test_export_keeps_dead_keys_and_the_sinusoidal_table(trained):
     """The official never-called ``embedder.norm0`` is written with the official initial values,
     and our spatial table equals the official one (both sit in the file)."""
+    OmicsFormer = pytest.importorskip("CellPLM.model").OmicsFormer
     model, _, prefix = trained
     state = read_state_dict(Path(f"{prefix}.best.ckpt"))
     n_hidden = model.module.embedder.feat_enc.emb.shape[1]

@@ -18,9 +18,8 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 
 import cellplm_scvi as cp
 from cellplm_scvi import CellPLM
+from tests._helpers import ARCH, FIT
 
-ARCH = {"n_hidden": 32, "n_layers": 1, "n_heads": 4, "n_latent": 8}
-FIT = {"accelerator": "cpu", "enable_progress_bar": False}
 CLIP = 1e-3  # far below the gradient norm of an untrained model: every step is clipped
 
 

@@ -33,8 +33,7 @@ from cellplm_scvi.nn._int8 import (
     recording_flow_sums,
 )
 from cellplm_scvi.nn._segments import TissueSegments
-
-FIT = {"accelerator": "cpu", "enable_progress_bar": False, "enable_model_summary": False}
+from tests._helpers import FIT
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:

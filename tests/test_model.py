@@ -16,7 +16,6 @@ import scipy.sparse as sp
 import scvi
 import torch
 
-import cellplm_scvi as cp
 from cellplm_scvi import CellPLM
 from tests._anndata_checks import (
     SCVI_UNS,
@@ -24,27 +23,15 @@ from tests._anndata_checks import (
     snapshot,
     unregistered,
 )
+from tests._helpers import ARCH, FIT, simulated_slides
 
 N_CELLS = 800
-ARCH = {"n_hidden": 32, "n_layers": 1, "n_heads": 4, "n_latent": 8}
-FIT = {"accelerator": "cpu", "enable_progress_bar": False}
 VAL = {"check_val_every_n_epoch": 1}  # validation loss every epoch
 CELLPLM_OBS = {"cellplm_tissue", "_cellplm_tissue_code", "_cellplm_indices"}
 SCVI_OBS = {"_scvi_batch", "_scvi_labels"}  # written by scvi-tools' categorical obs fields
 
 
 # ------------------------------------------------------------------------------ helpers
-
-
-def _simulate(n_cells: int = N_CELLS, seed: int = 0) -> ad.AnnData:
-    """Two slides with an ``obs["fov"]`` column: a 2 x 2 grid of fields of view per slide."""
-    adata = cp.datasets.simulate_tissue(n_cells=n_cells, n_slides=2, seed=seed)
-    xy = adata.obsm["spatial"]
-    cell = (xy // 500).astype(int)
-    adata.obs["fov"] = pd.Categorical(
-        adata.obs["slide"].astype(str) + "_" + cell[:, 0].astype(str) + cell[:, 1].astype(str)
-    )
-    return adata
 
 
 def _embedding_by_name(model: CellPLM, adata: ad.AnnData) -> pd.DataFrame:
@@ -57,7 +44,7 @@ def _embedding_by_name(model: CellPLM, adata: ad.AnnData) -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def simulated() -> ad.AnnData:
     """Read-only source; tests take copies."""
-    return _simulate()
+    return simulated_slides(N_CELLS)
 
 
 @pytest.fixture(scope="module")
@@ -276,7 +263,7 @@ def test_transfer_to_new_anndata(fitted, simulated):
     np.testing.assert_allclose(model.get_latent_representation(same_setup), z, atol=1e-5)
 
     # other cells
-    other = _simulate(n_cells=600, seed=1)
+    other = simulated_slides(600, seed=1)
     z_other = model.get_latent_representation(other)
     assert z_other.shape == (600, ARCH["n_latent"])
     assert np.isfinite(z_other).all()

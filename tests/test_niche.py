@@ -20,9 +20,10 @@ from cellplm_scvi.data import TissueBatchSampler, TissueDataSplitter
 from cellplm_scvi.model._presets import resolve_redraw_tissues, saved_init_params
 from cellplm_scvi.module import CellPLMModule
 from cellplm_scvi.module._masking import apply_mask, sample_mask
+from tests._helpers import ARCH
+from tests._helpers import FIT as QUIET_CPU
 
-ARCH = {"n_hidden": 32, "n_layers": 1, "n_heads": 4, "n_latent": 8}
-FIT = {"accelerator": "cpu", "enable_progress_bar": False, "train_size": 1.0}
+FIT = {**QUIET_CPU, "train_size": 1.0}  # every tissue trains
 
 
 def _spatial(n_cells: int = 600, seed: int = 0, max_cells: int = 100):

@@ -14,11 +14,9 @@ evaluation mode and compared with ours:
 from __future__ import annotations
 
 import dataclasses
-import json
 import warnings
 from pathlib import Path
 
-import anndata as ad
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -27,13 +25,25 @@ from torch import nn
 
 import cellplm_scvi as cp
 from cellplm_scvi._genes import official_config, symbol_table
+from tests._helpers import (
+    ATOL,
+    N_SMALL_VOCAB,
+    RTOL,
+    assert_same_weights,
+    build_official,
+    is_gmvae,
+    max_abs,
+    max_rel,
+    official_forward,
+    one_tissue_adata,
+    random_counts,
+    save_official,
+    small_config,
+    to_csr,
+    write_config,
+)
 
-OmicsFormer = pytest.importorskip("CellPLM.model").OmicsFormer
-
-ATOL = 1e-5  # absolute tolerance for embeddings / hidden states
-RTOL = 1e-5  # relative tolerance for NB means / dispersions
 N_CELLS = 120
-N_SMALL_VOCAB = 300
 
 
 @dataclasses.dataclass
@@ -44,138 +54,6 @@ class _Meta:
 
 
 # ------------------------------------------------------------------------------------ helpers
-
-
-def small_config(latent_mod: str) -> dict:
-    vocab = official_config()["gene_list"][:N_SMALL_VOCAB]
-    return {
-        "gene_list": vocab,
-        "enc_mod": "flowformer",
-        "enc_hid": 64,
-        "enc_layers": 2,
-        "post_latent_dim": 16,
-        "dec_mod": "nbmlp",
-        "dec_hid": 64,
-        "dec_layers": 2,
-        "out_dim": len(vocab),
-        "batch_num": 7,
-        "dataset_num": 3,
-        "model_dropout": 0.2,
-        "norm": "groupnorm",
-        "latent_mod": latent_mod,
-        "cat_pe": False,
-        "mask_node_rate": 0.75,
-        "mask_feature_rate": 0.25,
-        "num_clusters": 4,
-        "lamda": 5.0,
-        "w_li": 5.0,
-        "w_en": 5.0,
-        "dae": True,
-    }
-
-
-def build_official(config: dict, seed: int = 0, emb_scale: float = 20.0) -> nn.Module:
-    """Official model with random weights, in eval mode.
-
-    Norm affine parameters, biases and PReLU slopes get noise (so a swapped or skipped one is
-    visible) and the gene-embedding table is scaled up (so that the cell tokens depend on the
-    genes rather than on the bias of the embedder's linear layer).
-    """
-    torch.manual_seed(seed)
-    off = OmicsFormer(**config)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in off.named_parameters():
-            if p.dim() == 1 and "pe_enc" not in name:
-                p.add_(0.1 * torch.randn(p.shape, generator=gen))
-        off.embedder.feat_enc.emb.mul_(emb_scale)
-    return off.eval()
-
-
-def save_official(off: nn.Module, config: dict, directory: Path, name: str, state=None) -> str:
-    """Write ``<name>.config.json`` and ``<name>.best.ckpt`` exactly as the official release."""
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / f"{name}.config.json", "w") as fh:
-        json.dump(config, fh)
-    ckpt = {"model_state_dict": off.state_dict()} if state is None else state
-    torch.save(ckpt, directory / f"{name}.best.ckpt")
-    return str(directory / name)
-
-
-def write_config(config: dict, directory: Path, name: str) -> str:
-    with open(directory / f"{name}.config.json", "w") as fh:
-        json.dump(config, fh)
-    return str(directory / name)
-
-
-def random_counts(n_cells: int, n_genes: int, density: float, seed: int) -> sp.csr_matrix:
-    rng = np.random.default_rng(seed)
-    return sp.random(
-        n_cells,
-        n_genes,
-        density=density,
-        format="csr",
-        dtype=np.float32,
-        random_state=rng,
-        data_rvs=lambda k: rng.poisson(3.0, k).astype(np.float32) + 1,
-    )
-
-
-def make_adata(X: sp.csr_matrix, genes) -> ad.AnnData:
-    adata = ad.AnnData(X=X.copy())
-    adata.var_names = list(genes)
-    adata.obs_names = [f"cell{i}" for i in range(X.shape[0])]
-    adata.obs["tissue"] = "all"  # every cell in one tissue, as one official forward call
-    cp.CellPLM.setup_anndata(adata, tissue_key="tissue")
-    return adata
-
-
-def to_coo(X: sp.spmatrix) -> torch.Tensor:
-    coo = X.tocoo()
-    idx = torch.from_numpy(np.vstack([coo.row, coo.col]).astype(np.int64))
-    values = torch.from_numpy(coo.data.astype(np.float32))
-    return torch.sparse_coo_tensor(idx, values, coo.shape).coalesce()
-
-
-def to_csr(X: sp.spmatrix) -> torch.Tensor:
-    X = sp.csr_matrix(X)
-    return torch.sparse_csr_tensor(
-        torch.from_numpy(X.indptr.astype(np.int64)),
-        torch.from_numpy(X.indices.astype(np.int64)),
-        torch.from_numpy(X.data.astype(np.float32)),
-        X.shape,
-    )
-
-
-def is_gmvae(off: nn.Module) -> bool:
-    return not hasattr(off.latent.layers[1], "hid_2mu")
-
-
-@torch.no_grad()
-def official_forward(off: nn.Module, X: sp.spmatrix, genes: list[str], decode: bool = True):
-    """Stage-by-stage evaluation forward of the official model on one group of cells.
-
-    For the GMVAE the cluster is ``y = one_hot(argmax logits)`` (the official code would draw a
-    Gumbel sample here).
-    """
-    xd = {"x_seq": to_coo(X), "coord": -torch.ones(X.shape[0], 2)}
-    h = off.embedder(xd, list(genes))
-    xd["h"] = h
-    xd["h"] = off.encoder(xd)["hidden"]
-    h = off.pre_latent_norm(xd)
-    out = {"h": h}
-    layer = off.latent.layers[1]
-    if is_gmvae(off):
-        logits = layer.inference.inference_qyx[0].logits(h)
-        y = nn.functional.one_hot(logits.argmax(-1), logits.shape[1]).float()
-        mu, var, _ = layer.inference.qzxy(h, y)
-        out.update(logits=logits, y=y, mu=mu, var=var)
-    else:
-        out["mu"] = layer.hid_2mu(h)
-    if decode:
-        dec = off.decoder({"h": out["mu"]})
-        out["mean"], out["disp"] = dec["mean"], dec["disp"]
-    return out
 
 
 @torch.no_grad()
@@ -192,18 +70,6 @@ def our_forward(model: cp.CellPLM, X: sp.spmatrix, y: torch.Tensor | None = None
     gen = model.module.generative(out["mu"])
     out["mean"], out["theta"] = gen["px_mean"], gen["px_theta"]
     return out
-
-
-def max_abs(a, b) -> float:
-    a = a.detach().numpy() if torch.is_tensor(a) else np.asarray(a)
-    b = b.detach().numpy() if torch.is_tensor(b) else np.asarray(b)
-    return float(np.abs(a - b).max())
-
-
-def max_rel(a, b) -> float:
-    a = a.detach().numpy() if torch.is_tensor(a) else np.asarray(a)
-    b = b.detach().numpy() if torch.is_tensor(b) else np.asarray(b)
-    return float((np.abs(a - b) / np.abs(b)).max())
 
 
 def check_parity(model, off, X_ours, X_off, genes_off, vocab_cols, label=""):
@@ -232,21 +98,13 @@ def check_parity(model, off, X_ours, X_off, genes_off, vocab_cols, label=""):
     return ref
 
 
-def assert_same_weights(model: cp.CellPLM, off: nn.Module) -> None:
-    ours, theirs = model.module.state_dict(), off.state_dict()
-    assert set(theirs) - set(ours) == {"embedder.norm0.weight", "embedder.norm0.bias"}
-    counters = set(ours) - set(theirs)  # training counters, which official files do not hold
-    assert counters <= {"latent.layers.1.kl_step_count"}
-    for key in set(ours) - counters:
-        assert torch.equal(ours[key], theirs[key]), key
-
-
 # ------------------------------------------------------------------------------------ fixtures
 
 
 @pytest.fixture(scope="module", params=["vae", "gmvae"])
 def small(request, tmp_path_factory):
     """(config, official model, checkpoint prefix) of a small random official model."""
+    pytest.importorskip("CellPLM")
     config = small_config(request.param)
     off = build_official(config, seed=0 if request.param == "vae" else 1)
     prefix = save_official(off, config, tmp_path_factory.mktemp(request.param), "small")
@@ -255,6 +113,7 @@ def small(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def small_vae(tmp_path_factory):
+    pytest.importorskip("CellPLM")
     config = small_config("vae")
     off = build_official(config, seed=2)
     prefix = save_official(off, config, tmp_path_factory.mktemp("vae_robust"), "small")
@@ -272,7 +131,7 @@ def counts():
 def test_small_parity_full_vocabulary(small, counts):
     config, off, prefix = small
     vocab = config["gene_list"]
-    adata = make_adata(counts, vocab)
+    adata = one_tissue_adata(counts, vocab)
     model = cp.CellPLM.load_official(prefix, adata)  # strict load
     assert_same_weights(model, off)
     assert model.module.n_vocab == len(vocab)
@@ -317,7 +176,7 @@ def test_small_parity_gene_subset_shuffled_with_unknown(small, counts):
     known = np.array([g in set(vocab) for g in genes_all])
     assert known.sum() == 120
 
-    adata = make_adata(X_all, genes_all)
+    adata = one_tissue_adata(X_all, genes_all)
     model = cp.CellPLM.load_official(prefix, adata)
     vocab_pos = {g: i for i, g in enumerate(vocab)}
     vocab_cols = np.array([vocab_pos[g] for g in genes_all[known]])
@@ -338,7 +197,9 @@ def test_small_parity_gene_subset_shuffled_with_unknown(small, counts):
 def test_symbols_and_gene_key(small_vae, counts):
     config, _, prefix = small_vae
     vocab = config["gene_list"]
-    z_ens = cp.CellPLM.load_official(prefix, make_adata(counts, vocab)).get_latent_representation()
+    z_ens = cp.CellPLM.load_official(
+        prefix, one_tissue_adata(counts, vocab)
+    ).get_latent_representation()
 
     table = symbol_table()
     n_sym = table["symbol"].value_counts()
@@ -349,13 +210,13 @@ def test_symbols_and_gene_key(small_vae, counts):
         for i, g in enumerate(vocab)
     ]
     assert sum(m != g for m, g in zip(mixed, vocab)) > 100
-    model_sym = cp.CellPLM.load_official(prefix, make_adata(counts, mixed))
+    model_sym = cp.CellPLM.load_official(prefix, one_tissue_adata(counts, mixed))
     assert model_sym.module.n_vocab == len(vocab)
     z_sym = model_sym.get_latent_representation()
     np.testing.assert_allclose(z_sym, z_ens, rtol=0, atol=1e-6)
 
     # gene_key: the IDs live in a var column, var_names are meaningless
-    adata = make_adata(counts, [f"feature{i}" for i in range(len(vocab))])
+    adata = one_tissue_adata(counts, [f"feature{i}" for i in range(len(vocab))])
     adata.var["gene_ids"] = mixed
     z_key = cp.CellPLM.load_official(
         prefix, adata, gene_key="gene_ids"
@@ -368,6 +229,7 @@ def test_symbols_and_gene_key(small_vae, counts):
 @pytest.mark.slow
 def test_real_85m_config_parity(tmp_path):
     """The real 85M architecture (GMVAE, 19,374 genes) with random weights."""
+    pytest.importorskip("CellPLM")
     config = official_config()
     assert config["latent_mod"] == "gmvae"
     off = build_official(config, seed=0, emb_scale=1.0)
@@ -375,7 +237,7 @@ def test_real_85m_config_parity(tmp_path):
     assert n_official == 82_402_543
     prefix = save_official(off, config, tmp_path, "20230926_85M")
     X = random_counts(64, len(config["gene_list"]), 0.02, seed=3)
-    adata = make_adata(X, config["gene_list"])
+    adata = one_tissue_adata(X, config["gene_list"])
     model = cp.CellPLM.load_official(prefix, adata)
     assert sum(p.numel() for p in model.module.parameters()) == n_official - 2 * 1024
     assert_same_weights(model, off)
@@ -400,7 +262,7 @@ def test_real_85m_config_parity(tmp_path):
 
 def test_checkpoint_requires_grad_and_strides(small_vae, counts, tmp_path):
     config, off, prefix = small_vae
-    adata = make_adata(counts, config["gene_list"])
+    adata = one_tissue_adata(counts, config["gene_list"])
     z_ref = cp.CellPLM.load_official(prefix, adata).get_latent_representation()
     state = {
         k: nn.Parameter(v.t().contiguous().t()) if v.dim() == 2 else v.clone().requires_grad_()
@@ -425,7 +287,7 @@ def test_corrupt_checkpoint(small_vae, counts, tmp_path, damage, trust_pickle):
         data = np.random.default_rng(0).bytes(len(data) // 4)
     bad = write_config(config, tmp_path, "bad")
     Path(bad + ".best.ckpt").write_bytes(data)
-    adata = make_adata(counts, config["gene_list"])
+    adata = one_tissue_adata(counts, config["gene_list"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a trust_pickle warning is fine here
         with pytest.raises(ValueError, match="corrupt or truncated"):
@@ -446,22 +308,22 @@ def test_checkpoint_key_mismatch(small_vae, counts, tmp_path, problem):
         state[key] = torch.ones(65)
     prefix = save_official(off, config, tmp_path, problem, state={"model_state_dict": state})
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
-        cp.CellPLM.load_official(prefix, make_adata(counts, config["gene_list"]))
+        cp.CellPLM.load_official(prefix, one_tissue_adata(counts, config["gene_list"]))
 
 
 def test_checkpoint_without_model_state_dict(small_vae, counts, tmp_path):
     config, off, _ = small_vae
     prefix = save_official(off, config, tmp_path, "nokey", state={"state_dict": off.state_dict()})
     with pytest.raises(ValueError, match="model_state_dict"):
-        cp.CellPLM.load_official(prefix, make_adata(counts, config["gene_list"]))
+        cp.CellPLM.load_official(prefix, one_tissue_adata(counts, config["gene_list"]))
     prefix = save_official(off, config, tmp_path, "bare", state=off.state_dict())
     with pytest.raises(ValueError, match="model_state_dict"):
-        cp.CellPLM.load_official(prefix, make_adata(counts, config["gene_list"]))
+        cp.CellPLM.load_official(prefix, one_tissue_adata(counts, config["gene_list"]))
 
 
 def test_checkpoint_with_pickled_object(small_vae, counts, tmp_path):
     config, off, prefix = small_vae
-    adata = make_adata(counts, config["gene_list"])
+    adata = one_tissue_adata(counts, config["gene_list"])
     z_ref = cp.CellPLM.load_official(prefix, adata).get_latent_representation()
     state = {"model_state_dict": off.state_dict(), "meta": _Meta()}
     pickled = save_official(off, config, tmp_path, "pickled", state=state)
@@ -480,12 +342,12 @@ def test_unsupported_config(small_vae, counts, tmp_path, key, value):
     config, off, _ = small_vae
     prefix = save_official(off, {**config, key: value}, tmp_path, "unsupported")
     with pytest.raises(ValueError, match=key):
-        cp.CellPLM.load_official(prefix, make_adata(counts, config["gene_list"]))
+        cp.CellPLM.load_official(prefix, one_tissue_adata(counts, config["gene_list"]))
 
 
 def test_missing_files(small_vae, counts, tmp_path):
     config, _, prefix = small_vae
-    adata = make_adata(counts, config["gene_list"])
+    adata = one_tissue_adata(counts, config["gene_list"])
     with pytest.raises(FileNotFoundError):
         cp.CellPLM.load_official(str(tmp_path / "nothing_here"), adata)
     only_config = write_config(config, tmp_path, "only_config")  # no .best.ckpt
@@ -498,20 +360,21 @@ def test_missing_files(small_vae, counts, tmp_path):
 
 def test_no_gene_matches(small_vae, counts):
     config, _, prefix = small_vae
-    adata = make_adata(counts, [f"NOTAGENE{i}" for i in range(N_SMALL_VOCAB)])
+    adata = one_tissue_adata(counts, [f"NOTAGENE{i}" for i in range(N_SMALL_VOCAB)])
     with pytest.raises(ValueError, match="matched"):
         cp.CellPLM.load_official(prefix, adata)
 
 
 @pytest.mark.parametrize("latent_mod", ["vae", "gmvae"])
 def test_save_load_round_trip(latent_mod, counts, tmp_path):
+    pytest.importorskip("CellPLM")
     config = small_config(latent_mod)
     off = build_official(config, seed=4)
     prefix = save_official(off, config, tmp_path / "ckpt", "small")
     cols = np.arange(N_SMALL_VOCAB)[::-1][:200]  # a subset in reversed order, plus an unknown
     genes = [config["gene_list"][c] for c in cols] + ["NOTAGENE1"]
     X = sp.hstack([counts[:, cols], counts[:, :1]], format="csr")
-    adata = make_adata(X, genes)
+    adata = one_tissue_adata(X, genes)
     model = cp.CellPLM.load_official(prefix, adata)
     z = model.get_latent_representation()
     model.save(str(tmp_path / "saved"), overwrite=True)
@@ -528,7 +391,7 @@ def test_fine_tuning_an_official_model_records_its_history(small_vae, counts):
     (scvi-tools alone would extend only keys that already exist, i.e. none) and a second
     ``train`` call appends to it."""
     config, _, prefix = small_vae
-    adata = make_adata(counts, config["gene_list"])
+    adata = one_tissue_adata(counts, config["gene_list"])
     model = cp.CellPLM.load_official(prefix, adata)
     assert model.is_trained_ and model.history == {}
     quiet = {"enable_progress_bar": False, "enable_model_summary": False, "train_size": 1.0}
@@ -545,7 +408,7 @@ def test_fine_tuning_freezes_what_the_forward_never_differentiates(small_vae, co
     missing-coordinate vector get no gradient; training freezes them (plain DDP refuses unused
     parameters) and leaves them unchanged, while every other parameter learns."""
     config, _, prefix = small_vae
-    model = cp.CellPLM.load_official(prefix, make_adata(counts, config["gene_list"]))
+    model = cp.CellPLM.load_official(prefix, one_tissue_adata(counts, config["gene_list"]))
     unused = set(model.module.unused_parameter_names())
     assert "embedder.pe_enc.missing_pe" in unused
     assert any(name.startswith("decoder.covariate_layers.") for name in unused)

@@ -11,31 +11,42 @@ import numpy as np
 import pytest
 
 from cellplm_scvi.metrics import cluster, linear_probe
-from cellplm_scvi.quickstart import format_table, main, run, spatial_mean
+from cellplm_scvi.quickstart import format_table, main, spatial_mean
 
 N_CELLS = 600
-N_LATENT = 8
+N_LATENT = 32  # the quickstart's default network
+SCORE_KEYS = ("cell_type_f1", "niche_f1", "responder_f1", "niche_ari", "seconds")
 
 
 @pytest.fixture(scope="module")
 def quickstart(tmp_path_factory):
-    out = tmp_path_factory.mktemp("quickstart")
-    scores = run(
-        out,
-        n_cells=N_CELLS,
-        epochs=1,
-        seed=0,
-        verbose=False,
-        n_hidden=32,
-        n_layers=1,
-        n_latent=N_LATENT,
-        accelerator="cpu",
-    )
-    return out, scores
+    """One run of ``python -m cellplm_scvi.quickstart`` (600 cells, one epoch): (output folder,
+    scores read from its printed table, console lines). The console tests and the output tests
+    share it, so the quickstart runs once."""
+    cwd = tmp_path_factory.mktemp("quickstart")
+    proc = subprocess.run(
+        [sys.executable, "-m", "cellplm_scvi.quickstart", "--n-cells", str(N_CELLS), "--epochs",
+         "1", "--seed", "0", "--out", "out"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    console = proc.stdout + proc.stderr
+    lines = [part.strip() for line in console.splitlines() for part in line.split("\r")]
+    scores = {}
+    for line in lines:
+        row = SCORE_ROW.fullmatch(line)
+        if row:
+            values = [float(v) for v in row.group(2).split()]
+            scores[row.group(1)] = dict(zip(SCORE_KEYS, values))
+    return cwd / "out", scores, lines
 
 
 def test_outputs_written(quickstart):
-    out, _ = quickstart
+    out, _, _ = quickstart
     png = out / "quickstart.png"
     assert png.is_file()
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -58,7 +69,7 @@ def test_outputs_written(quickstart):
 
 
 def test_scores(quickstart):
-    _, scores = quickstart
+    _, scores, _ = quickstart
     assert set(scores) == {"CellPLM", "CellPLM niche", "CellPLM cell + niche", "PCA"} | {
         "PCA + spatial"
     }
@@ -82,7 +93,7 @@ def test_scores(quickstart):
 def test_model_loads(quickstart):
     from cellplm_scvi import CellPLM
 
-    out, _ = quickstart
+    out, _, _ = quickstart
     adata = ad.read_h5ad(out / "quickstart.h5ad")
     model = CellPLM.load(out / "model", adata=adata)
     z = model.get_latent_representation()
@@ -158,24 +169,17 @@ OWN_LINES = [
     r".*quickstart\.h5ad \(obsm\['X_cellplm'\], obsm\['X_cellplm_niche'\], obs\[.*\]\)",
     r"and .*model/\.",
 ]
+# a row of the score table: (representation, its five numbers)
+SCORE_ROW = re.compile(
+    r"(CellPLM|CellPLM niche|CellPLM cell \+ niche|PCA|PCA \+ spatial)((?: +-?\d+\.\d+){5})"
+)
 # tqdm redraws its bar with carriage returns; each redraw is "Training:" or "Epoch i/n:" ...
 PROGRESS = re.compile(r"(Training|Epoch \d+/\d+): +\d+%\|.*")
 
 
-@pytest.mark.slow
-def test_console_shows_only_own_lines(tmp_path):
+def test_console_shows_only_own_lines(quickstart):
     """``python -m cellplm_scvi.quickstart``: its lines, the progress bar and nothing else."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "cellplm_scvi.quickstart", "--n-cells", "300", "--epochs", "1"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    console = proc.stdout + proc.stderr
-    lines = [part.strip() for line in console.splitlines() for part in line.split("\r")]
+    _, _, lines = quickstart
     foreign = [
         line
         for line in lines

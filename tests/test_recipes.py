@@ -26,7 +26,7 @@ from cellplm_scvi.official import (
     imputation_recipe,
     select_official_hvgs,
 )
-from tests.test_official import (
+from tests._helpers import (
     build_official,
     official_forward,
     random_counts,
@@ -35,13 +35,12 @@ from tests.test_official import (
     to_coo,
 )
 
-NBImputationLoss = pytest.importorskip("CellPLM.objective.zinb").NBImputationLoss
-
 N_CELLS = 90
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
+    pytest.importorskip("CellPLM")
     config = small_config("vae")
     off = build_official(config, seed=3)
     return save_official(off, config, tmp_path_factory.mktemp("ckpt"), "vae"), off, config
@@ -225,6 +224,8 @@ def panel_adata(config, n_cells=80, seed=1):
 
 
 def test_imputation_objective_equals_official_nb_imputation_loss(checkpoint):
+    from CellPLM.objective.zinb import NBImputationLoss
+
     prefix, off, config = checkpoint
     adata, panel, spatial = panel_adata(config)
     spatial_only = adata[spatial].copy()

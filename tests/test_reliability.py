@@ -39,11 +39,10 @@ from tests._anndata_checks import (
     snapshot,
     unregistered,
 )
+from tests._helpers import ARCH, FIT
 
 N_CELLS = 400
 N_VARS = 765  # genes of the simulated data
-ARCH = {"n_hidden": 32, "n_layers": 1, "n_heads": 4, "n_latent": 8}
-FIT = {"accelerator": "cpu", "enable_progress_bar": False}
 VAL = {"train_size": 0.75, "check_val_every_n_epoch": 1}  # 2 of 8 fields of view validate
 # counts in X (so that a backed AnnData really reads them from disk), fields of view as tissues
 SETUP = {

@@ -18,7 +18,7 @@ import torch
 
 import cellplm_scvi as cp
 from cellplm_scvi.data._resume import ResumableLoader
-from tests.test_corpus import _corpus, corpus_files  # noqa: F401 (fixture)
+from tests._helpers import corpus
 
 SCRIPT = Path(__file__).parent / "scripts" / "resume_train.py"
 
@@ -27,8 +27,8 @@ def _steps(loader) -> list[tuple[int, ...]]:
     return [tuple(sorted(rows)) for rows in loader.sampler]
 
 
-def test_loader_state_skips_the_steps_taken(corpus_files, tmp_path):  # noqa: F811
-    dm = _corpus(corpus_files, cache_dir=tmp_path)
+def test_loader_state_skips_the_steps_taken(corpus_files, tmp_path):
+    dm = corpus(corpus_files, cache_dir=tmp_path)
     loader = dm.train_dataloader()
     assert isinstance(loader, ResumableLoader)
     loader.sampler.set_epoch(1)
@@ -45,7 +45,7 @@ def test_loader_state_skips_the_steps_taken(corpus_files, tmp_path):  # noqa: F8
     state = loader.state_dict()
     assert state == {"epoch": 1, "position": 3, "n_steps": n}
 
-    resumed = _corpus(corpus_files, cache_dir=tmp_path).train_dataloader()  # a new process
+    resumed = corpus(corpus_files, cache_dir=tmp_path).train_dataloader()  # a new process
     resumed.load_state_dict(state)
     rest = [tuple(np.unique(b["ind_x"].view(-1).numpy()).tolist()) for b in resumed]
     assert taken + rest == epoch  # the epoch, each step once, in the same order
@@ -54,13 +54,13 @@ def test_loader_state_skips_the_steps_taken(corpus_files, tmp_path):  # noqa: F8
     assert len(list(resumed.sampler)) == n
 
     # DataLoader workers read ahead of the trainer: the position is still the trainer's
-    workers = _corpus(corpus_files, cache_dir=tmp_path, num_workers=2).train_dataloader()
+    workers = corpus(corpus_files, cache_dir=tmp_path, num_workers=2).train_dataloader()
     workers.load_state_dict(state)
     rest = [tuple(np.unique(b["ind_x"].view(-1).numpy()).tolist()) for b in workers]
     assert taken + rest == epoch
 
     # a checkpoint after an epoch's last step continues with the next epoch's first
-    after_last = _corpus(corpus_files, cache_dir=tmp_path).train_dataloader()
+    after_last = corpus(corpus_files, cache_dir=tmp_path).train_dataloader()
     after_last.load_state_dict({"epoch": 1, "position": n, "n_steps": n})
     loader.sampler.set_epoch(2)
     assert _steps(after_last) == _steps(loader)
@@ -123,8 +123,8 @@ def test_anndata_loader_state_skips_the_steps_taken(pack):
     assert [len(r) for r in val.sampler] == [10] * 6
 
 
-def test_train_refuses_resume_arguments_that_would_do_nothing(corpus_files, tmp_path):  # noqa: F811
-    dm = _corpus(corpus_files, cache_dir=tmp_path)
+def test_train_refuses_resume_arguments_that_would_do_nothing(corpus_files, tmp_path):
+    dm = corpus(corpus_files, cache_dir=tmp_path)
     model = cp.CellPLM(adata=None, registry=dm.registry, n_hidden=8, n_layers=1, n_latent=2)
     kwargs = {"datamodule": dm, "max_epochs": 1, "accelerator": "cpu"}
     with pytest.raises(ValueError, match="checkpoint_every_n_steps"):
@@ -137,15 +137,25 @@ def test_train_refuses_resume_arguments_that_would_do_nothing(corpus_files, tmp_
         model.train(checkpoint_every_n_steps=0, **kwargs)
 
 
-def _run(mode: str, out: Path, ckpt_dir: Path, files) -> subprocess.CompletedProcess:
+def _start(mode: str, out: Path, ckpt_dir: Path, files) -> subprocess.Popen:
+    """Start the training script (one thread) in the background."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    return subprocess.run(
+    return subprocess.Popen(
         [sys.executable, str(SCRIPT), mode, str(out), str(ckpt_dir), *map(str, files)],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=600,
         env=env,
     )
+
+
+def _finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    stdout, stderr = proc.communicate(timeout=600)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def _run(mode: str, out: Path, ckpt_dir: Path, files) -> subprocess.CompletedProcess:
+    return _finish(_start(mode, out, ckpt_dir, files))
 
 
 def _records(path: Path) -> list[dict]:
@@ -154,14 +164,16 @@ def _records(path: Path) -> list[dict]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("data", ["corpus", "anndata"])
-def test_killed_run_resumes_where_its_checkpoint_stopped(data, corpus_files, tmp_path):  # noqa: F811
+def test_killed_run_resumes_where_its_checkpoint_stopped(data, corpus_files, tmp_path):
     # a TissueCorpus, or one AnnData (the tissue splitter); both have 16 training steps per
     # epoch. Uninterrupted: 2 epochs of 16 steps; checkpoints every 3 steps
     files = corpus_files if data == "corpus" else ["anndata"]
-    full = _run("full", tmp_path / "full", tmp_path / "ck_full", files)
-    assert full.returncode == 0, full.stderr[-3000:]
+    # the uninterrupted run and the killed one are independent: both run at once
+    full = _start("full", tmp_path / "full", tmp_path / "ck_full", files)
     # killed at the end of step 20 (epoch 1, its 5th step); the last checkpoint is step 18
-    crash = _run("crash:20", tmp_path / "crash", tmp_path / "ck", files)
+    crash = _start("crash:20", tmp_path / "crash", tmp_path / "ck", files)
+    full, crash = _finish(full), _finish(crash)
+    assert full.returncode == 0, full.stderr[-3000:]
     assert crash.returncode == -9, crash.stderr[-3000:]  # SIGKILL
     assert not (tmp_path / "crash" / "result.json").exists()
     checkpoint = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=True)  # Lightning's way

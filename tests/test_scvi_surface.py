@@ -21,9 +21,7 @@ import torch
 import cellplm_scvi as cp
 from cellplm_scvi import CellPLM
 from tests._anndata_checks import unregistered
-
-ARCH = {"n_hidden": 32, "n_layers": 1, "n_heads": 4, "n_latent": 8}
-FIT = {"accelerator": "cpu", "enable_progress_bar": False}
+from tests._helpers import ARCH, FIT
 
 
 def _simulate(n_cells: int = 600, seed: int = 0) -> ad.AnnData:
@@ -51,6 +49,15 @@ def trained():
     model = CellPLM(adata, **ARCH)
     model.train(max_epochs=3, batch_size=200, **FIT)
     return model, adata
+
+
+@pytest.fixture
+def fresh(trained):
+    """A new, untrained model on the trained model's AnnData: tests that call ``train`` use it,
+    so the shared model stays as the fixture trained it."""
+    _, adata = trained
+    scvi.settings.seed = 0
+    return CellPLM(adata, **ARCH), adata
 
 
 def _permuted(adata: ad.AnnData, seed: int = 1) -> tuple[ad.AnnData, np.ndarray]:
@@ -221,13 +228,22 @@ def test_differential_expression_runs_in_both_modes(trained):
 def test_latent_representation_scvi_arguments(trained):
     model, adata = trained
     z = model.get_latent_representation()
-    np.testing.assert_allclose(model.get_latent_representation(mc_samples=10), z, atol=1e-6)
+    qz_m, qz_v = model.get_latent_representation(return_dist=True)
+    np.testing.assert_allclose(qz_m, z, atol=1e-6)
+    # give_mean=False: one draw of q(z|x) per cell, N(0, 1) once standardised
+    torch.manual_seed(0)
+    sample = model.get_latent_representation(give_mean=False)
+    standardised = (sample - qz_m) / np.sqrt(qz_v)
+    assert abs(standardised.mean()) < 0.1 and abs(standardised.std() - 1) < 0.1
     loader = model._make_data_loader(adata, indices=np.arange(50)[::-1])
     np.testing.assert_allclose(
         model.get_latent_representation(dataloader=loader), z[np.arange(50)[::-1]], atol=1e-5
     )
-    # a positional call in scvi-tools' order: (adata, indices, give_mean, mc_samples, ...)
+    # positional calls in scvi-tools' order: (adata, indices, give_mean, mc_samples, ...)
     np.testing.assert_allclose(model.get_latent_representation(None, None, True), z, atol=1e-6)
+    torch.manual_seed(0)
+    positional = model.get_latent_representation(None, None, False, 10)
+    np.testing.assert_allclose(positional, sample, atol=1e-6)
 
 
 def test_predict_scanvi_arguments(trained):
@@ -243,8 +259,8 @@ def test_predict_scanvi_arguments(trained):
 # ------------------------------------------------------------------ train / setup arguments
 
 
-def test_train_takes_scvi_arguments(trained):
-    model, adata = trained
+def test_train_takes_scvi_arguments(fresh):
+    model, _ = fresh
     seen = []
 
     class Spy(cp.data.TissueDataSplitter):
@@ -275,8 +291,8 @@ def test_train_takes_scvi_arguments(trained):
     assert max(len(rows) for rows in steps) <= 50
 
 
-def test_reduce_lr_on_plateau_gives_scvis_scheduler(trained):
-    model, _ = trained
+def test_reduce_lr_on_plateau_gives_scvis_scheduler(fresh):
+    model, _ = fresh
     model.train(
         max_epochs=2,
         train_size=0.7,

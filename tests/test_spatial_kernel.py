@@ -15,8 +15,7 @@ import torch
 import cellplm_scvi as cp
 from cellplm_scvi import CellPLM
 from cellplm_scvi.nn import FlowAttention, TissueSegments, spatial_kernel_features
-
-ARCH = {"n_hidden": 32, "n_layers": 1, "n_heads": 4, "n_latent": 8}
+from tests._helpers import ARCH
 
 
 def test_kernel_decays_with_distance_like_a_gaussian():

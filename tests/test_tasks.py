@@ -17,9 +17,8 @@ import cellplm_scvi as cp
 from cellplm_scvi._constants import BATCH_KEY, LABELS_KEY, X_KEY
 from cellplm_scvi.module._loss import masked_nb_loss
 from tests._anndata_checks import dense
+from tests._helpers import ARCH, FIT
 
-TINY = {"n_hidden": 32, "n_layers": 1, "n_heads": 4, "n_latent": 8, "dropout": 0.1}
-QUIET = {"enable_progress_bar": False, "enable_model_summary": False}
 UNKNOWN = "Unknown"
 N_PANEL = 300
 
@@ -40,9 +39,9 @@ def labelled(pbmc):
     adata.obs.loc[hidden, "label"] = UNKNOWN
     adata.obs["fov"] = rng.permutation(np.arange(adata.n_obs) % 4).astype(str)
     cp.CellPLM.setup_anndata(adata, layer="counts", labels_key="label", tissue_key="fov")
-    untrained = cp.CellPLM(adata, **TINY).predict()
-    model = cp.CellPLM(adata, **TINY)
-    model.train(max_epochs=12, lr=1e-3, train_size=1.0, **QUIET)
+    untrained = cp.CellPLM(adata, **ARCH).predict()
+    model = cp.CellPLM(adata, **ARCH)
+    model.train(max_epochs=12, lr=1e-3, train_size=1.0, **FIT)
     return adata, model, hidden, untrained
 
 
@@ -68,8 +67,8 @@ def panel(pbmc):
     cp.CellPLM.setup_anndata(
         adata, layer="counts", batch_key="tech", measured_genes_key="measured"
     )
-    model = cp.CellPLM(adata, **TINY)
-    model.train(max_epochs=2, train_size=1.0, **QUIET)
+    model = cp.CellPLM(adata, **ARCH)
+    model.train(max_epochs=2, train_size=1.0, **FIT)
     return adata, model, measured, is_spatial
 
 
@@ -137,7 +136,7 @@ def test_latent_of_subset_copy(labelled):
     adata, model, _, _ = labelled
     sub = adata[adata.n_obs // 2 :].copy()
     z = model.get_latent_representation(sub)
-    assert z.shape == (sub.n_obs, TINY["n_latent"])
+    assert z.shape == (sub.n_obs, ARCH["n_latent"])
     assert np.isfinite(z).all()
 
 
@@ -165,7 +164,7 @@ def test_unlabeled_category_is_last_code(labelled):
 def test_predict_without_labels_raises(pbmc):
     adata = pbmc.copy()
     cp.CellPLM.setup_anndata(adata, layer="counts")
-    model = cp.CellPLM(adata, **TINY)
+    model = cp.CellPLM(adata, **ARCH)
     assert model.module.classifier is None
     with pytest.raises(ValueError, match="labels"):
         model.predict()
@@ -175,7 +174,7 @@ def test_predict_single_class_raises(pbmc):
     adata = pbmc.copy()
     adata.obs["label"] = np.where(np.arange(adata.n_obs) % 2, "T", UNKNOWN)
     cp.CellPLM.setup_anndata(adata, layer="counts", labels_key="label")
-    model = cp.CellPLM(adata, **TINY)
+    model = cp.CellPLM(adata, **ARCH)
     with pytest.raises(ValueError, match="no classification head.*at least two cell types"):
         model.predict()
 
@@ -262,7 +261,7 @@ def test_train_after_inference_uses_training_mode(pbmc):
     ``load_official`` does) must still train with masking and dropout."""
     adata = pbmc.copy()
     cp.CellPLM.setup_anndata(adata, layer="counts", max_cells=350)
-    model = cp.CellPLM(adata, **TINY)
+    model = cp.CellPLM(adata, **ARCH)
     model.is_trained_ = True  # random weights suffice; scvi-tools refuses untrained models
     model.get_latent_representation()
     seen = []
@@ -273,7 +272,7 @@ def test_train_after_inference_uses_training_mode(pbmc):
         return loss(tensors, inference_outputs, generative_outputs, **kwargs)
 
     model.module.loss = spy
-    model.train(max_epochs=1, train_size=1.0, **QUIET)
+    model.train(max_epochs=1, train_size=1.0, **FIT)
     assert seen and all(training and masked for training, masked in seen), seen
 
 
@@ -286,8 +285,8 @@ def test_train_with_fully_unlabelled_tissue(pbmc):
         adata.obs["fov"] == "a", UNKNOWN, adata.obs["cell_type"].astype(str)
     )
     cp.CellPLM.setup_anndata(adata, layer="counts", labels_key="label", tissue_key="fov")
-    model = cp.CellPLM(adata, **TINY)
-    model.train(max_epochs=2, train_size=1.0, **QUIET)
+    model = cp.CellPLM(adata, **ARCH)
+    model.train(max_epochs=2, train_size=1.0, **FIT)
     assert np.isfinite(model.history["train_loss"].to_numpy(dtype=float)).all()
 
 
@@ -350,13 +349,19 @@ def test_impute_genes(panel):
     assert isinstance(imputed, pd.DataFrame)
     assert list(imputed.columns) == genes
     assert list(imputed.index) == list(adata.obs_names)
-    observed = model.get_normalized_expression(library_size="observed")
-    np.testing.assert_allclose(imputed.to_numpy(), observed[genes].to_numpy(), rtol=1e-5)
-    # counts scale: per-cell totals are the cell's counts, not frequencies
-    freq = model.get_normalized_expression(gene_list=genes)
-    lib = dense(adata.layers["counts"])[:, measured].sum(1)
-    assert np.median(imputed.to_numpy().sum(1)) > 10 * np.median(freq.to_numpy().sum(1))
-    assert np.median(lib) > 100
+    # the decoded frequencies (each cell's summing to one over all genes), scaled so that the
+    # genes the cell's batch measured add up to its counts there: the count scale
+    freq = model.get_normalized_expression().to_numpy()
+    in_panel = np.where(is_spatial[:, None], measured[None, :], True)
+    counts = dense(adata.layers["counts"])
+    np.testing.assert_allclose(freq.sum(1), 1.0, rtol=1e-4)
+    scale = (counts * in_panel).sum(1) / (freq * in_panel).sum(1)
+    columns = adata.var_names.get_indexer(genes)
+    np.testing.assert_allclose(imputed.to_numpy(), freq[:, columns] * scale[:, None], rtol=1e-4)
+    # library="all": the cell's counts spread over all decoded genes, unmeasured ones included
+    spread = model.impute_genes(genes, library="all").to_numpy()
+    np.testing.assert_allclose(spread, freq[:, columns] * counts.sum(1)[:, None], rtol=1e-4)
+    assert (spread[is_spatial] < imputed.to_numpy()[is_spatial]).all()
     # subset of cells in the requested order
     idx = np.flatnonzero(is_spatial)[::-1][:30]
     part = model.impute_genes(genes, indices=idx)
@@ -476,7 +481,7 @@ def test_measured_genes_unknown_batch_column(pbmc):
         cp.CellPLM.setup_anndata(
             adata, layer="counts", batch_key="tech", measured_genes_key="measured"
         )
-        cp.CellPLM(adata, **TINY)
+        cp.CellPLM(adata, **ARCH)
 
 
 def test_measured_genes_empty_batch(pbmc):
@@ -486,7 +491,7 @@ def test_measured_genes_empty_batch(pbmc):
         cp.CellPLM.setup_anndata(
             adata, layer="counts", batch_key="tech", measured_genes_key="measured"
         )
-        cp.CellPLM(adata, **TINY)
+        cp.CellPLM(adata, **ARCH)
 
 
 def test_measured_genes_integer_batch_categories(pbmc):
@@ -500,5 +505,5 @@ def test_measured_genes_integer_batch_categories(pbmc):
     cp.CellPLM.setup_anndata(
         adata, layer="counts", batch_key="tech", measured_genes_key="measured"
     )
-    model = cp.CellPLM(adata, **TINY)
+    model = cp.CellPLM(adata, **ARCH)
     np.testing.assert_array_equal(model.module.measured_genes.sum(1).numpy(), [765, N_PANEL])

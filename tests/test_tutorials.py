@@ -12,6 +12,8 @@ import resource
 import sys
 import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ import pytest
 TUTORIALS = Path(__file__).resolve().parents[1] / "tutorials"
 NOTEBOOKS = sorted(TUTORIALS.glob("*.ipynb"))
 CELL_TIMEOUT = 600  # seconds per cell; each notebook takes well under a minute on 2 idle cores
+PARALLEL = 2  # notebooks run at once
 KERNEL = "cellplm-scvi-tests"
 
 
@@ -38,14 +41,12 @@ def _kernel_dir(root: Path) -> Path:
     return root
 
 
-def execute(path: Path, workdir: Path):
-    """Run ``path`` in ``workdir`` with one thread per library; return (notebook, seconds)."""
-    import nbformat
-    from nbclient import NotebookClient
-
-    nb = nbformat.read(path, as_version=4)
+@contextmanager
+def notebook_environment(root: Path):
+    """One thread per library and a kernelspec that runs this interpreter, for the kernels
+    started inside the block (they inherit the environment)."""
     env = {
-        "JUPYTER_PATH": str(_kernel_dir(workdir / "_jupyter")),
+        "JUPYTER_PATH": str(_kernel_dir(root / "_jupyter")),
         "OMP_NUM_THREADS": "1",
         "MKL_NUM_THREADS": "1",
         "OPENBLAS_NUM_THREADS": "1",
@@ -54,27 +55,60 @@ def execute(path: Path, workdir: Path):
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        client = NotebookClient(
-            nb,
-            timeout=CELL_TIMEOUT,
-            kernel_name=KERNEL,
-            resources={"metadata": {"path": str(workdir)}},
-        )
-        start = time.perf_counter()
-        client.execute()
-        seconds = time.perf_counter() - start
+        yield
     finally:
         for k, v in old.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def run_notebook(path: Path, workdir: Path):
+    """Run ``path`` in ``workdir`` (inside :func:`notebook_environment`); return (notebook,
+    seconds)."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(path, as_version=4)
+    client = NotebookClient(
+        nb,
+        timeout=CELL_TIMEOUT,
+        kernel_name=KERNEL,
+        resources={"metadata": {"path": str(workdir)}},
+    )
+    start = time.perf_counter()
+    client.execute()
+    seconds = time.perf_counter() - start
     nb.metadata["kernelspec"] = {
         "name": "python3",
         "display_name": "Python 3",
         "language": "python",
     }
     return nb, seconds
+
+
+def execute(path: Path, workdir: Path):
+    """Run ``path`` in ``workdir`` with one thread per library; return (notebook, seconds)."""
+    with notebook_environment(workdir):
+        return run_notebook(path, workdir)
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory) -> dict[Path, Future]:
+    """Every tutorial run once, two at a time: each kernel uses one thread, so two kernels
+    use the two cores of a small CI machine. Notebook -> future of (notebook, seconds); its
+    test re-raises the notebook's error."""
+    pytest.importorskip("nbclient", reason="nbclient is needed to execute the tutorials")
+    pytest.importorskip("ipykernel", reason="ipykernel is needed to execute the tutorials")
+    root = tmp_path_factory.mktemp("tutorials")
+    futures = {}
+    with notebook_environment(root), ThreadPoolExecutor(max_workers=PARALLEL) as pool:
+        for path in NOTEBOOKS:
+            workdir = root / path.stem
+            workdir.mkdir()
+            futures[path] = pool.submit(run_notebook, path, workdir)
+    return futures  # the pool has waited for all of them
 
 
 def test_notebooks_found():
@@ -89,11 +123,9 @@ def test_notebooks_found():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_tutorial_runs(path, tmp_path):
-    pytest.importorskip("nbclient", reason="nbclient is needed to execute the tutorials")
-    pytest.importorskip("ipykernel", reason="ipykernel is needed to execute the tutorials")
-    nb, seconds = execute(path, tmp_path)  # an error in any cell raises CellExecutionError
-    print(f"{path.name}: {seconds:.1f} s")
+def test_tutorial_runs(path, executed):
+    nb, seconds = executed[path].result()  # an error in any cell: CellExecutionError
+    print(f"{path.name}: {seconds:.1f} s (two notebooks at a time)")
     # every plotting notebook produced figures
     n_figures = sum(
         "image/png" in out.get("data", {})

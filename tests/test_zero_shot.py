@@ -26,7 +26,7 @@ import torch
 import cellplm_scvi as cp
 from cellplm_scvi.nn._latent import GMVAELatent, VAELatent
 from cellplm_scvi.official._files import DEAD_KEYS
-from tests.test_official import (
+from tests._helpers import (
     ATOL,
     build_official,
     official_forward,
@@ -36,10 +36,6 @@ from tests.test_official import (
     to_csr,
 )
 
-embedding_pipeline = pytest.importorskip("CellPLM.pipeline.cell_embedding")
-GumbelSoftmax = pytest.importorskip("CellPLM.latent.autoencoders").GumbelSoftmax
-load_pretrain = pytest.importorskip("CellPLM.pipeline").load_pretrain
-
 N_CELLS = 3000
 SAMPLE_SIZES = {"s1": 1700, "s2": 1300}  # both larger than the old 1000-cell chunks
 N_UNKNOWN = 5
@@ -48,7 +44,7 @@ N_UNKNOWN = 5
 # ------------------------------------------------------------------------------------ helpers
 
 
-def assert_same_weights(model: cp.CellPLM, off: torch.nn.Module) -> None:
+def assert_checkpoint_weights_kept(model: cp.CellPLM, off: torch.nn.Module) -> None:
     """Every tensor of the official model (but the unused ``DEAD_KEYS``) is ours, and every
     parameter of ours comes from it."""
     ours, theirs = model.module.state_dict(), off.state_dict()
@@ -61,6 +57,7 @@ def assert_same_weights(model: cp.CellPLM, off: torch.nn.Module) -> None:
 @pytest.fixture(scope="module", params=["vae", "gmvae"])
 def checkpoint(request, tmp_path_factory):
     """(config, official model, checkpoint directory, prefix) of a random official model."""
+    pytest.importorskip("CellPLM")
     config = small_config(request.param)
     off = build_official(config, seed=10 if request.param == "vae" else 11)
     directory = tmp_path_factory.mktemp(f"zero_shot_{request.param}")
@@ -88,16 +85,10 @@ def two_samples(checkpoint):
     return adata
 
 
-@pytest.fixture
-def gumbel_argmax(monkeypatch):
-    """The official hard Gumbel-softmax with zero noise: ``y = one_hot(argmax logits)``."""
-    monkeypatch.setattr(
-        GumbelSoftmax, "sample_gumbel", lambda self, logits, eps=1e-20: torch.zeros_like(logits)
-    )
-
-
 def official_embedding(directory, adata: ad.AnnData, batch_key: str | None) -> np.ndarray:
     """``CellEmbeddingPipeline(...).predict(...)`` of the official package, on the CPU."""
+    from CellPLM.pipeline import cell_embedding as embedding_pipeline
+
     ref = ad.AnnData(X=adata.X.copy(), obs=pd.DataFrame(index=adata.obs_names))
     ref.var_names = adata.var_names
     if batch_key is not None:
@@ -208,6 +199,7 @@ def test_large_sample_is_embedded_in_one_pass(checkpoint, two_samples):
 
 @pytest.fixture(scope="module")
 def gmvae_checkpoint(tmp_path_factory):
+    pytest.importorskip("CellPLM")
     config = small_config("gmvae")
     off = build_official(config, seed=12)
     prefix = save_official(off, config, tmp_path_factory.mktemp("overrides"), "small")
@@ -245,7 +237,7 @@ def test_training_overrides_change_training_not_weights(gmvae_checkpoint, small_
     assert _dropout_rates(model.module) == {0.5}
     assert (model.module.mask_cell_rate, model.module.mask_gene_rate) == (0.3, 0.6)
     assert model.module.dae is False
-    assert_same_weights(model, off)  # overrides never touch the pretrained weights
+    assert_checkpoint_weights_kept(model, off)  # overrides never touch the pretrained weights
     np.testing.assert_array_equal(
         model.get_latent_representation(), plain.get_latent_representation()
     )
@@ -269,6 +261,8 @@ def test_latent_replacement_is_a_fresh_layer(gmvae_checkpoint, small_adata, capl
     """``latent="vae"`` on a GMVAE checkpoint: as the official ``load_pretrain`` with
     ``overwrite_config={"latent_mod": "vae"}``, the encoder and decoder keep the checkpoint's
     weights and the latent layer is new."""
+    from CellPLM.pipeline import load_pretrain
+
     config, off, prefix = gmvae_checkpoint
     with caplog.at_level(logging.INFO, logger="cellplm_scvi"):
         model = cp.CellPLM.load_official(prefix, small_adata, latent="vae")
@@ -301,7 +295,7 @@ def test_fresh_gmvae_on_a_vae_checkpoint(small_adata, tmp_path):
     same = cp.CellPLM.load_official(
         prefix, small_adata, latent="vae", lamda=3.0, kl_warmup_steps=0, max_kl_weight=0.5
     )
-    assert_same_weights(same, off)
+    assert_checkpoint_weights_kept(same, off)
     layer = same.module.latent.layers[1]
     assert (layer.lamda, layer.kl_warmup_steps, layer.max_kl_weight) == (3.0, 0, 0.5)
     assert float(layer.kl_weight()) == 0.5  # no warm-up: the final weight from the first step
@@ -362,7 +356,7 @@ def test_matching_n_clusters_and_latent_keep_the_checkpoint(gmvae_checkpoint, sm
     model = cp.CellPLM.load_official(
         prefix, small_adata, latent="gmvae", n_clusters=config["num_clusters"], lamda=1.0
     )
-    assert_same_weights(model, off)
+    assert_checkpoint_weights_kept(model, off)
     assert model.module.latent.layers[1].lamda == 1.0
 
 
