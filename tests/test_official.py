@@ -181,7 +181,9 @@ def official_forward(off: nn.Module, X: sp.spmatrix, genes: list[str], decode: b
 @torch.no_grad()
 def our_forward(model: cp.CellPLM, X: sp.spmatrix, y: torch.Tensor | None = None):
     """Our module on the same group of cells; ``y``: GMVAE cluster to condition on."""
-    inf = model.module.inference(x=to_csr(X), coords=None)
+    layout = model._layout_of(model.adata).tensors()  # as the loader puts it in a minibatch
+    columns = {k: layout.get(k) for k in ("gene_index", "matched_columns")}
+    inf = model.module.inference(x=to_csr(X), coords=None, gene_index=columns["gene_index"])
     out = {"h": inf["h"], "qz_m": inf["qz_m"]}
     layer = model.module.latent.layers[1]
     if y is not None:
@@ -189,7 +191,7 @@ def our_forward(model: cp.CellPLM, X: sp.spmatrix, y: torch.Tensor | None = None
         out["mu"], out["var"] = layer.posterior(inf["h"], y)
     else:
         out["mu"] = inf["qz_m"]
-    gen = model.module.generative(out["mu"])
+    gen = model.module.generative(out["mu"], **columns)
     out["mean"], out["theta"] = gen["px_mean"], gen["px_theta"]
     return out
 
