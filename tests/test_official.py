@@ -337,6 +337,21 @@ def test_small_parity_gene_subset_shuffled_with_unknown(small, counts):
         assert max_abs(z, ref["mu"]) <= ATOL
 
 
+def test_a_splitter_of_the_models_adata_carries_its_gene_layout(small_vae, counts):
+    """``train(datamodule=TissueDataSplitter(model.adata_manager))`` reads the AnnData's columns
+    as ``train()`` does: the splitter gets the model's gene layout."""
+    config, _, prefix = small_vae
+    vocab = config["gene_list"]
+    cols = np.random.default_rng(2).permutation(len(vocab))[:50]
+    adata = make_adata(counts[:, cols], [vocab[c] for c in cols])
+    model = cp.CellPLM.load_official(prefix, adata)
+    splitter = cp.data.TissueDataSplitter(model.adata_manager, train_size=1.0)
+    quiet = {"accelerator": "cpu", "enable_progress_bar": False, "enable_model_summary": False}
+    model.train(datamodule=splitter, max_epochs=1, **quiet)
+    batch = next(iter(splitter.train_dataloader()))
+    np.testing.assert_array_equal(batch["gene_index"].numpy(), cols)
+
+
 def test_symbols_and_gene_key(small_vae, counts):
     config, _, prefix = small_vae
     vocab = config["gene_list"]

@@ -246,7 +246,7 @@ class TrainingMixin(UnsupervisedTrainingMixin):
                 **(datasplitter_kwargs or {}),
             }
         else:
-            check_corpus_vocabulary(self, datamodule)
+            check_datamodule(self, datamodule)
         plan_kwargs = {"lr": lr, **merge_kwargs(plan_config, plan_kwargs, name="plan")}
         if gradient_clip_val is not None:
             trainer_kwargs.setdefault("gradient_clip_val", gradient_clip_val)
@@ -280,7 +280,7 @@ class TrainingMixin(UnsupervisedTrainingMixin):
             self.is_trained_ = self.is_trained_ or starts_history
 
 
-def check_corpus_vocabulary(model, datamodule) -> None:
+def check_datamodule(model, datamodule) -> None:
     """A :class:`~cellplm_scvi.data.TissueCorpus` yields vocabulary columns (its minibatches
     carry no gene layout): its vocabulary must be the model's, in order. A
     :class:`~cellplm_scvi.data.TissueDataSplitter` of the model's AnnData gets its gene layout
