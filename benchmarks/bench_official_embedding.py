@@ -94,7 +94,7 @@ def our_stages(module, X: sp.csr_matrix) -> dict[str, float]:
         x = _to_csr_tensor(X)  # what the tissue loader hands the module
         times["scipy->torch CSR"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        h = module.embedder(x, module.embed_index, None)  # as in module.inference
+        h = module.embedder(x, None, None)  # vocabulary columns (no gene index), as inference
         times["embedder"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         h = module.encoder(h)

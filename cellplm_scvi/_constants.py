@@ -22,3 +22,11 @@ REQUESTED_KEY = "requested"  # inference: which rows of a whole tissue the calle
 MEASURED_KEY = "measured"  # corpus minibatches: the genes their file measured, (G,) bool
 LOSS_MASK_KEY = "loss_mask"  # within-tissue split: (N,) bool, the rows that enter the loss
 TISSUE_INDEX_KEY = "tissue_index"  # packed steps: (N,) long, the tissue of each row, 0..T-1
+
+# the gene layout of an AnnData read by a model with a vocabulary (see ``_vocabulary.GeneLayout``);
+# the same for every minibatch of one AnnData; absent: the columns are the vocabulary
+GENE_INDEX_KEY = "gene_index"  # (G,) long: vocabulary row of each column, -1 outside
+MATCHED_COLUMNS_KEY = "matched_columns"  # (G_matched,) long: the columns in the vocabulary
+MEASURED_TABLE_KEY = "measured_genes"  # (n_batch, G) bool: the genes each batch measured
+BATCH_COVARIATE_KEY = "batch_covariate"  # () bool False: the decoder's batches are not these
+LAYOUT_KEYS = (GENE_INDEX_KEY, MATCHED_COLUMNS_KEY, MEASURED_TABLE_KEY, BATCH_COVARIATE_KEY)

@@ -5,16 +5,27 @@
   -1 for a gene outside the vocabulary).
 - :func:`measured_genes`: which genes each registered batch measured, from
   ``setup_anndata(measured_genes_key=...)`` and the genes ``prepare_query_anndata`` padded.
+- :class:`GeneLayout`: both, built once per AnnData a model reads; the tissue loader puts its
+  tensors in every minibatch, and the module reads the gene mapping from there.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
+import torch
 from anndata import AnnData
 from scvi.data import AnnDataManager
 
-from ._constants import BATCH_KEY
+from ._constants import (
+    BATCH_COVARIATE_KEY,
+    BATCH_KEY,
+    GENE_INDEX_KEY,
+    MATCHED_COLUMNS_KEY,
+    MEASURED_TABLE_KEY,
+)
 from ._genes import align_genes
 
 PADDED_VAR = "_cellplm_padded"  # var column: genes prepare_query_anndata added as zeros
@@ -88,3 +99,81 @@ def _measured_table(adata: AnnData, key: str, batches: list) -> np.ndarray:
     if empty:
         raise ValueError(f"Batches {empty} measure no gene in adata.varm[{key!r}].")
     return measured
+
+
+@dataclass(frozen=True, eq=False)
+class GeneLayout:
+    """How the columns of one AnnData meet a model's vocabulary.
+
+    Built once per AnnData (:meth:`of`) and carried by the tissue loader in every minibatch
+    (:meth:`tensors`); a minibatch without these entries is in vocabulary columns (a
+    :class:`~cellplm_scvi.data.TissueCorpus`, or an AnnData whose genes are the vocabulary).
+
+    Attributes
+    ----------
+    gene_index
+        (G,) int64: the vocabulary row of each column (-1: outside the vocabulary, ignored), or
+        ``None`` when the columns are exactly the vocabulary.
+    measured
+        (n_batch, G) bool: the genes each registered batch measured (:func:`measured_genes`),
+        or ``None`` when every batch measured every gene.
+    batch_covariate
+        ``False`` when the AnnData's batches are not the decoder's batches (a model built from
+        a corpus' registry reading a new AnnData): the decoder then uses the mean embedding of
+        its batch table, as for official checkpoints.
+    missing_coordinates
+        Give every cell the learned missing-coordinate encoding (NaN coordinates): a model with
+        the spatial encoding reading an AnnData without coordinates, as the corpus gives the
+        cells of its files without coordinates.
+    """
+
+    gene_index: np.ndarray | None = None
+    measured: np.ndarray | None = None
+    batch_covariate: bool = True
+    missing_coordinates: bool = False
+
+    @classmethod
+    def of(
+        cls,
+        adata: AnnData,
+        manager: AnnDataManager,
+        vocabulary: list[str] | None,
+        gene_key: str | None,
+        **reading,
+    ) -> GeneLayout:
+        """The layout of ``adata`` (registered by ``manager``) for a model with ``vocabulary``
+        (``None``: the columns are the vocabulary); ``gene_key``: the ``adata.var`` column of
+        gene IDs or symbols (``None``: ``var_names``); ``reading``: ``batch_covariate``,
+        ``missing_coordinates``."""
+        index = gene_index(adata, vocabulary, gene_key)
+        n_vocab = adata.n_vars if vocabulary is None else len(vocabulary)
+        return cls.from_index(index, n_vocab, measured_genes(adata, manager), **reading)
+
+    @classmethod
+    def from_index(
+        cls, index: np.ndarray | None, n_vocab: int, measured: np.ndarray | None, **reading
+    ) -> GeneLayout:
+        """The layout of a :func:`gene_index` into a vocabulary of ``n_vocab`` genes and a
+        :func:`measured_genes` table (an index that is the whole vocabulary in its order
+        becomes ``None``)."""
+        if index is not None and np.array_equal(index, np.arange(n_vocab)):
+            index = None
+        return cls(index, measured, **reading)
+
+    @property
+    def matched_columns(self) -> np.ndarray | None:
+        """Positions of the columns in the vocabulary (those the decoder reconstructs), or
+        ``None``: all columns."""
+        return None if self.gene_index is None else np.flatnonzero(self.gene_index >= 0)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The minibatch entries of this layout (the same tensors for every minibatch)."""
+        out = {}
+        if self.gene_index is not None:
+            out[GENE_INDEX_KEY] = torch.as_tensor(self.gene_index)
+            out[MATCHED_COLUMNS_KEY] = torch.as_tensor(self.matched_columns)
+        if self.measured is not None:
+            out[MEASURED_TABLE_KEY] = torch.as_tensor(np.asarray(self.measured, dtype=bool))
+        if not self.batch_covariate:
+            out[BATCH_COVARIATE_KEY] = torch.tensor(False)
+        return out

@@ -261,8 +261,7 @@ def test_one_epoch_through_the_module(corpus_files, tmp_path):
         n_layers=1,
         n_latent=8,
         use_spatial_pe=True,
-        measured_genes=dm.measured_genes,
-    )
+    )  # the minibatches carry their files' measured genes
     optimizer = torch.optim.Adam(module.parameters(), lr=1e-3)
     n_steps = 0
     for tensors in dm.train_dataloader():
@@ -431,7 +430,9 @@ def test_cellplm_from_the_registry_trains_on_the_corpus(corpus_files, tmp_path):
         adata=None, registry=dm.registry, n_hidden=32, n_layers=1, n_heads=4, n_latent=8,
         spatial_pe=False,
     )  # fmt: skip
-    assert model.module.n_vocab == len(CORPUS_VOCAB) and model.module.measured_genes is None
+    assert (
+        model.module.n_vocab == len(CORPUS_VOCAB) and model._gene_layout is None
+    )  # corpus columns
     seen, seen_full = [], []
     measured_weights = model.module.measured_weights
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
+import scvi
 import torch
 
 import cellplm_scvi as cp
@@ -63,7 +65,6 @@ def test_new_adata_embeds_as_the_corpus_and_the_official_export(
     in_file = (rows >= dm.offsets[k]) & (rows < dm.offsets[k + 1])
     assert in_file.sum() > 20
     np.testing.assert_allclose(z[rows[in_file] - dm.offsets[k]], z_corpus[in_file], atol=ATOL)
-    assert model.module.embed_index is None  # the corpus layout is restored after the call
 
     model.save_official(tmp_path / "export")
     official = cp.CellPLM.load_official(tmp_path / "export", _file_adata(dm, corpus_files[k], k))
@@ -98,7 +99,6 @@ def test_spatial_encoding_with_and_without_coordinates(corpus_files, tmp_path):
         in_file = (rows >= dm.offsets[k]) & (rows < dm.offsets[k + 1])
         assert in_file.sum() > 20
         np.testing.assert_allclose(z[rows[in_file] - dm.offsets[k]], z_corpus[in_file], atol=ATOL)
-    assert "_get_inference_input" not in model.module.__dict__
 
 
 def test_gene_order_and_unknown_genes_do_not_matter(trained, corpus_files):
@@ -133,7 +133,6 @@ def test_unusable_adata_is_refused(trained, corpus_files):
         model.get_latent_representation(unknown)
     with pytest.raises(ValueError, match="no AnnData"):
         model.get_latent_representation()
-    assert model.module.embed_index is None
 
 
 def test_other_methods_and_save_load(trained, corpus_files, tmp_path):
@@ -204,3 +203,131 @@ def test_corpus_vocabulary_must_be_the_models(corpus_files, tmp_path):
     dm = corpus(corpus_files, cache_dir=tmp_path / "cache")  # 40-gene vocabulary
     with pytest.raises(ValueError, match="vocabulary='20230926_85M'"):
         model.train(datamodule=dm, max_steps=1, **FIT)
+
+
+# ------------------------------------------------------------------ every reading method
+
+UNKNOWN = ["NOT_A_GENE1", "NOT_A_GENE2", "NOT_A_GENE3"]
+
+
+def _vocabulary_adata(vocabulary: list[str], n_cells: int = 200) -> ad.AnnData:
+    """Cells over the whole vocabulary, in its order: genes with far-apart means (a misread
+    column shows), two batches (the second measured three genes in four), coordinates."""
+    rng = np.random.default_rng(7)
+    rates = np.geomspace(0.2, 8.0, len(vocabulary))[rng.permutation(len(vocabulary))]
+    x = rng.poisson(rates * rng.uniform(0.5, 1.5, (n_cells, 1))).astype(np.float32)
+    adata = ad.AnnData(sp.csr_matrix(x))
+    adata.var_names = vocabulary
+    adata.obs_names = [f"c{i}" for i in range(n_cells)]
+    adata.obs["sample"] = np.where(np.arange(n_cells) < 120, "s1", "s2")
+    adata.obs["tissue"] = (np.arange(n_cells) // 50).astype(str)
+    adata.obsm["spatial"] = rng.uniform(0, 100, (n_cells, 2))
+    panel = np.arange(len(vocabulary)) % 4 != 0
+    adata.varm["measured"] = pd.DataFrame({"s2": panel}, index=adata.var_names)
+    return adata
+
+
+def _reordered(adata: ad.AnnData) -> ad.AnnData:
+    """``adata``'s genes in another order, with three genes outside the vocabulary among them."""
+    rng = np.random.default_rng(8)
+    unknown = rng.poisson(3.0, (adata.n_obs, len(UNKNOWN))).astype(np.float32)
+    order = rng.permutation(adata.n_vars + len(UNKNOWN))
+    other = ad.AnnData(sp.hstack([adata.X, sp.csr_matrix(unknown)], format="csr")[:, order])
+    other.var_names = np.asarray([*adata.var_names, *UNKNOWN], dtype=object)[order]
+    other.obs = adata.obs.copy()
+    other.obsm["spatial"] = adata.obsm["spatial"].copy()
+    table = adata.varm["measured"].reindex(other.var_names, fill_value=True)
+    other.varm["measured"] = table
+    return other
+
+
+def _setup(adata: ad.AnnData) -> ad.AnnData:
+    cp.CellPLM.setup_anndata(
+        adata,
+        batch_key="sample",
+        tissue_key="tissue",
+        spatial_key="spatial",
+        measured_genes_key="measured",
+    )
+    return adata
+
+
+def _seeded(method, *args, **kwargs):
+    scvi.settings.seed = 0  # numpy and torch: the same draws for both AnnDatas
+    return method(*args, **kwargs)
+
+
+def test_every_reading_method_reads_a_reordered_adata(trained):
+    """Each public reading method of a corpus-trained model gives, on an AnnData whose genes are
+    shuffled and mixed with genes outside the vocabulary, what it gives on the same cells in
+    vocabulary order (genes outside the vocabulary: 0, not decoded). The loaders carry the
+    AnnData's gene layout, so no method can read the columns as the vocabulary's."""
+    dm, model = trained
+    assert model.module.hide_cell_rate > 0  # the spatial preset: the niche read-out exists
+    ordered = _setup(_vocabulary_adata(dm.vocabulary))
+    shuffled = _setup(_reordered(ordered))
+    genes = list(ordered.var_names)
+    assert list(shuffled.var_names) != genes
+    position = pd.Index(shuffled.var_names).get_indexer(genes)  # ordered gene -> shuffled column
+    unknown = pd.Index(shuffled.var_names).get_indexer(UNKNOWN)
+    close = {"rtol": 1e-5, "atol": 1e-5}
+
+    def same(method, columns=False, **kwargs):
+        a = _seeded(getattr(model, method), adata=ordered, **kwargs)
+        b = _seeded(getattr(model, method), adata=shuffled, **kwargs)
+        if isinstance(a, dict):  # get_reconstruction_error
+            a, b = a["reconstruction_loss"], b["reconstruction_loss"]
+        a, b = (np.asarray(v.to_numpy() if hasattr(v, "to_numpy") else v) for v in (a, b))
+        if columns:  # one column per gene of the AnnData
+            assert (b[:, unknown] == 0).all(), method
+            b = b[:, position]
+        np.testing.assert_allclose(b, a, err_msg=method, **close)
+        return a
+
+    for representation in ("cell", "niche"):
+        same("get_latent_representation", representation=representation)
+    same("get_latent_representation", give_mean=False)
+    same("get_latent_library_size")
+    for library_size in (1, "observed"):
+        same("get_normalized_expression", columns=True, library_size=library_size)
+    subset = genes[3:9]
+    for library in ("measured", "all"):
+        same("impute_genes", gene_list=subset, library=library)
+    same("get_normalized_expression", gene_list=subset, library_size="observed")
+    same("get_elbo", return_mean=False)
+    same("get_reconstruction_error", return_mean=False)
+    same("get_marginal_ll", n_mc_samples=5, return_mean=False)
+    for key in ("mean", "dispersions"):
+        a = _seeded(model.get_likelihood_parameters, ordered)[key]
+        b = _seeded(model.get_likelihood_parameters, shuffled)[key]
+        np.testing.assert_allclose(b[:, position], a, err_msg=key, **close)
+    assert (_seeded(model.get_likelihood_parameters, shuffled)["mean"][:, unknown] == 0).all()
+
+    # random draws over the genes: another column order draws other numbers, so the means
+    # over many draws are compared (the genes' means are far apart: a misread column shows)
+    a = _seeded(model.posterior_predictive_sample, ordered, n_samples=40).todense()
+    b = _seeded(model.posterior_predictive_sample, shuffled, n_samples=40).todense()
+    assert (b[:, unknown] == 0).all()
+    a_mean, b_mean = a.mean((0, 2)), b[:, position].mean((0, 2))
+    np.testing.assert_allclose(b_mean, a_mean, rtol=0.1)
+    # (these genes are independent: their correlations are sampling noise, so only the labels)
+    correlation = _seeded(model.get_feature_correlation_matrix, shuffled, n_samples=10)
+    assert list(correlation.columns) == list(correlation.index) == list(shuffled.var_names)
+
+    de = {}
+    for name, adata in (("ordered", ordered), ("shuffled", shuffled)):
+        de[name] = _seeded(
+            model.differential_expression, adata, groupby="sample", group1="s1", group2="s2"
+        )
+    assert set(de["shuffled"].index) == set(shuffled.var_names)
+    # raw_normalized_mean* divide the counts by their total over all the AnnData's genes (the
+    # shuffled one has three more): the data differ there, not the model
+    numeric = [
+        c for c in de["ordered"].select_dtypes("number") if not c.startswith("raw_normalized")
+    ]
+    assert len(numeric) >= 9
+    np.testing.assert_allclose(
+        de["shuffled"].loc[de["ordered"].index, numeric].to_numpy(dtype=float),
+        de["ordered"][numeric].to_numpy(dtype=float),
+        **close,
+    )

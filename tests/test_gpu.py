@@ -98,8 +98,8 @@ def load(checkpoint: Path, adata: ad.AnnData):
     from cellplm_scvi import CellPLM
 
     model = CellPLM.load_official(checkpoint, adata)
-    assert model.module.embed_index is not None  # the gene-index path of the embedder
-    assert (model.module.embed_index < 0).sum() == N_UNKNOWN_GENES
+    gene_index = model._layout_of(adata).gene_index  # the gene-index path of the embedder
+    assert gene_index is not None and (gene_index < 0).sum() == N_UNKNOWN_GENES
     return model
 
 

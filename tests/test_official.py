@@ -59,7 +59,9 @@ class _Meta:
 @torch.no_grad()
 def our_forward(model: cp.CellPLM, X: sp.spmatrix, y: torch.Tensor | None = None):
     """Our module on the same group of cells; ``y``: GMVAE cluster to condition on."""
-    inf = model.module.inference(x=to_csr(X), coords=None)
+    layout = model._layout_of(model.adata).tensors()  # as the loader puts it in a minibatch
+    columns = {k: layout.get(k) for k in ("gene_index", "matched_columns")}
+    inf = model.module.inference(x=to_csr(X), coords=None, gene_index=columns["gene_index"])
     out = {"h": inf["h"], "qz_m": inf["qz_m"]}
     layer = model.module.latent.layers[1]
     if y is not None:
@@ -67,7 +69,7 @@ def our_forward(model: cp.CellPLM, X: sp.spmatrix, y: torch.Tensor | None = None
         out["mu"], out["var"] = layer.posterior(inf["h"], y)
     else:
         out["mu"] = inf["qz_m"]
-    gen = model.module.generative(out["mu"])
+    gen = model.module.generative(out["mu"], **columns)
     out["mean"], out["theta"] = gen["px_mean"], gen["px_theta"]
     return out
 
@@ -192,6 +194,21 @@ def test_small_parity_gene_subset_shuffled_with_unknown(small, counts):
     if not is_gmvae(off):
         z = model.get_latent_representation()
         assert max_abs(z, ref["mu"]) <= ATOL
+
+
+def test_a_splitter_of_the_models_adata_carries_its_gene_layout(small_vae, counts):
+    """``train(datamodule=TissueDataSplitter(model.adata_manager))`` reads the AnnData's columns
+    as ``train()`` does: the splitter gets the model's gene layout."""
+    config, _, prefix = small_vae
+    vocab = config["gene_list"]
+    cols = np.random.default_rng(2).permutation(len(vocab))[:50]
+    adata = one_tissue_adata(counts[:, cols], [vocab[c] for c in cols])
+    model = cp.CellPLM.load_official(prefix, adata)
+    splitter = cp.data.TissueDataSplitter(model.adata_manager, train_size=1.0)
+    quiet = {"accelerator": "cpu", "enable_progress_bar": False, "enable_model_summary": False}
+    model.train(datamodule=splitter, max_epochs=1, **quiet)
+    batch = next(iter(splitter.train_dataloader()))
+    np.testing.assert_array_equal(batch["gene_index"].numpy(), cols)
 
 
 def test_symbols_and_gene_key(small_vae, counts):

@@ -351,8 +351,9 @@ def test_prepare_query_pads_missing_genes_as_unmeasured(trained, tmp_path, caplo
     names = CellPLM.prepare_query_anndata(query, model, return_reference_var_names=True)
     assert names == list(adata.var_names)
     q = CellPLM.load_query_data(query, tmp_path / "ref")
+    layout = q._layout_of(q.adata).tensors()  # as the loader puts it in each minibatch
     measured = q.module.measured_weights(
-        {"batch": torch.as_tensor(q.adata_manager.get_from_registry("batch"))}
+        {"batch": torch.as_tensor(q.adata_manager.get_from_registry("batch")), **layout}
     )
     assert not measured[:, :10].any() and measured[:, 10:].all()
     # padded genes enter neither the library size nor the loss

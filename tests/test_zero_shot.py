@@ -178,15 +178,18 @@ def test_large_sample_is_embedded_in_one_pass(checkpoint, two_samples):
     z = model.get_latent_representation()
     rows = np.flatnonzero((adata.obs["sample"] == "s1").to_numpy())
     assert rows.size == 1700 > 1000
+    genes = model._layout_of(adata).tensors().get("gene_index")  # as in the loader's minibatch
+
+    def encode(cells: np.ndarray) -> np.ndarray:
+        x = to_csr(adata.X[cells])
+        return model.module.inference(x=x, coords=None, gene_index=genes)["qz_m"].numpy()
+
     with torch.no_grad():
-        one_pass = model.module.inference(x=to_csr(adata.X[rows]), coords=None)["qz_m"].numpy()
+        one_pass = encode(rows)
     assert np.abs(z[rows] - one_pass).max() <= 1e-6
     # the same cells cut in two give other embeddings
     with torch.no_grad():
-        halves = [
-            model.module.inference(x=to_csr(adata.X[part]), coords=None)["qz_m"].numpy()
-            for part in np.array_split(rows, 2)
-        ]
+        halves = [encode(part) for part in np.array_split(rows, 2)]
     assert np.abs(np.concatenate(halves) - one_pass).max() > 100 * ATOL
     # a cap on request still cuts the sample
     capped = two_samples.copy()

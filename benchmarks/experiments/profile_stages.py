@@ -151,7 +151,7 @@ def profile_ours(model, t: Timer) -> None:
         x = tensors["X"]
 
         def embed():
-            return module.embedder(x, module.embed_index, None)  # as in module.inference
+            return module.embedder(x, tensors.get("gene_index"), None)  # as in module.inference
 
         h = timed_embedder(module.embedder, embed, t)
 

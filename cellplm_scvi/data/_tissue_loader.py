@@ -18,6 +18,7 @@ from __future__ import annotations
 import heapq
 import math
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -29,6 +30,7 @@ from torch.utils.data import Dataset, Sampler
 
 from .._constants import (
     BATCH_KEY,
+    LAYOUT_KEYS,
     LOSS_MASK_KEY,
     MEASURED_KEY,
     REQUESTED_KEY,
@@ -44,6 +46,9 @@ from .._validation import (
     check_loader_options,
 )
 from ._resume import ResumableLoader
+
+if TYPE_CHECKING:
+    from .._vocabulary import GeneLayout
 
 SPLIT_NAMES = {"train": 0, "validation": 1, "valid": 1, "test": 2}  # `split_key` values
 
@@ -96,12 +101,15 @@ def pack_minibatches(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Te
 
     Rows are stacked tissue after tissue; ``"tissue_index"`` ((N,) long, 0..T-1) says which
     tissue each row came from. The per-file ``"measured"`` genes ((G,) per tissue) become
-    (T, G); every other key is per row and is stacked.
+    (T, G); the gene layout's entries (one AnnData's) are kept once; every other key is per row
+    and is stacked.
     """
     out = {}
     for key in parts[0]:
         values = [p[key] for p in parts]
-        if key == X_KEY:
+        if key in LAYOUT_KEYS:
+            out[key] = values[0]
+        elif key == X_KEY:
             out[key] = (
                 _cat_csr(values) if values[0].layout == torch.sparse_csr else torch.cat(values)
             )
@@ -133,7 +141,9 @@ class TissueDataset(Dataset):
     """Reads a list of rows of a registered AnnData: counts as CSR tensor, the rest as arrays.
 
     Rows are read in sorted order, and a contiguous run of rows as one slice (several times
-    faster than a fancy index on a backed ``.h5ad``); ``ind_x`` says which rows came.
+    faster than a fancy index on a backed ``.h5ad``); ``ind_x`` says which rows came. The
+    ``gene_layout``'s tensors (how the columns meet the model's vocabulary) are added to every
+    minibatch.
     """
 
     def __init__(
@@ -141,9 +151,12 @@ class TissueDataset(Dataset):
         adata_manager,
         requested: np.ndarray | None = None,
         loss_rows: np.ndarray | None = None,
+        gene_layout: GeneLayout | None = None,
     ):
         self.requested = requested  # (n_obs,) bool: rows the caller asked for (context mode)
         self.loss_rows = loss_rows  # (n_obs,) bool: rows that enter the loss (cell split)
+        self.layout = {} if gene_layout is None else gene_layout.tensors()
+        self.missing_coordinates = gene_layout is not None and gene_layout.missing_coordinates
         self.x = adata_manager.get_from_registry(X_KEY)
         if sp.issparse(self.x) and self.x.format not in ("csr", "csc"):
             self.x = sp.csr_matrix(self.x)  # e.g. COO cannot be row-indexed
@@ -167,6 +180,9 @@ class TissueDataset(Dataset):
             out[REQUESTED_KEY] = torch.from_numpy(self.requested[rows])
         if self.loss_rows is not None:
             out[LOSS_MASK_KEY] = torch.from_numpy(self.loss_rows[rows])
+        if self.missing_coordinates:
+            out[SPATIAL_KEY] = torch.full((len(rows), 2), float("nan"))
+        out.update(self.layout)
         return out
 
 
@@ -404,6 +420,10 @@ class TissueDataLoader(ResumableLoader):
     ``pack_tissues=True`` (training, ``shuffle=True``) puts several whole tissues in one step,
     ``batch_size`` cells at most in all (each tissue capped at it): see ``pack_tissues`` of
     :class:`TissueBatchSampler`.
+
+    ``gene_layout`` (:class:`~cellplm_scvi._vocabulary.GeneLayout`): how the AnnData's columns
+    meet the model's vocabulary, put in every minibatch (``None``: the columns are the
+    vocabulary, every gene measured). A model's loaders get it from the model.
     """
 
     def __init__(
@@ -423,6 +443,7 @@ class TissueDataLoader(ResumableLoader):
         loss_rows: np.ndarray | None = None,
         redraw_tissues: bool | int = False,
         pack_tissues: bool = False,
+        gene_layout: GeneLayout | None = None,
         **kwargs,
     ):
         check_loader_options(drop_last, load_sparse_tensor, data_and_attributes)
@@ -458,7 +479,7 @@ class TissueDataLoader(ResumableLoader):
         if not shuffle:  # evaluation / inference: the DataLoader's default generator, as before
             kwargs.setdefault("generator", None)
         super().__init__(
-            TissueDataset(adata_manager, requested, loss_rows),
+            TissueDataset(adata_manager, requested, loss_rows, gene_layout),
             sampler,
             pin_memory=pin_memory,
             **kwargs,
@@ -571,6 +592,9 @@ class TissueDataSplitter(LightningDataModule):
         ``scvi.settings.batch_size`` for ``None``). Not a cell count here: the cells per step
         are ``max_cells_per_step``, which :meth:`CellPLM.train` sets from its own
         ``batch_size``.
+    **loader_kwargs
+        Passed to every :class:`TissueDataLoader`, e.g. ``gene_layout`` (a model's
+        ``train`` passes the layout of its AnnData).
     """
 
     def __init__(

@@ -40,7 +40,6 @@ from .._quiet import quiet_setup
 from ..data import TissueDataLoader, TissueDataSplitter
 from ..module import CellPLMModule
 from ..official import OfficialMixin
-from . import _registry_data
 from ._minify import MinifyMixin
 from ._presets import module_defaults, resolve_preset
 from ._query import QueryMixin
@@ -194,29 +193,29 @@ class CellPLM(
             columns = [str(g) for g in fields[X_KEY]["state_registry"]["column_names"]]
             if vocabulary is not None and vocabulary != columns:
                 raise ValueError("vocabulary must equal the registry's genes (its X columns).")
-            vocabulary, gene_index, n_input = columns, None, len(columns)
+            vocabulary, n_input = columns, len(columns)
+            self._gene_layout = None  # each AnnData it reads has its own (_registry_data)
         else:
             if self.adata.n_obs == 0:
                 raise ValueError("adata has no cells.")
             if gene_key is None:  # the column named at setup_anndata(gene_key=...)
                 gene_key = self.registry_["setup_args"].get("gene_key")
-            gene_index = _vocabulary.gene_index(self.adata, vocabulary, gene_key)
+            # every AnnData this model reads has these genes (`_validate_anndata`)
+            self._gene_layout = _vocabulary.GeneLayout.of(
+                self.adata, self.adata_manager, vocabulary, gene_key
+            )
             n_input = self.adata.n_vars
         n_batch = self.summary_stats.n_batch
         covariates = categorical_covariates(self.registry_)
         derived = {  # from the registered data; explicit module_kwargs win
             "decoder_covariates": {"batch": n_batch} if n_batch > 1 else {},
             "n_labels": len(label_names(self.registry_)),
-            "measured_genes": None
-            if adata is None
-            else _vocabulary.measured_genes(self.adata, self.adata_manager),
         }
         if covariates:
             derived["decoder_covariates"].update(covariates)
             derived["categorical_covariates"] = tuple(covariates)
         self.module = self._module_cls(
             n_vocab=n_input if vocabulary is None else len(vocabulary),
-            gene_index=gene_index,
             n_hidden=n_hidden,
             n_layers=n_layers,
             n_heads=n_heads,
@@ -446,8 +445,8 @@ class CellPLM(
 
     def _decoded_genes(self, adata: AnnData) -> pd.Index:
         """Names of the AnnData genes the decoder reconstructs (those in the vocabulary)."""
-        columns = self.module.matched_columns
-        return adata.var_names if columns is None else adata.var_names[columns.cpu().numpy()]
+        columns = self._layout_of(adata).matched_columns
+        return adata.var_names if columns is None else adata.var_names[columns]
 
     def impute_genes(
         self,
@@ -499,14 +498,10 @@ class CellPLM(
         adata = self._validate_anndata(adata)
         rows = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
         x = self.get_from_registry(adata, X_KEY)
-        columns = self.module.matched_columns
-        x = x[rows] if columns is None else x[rows][:, columns.cpu().numpy()]
+        columns = self._layout_of(adata).matched_columns
+        x = x[rows] if columns is None else x[rows][:, columns]
         totals = np.asarray(x.sum(1)).reshape(-1, 1)  # observed counts over the decoded genes
         return frequencies * totals
-
-
-# a registry-built model (TissueCorpus) reads any AnnData set up with setup_anndata
-_registry_data.wrap_methods(CellPLM)
 
 
 def _is_minified(adata: AnnData) -> bool:

@@ -7,7 +7,10 @@ results and label them ``obs_names[indices]``. For CellPLM a minibatch is a whol
   *whole* (the context is the tissue as registered, never the subset asked for) and marks the
   requested rows; the module returns those rows only;
 - each thin override below calls the mixin with ``indices`` in the loader's emission order and
-  puts the result back in the caller's order.
+  puts the result back in the caller's order;
+- every loader carries the AnnData's :class:`~cellplm_scvi._vocabulary.GeneLayout` (how its
+  columns meet the model's vocabulary) in each minibatch, so any method that reads through
+  :meth:`TissueContextMixin._make_data_loader` reads the columns right.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ import torch
 from anndata import AnnData
 
 from .._validation import check_batch_size, check_indices
+from .._vocabulary import GeneLayout
 from ..data import TissueDataLoader
+from . import _registry_data
 
 _AUTOCAST = {"32": torch.float32, "bf16": torch.bfloat16, "16": torch.float16}
 
@@ -75,8 +80,17 @@ class TissueContextMixin:
             indices=check_indices(indices, adata.n_obs),
             batch_size=check_batch_size(batch_size),
             context=True,
+            gene_layout=self._layout_of(adata),
             **data_loader_kwargs,
         )
+
+    def _layout_of(self, adata: AnnData) -> GeneLayout:
+        """How ``adata``'s columns meet the model's vocabulary: the layout of the model's own
+        AnnData (any AnnData it reads has the same genes), or for a model built from a registry
+        (no AnnData), ``adata``'s own (see :mod:`cellplm_scvi.model._registry_data`)."""
+        if self.adata is not None:
+            return self._gene_layout
+        return _registry_data.gene_layout(self, adata)
 
     def _tissue_order(
         self, adata: AnnData | None, indices: Sequence[int] | None, batch_size: int | None

@@ -41,8 +41,8 @@ from scvi.train._config import merge_kwargs
 
 from .._quiet import quiet_training
 from .._validation import check_batch_size, check_counts_sample, check_loader_options
+from ..official._mixin import model_vocabulary
 from ._presets import resolve_redraw_tissues
-from ._registry_data import training_on
 from ._setup import check_tissue_codes
 
 
@@ -274,8 +274,11 @@ class TrainingMixin(UnsupervisedTrainingMixin):
                 "drop_node_rate": drop_node_rate,
                 "redraw_tissues": resolve_redraw_tissues(self._preset, setup_args, redraw_tissues),
                 **({"pack_tissues": True} if pack_tissues else {}),
+                "gene_layout": self._gene_layout,  # how the AnnData's columns meet the vocabulary
                 **datasplitter_kwargs,
             }
+        else:
+            check_datamodule(self, datamodule)
         plan_kwargs = {"lr": lr, **merge_kwargs(plan_config, plan_kwargs, name="plan")}
         if gradient_clip_val is not None:
             trainer_kwargs.setdefault("gradient_clip_val", gradient_clip_val)
@@ -290,22 +293,21 @@ class TrainingMixin(UnsupervisedTrainingMixin):
         if starts_history:
             self.is_trained_ = False
         try:
-            with training_on(self, datamodule):  # a corpus: vocabulary columns
-                return super().train(
-                    max_epochs=max_epochs,
-                    accelerator=accelerator,
-                    devices=devices,
-                    train_size=train_size,
-                    validation_size=validation_size,
-                    shuffle_set_split=shuffle_set_split,
-                    load_sparse_tensor=load_sparse_tensor,
-                    batch_size=batch_size,
-                    early_stopping=early_stopping,
-                    datasplitter_kwargs=datasplitter_kwargs,
-                    plan_kwargs=plan_kwargs,
-                    datamodule=datamodule,
-                    **trainer_kwargs,
-                )
+            return super().train(
+                max_epochs=max_epochs,
+                accelerator=accelerator,
+                devices=devices,
+                train_size=train_size,
+                validation_size=validation_size,
+                shuffle_set_split=shuffle_set_split,
+                load_sparse_tensor=load_sparse_tensor,
+                batch_size=batch_size,
+                early_stopping=early_stopping,
+                datasplitter_kwargs=datasplitter_kwargs,
+                plan_kwargs=plan_kwargs,
+                datamodule=datamodule,
+                **trainer_kwargs,
+            )
         finally:
             self.is_trained_ = self.is_trained_ or starts_history
 
@@ -341,6 +343,28 @@ def check_training_data(model, datasplitter_kwargs: dict | None) -> None:
         return
     check_tissue_codes(model.adata_manager, model.adata)
     check_counts_sample(model.adata, model.adata_manager.registry["setup_args"]["layer"])
+
+
+def check_datamodule(model, datamodule) -> None:
+    """A :class:`~cellplm_scvi.data.TissueCorpus` yields vocabulary columns (its minibatches
+    carry no gene layout): its vocabulary must be the model's, in order. A
+    :class:`~cellplm_scvi.data.TissueDataSplitter` of the model's AnnData gets its gene layout
+    unless it was given one."""
+    from ..data import TissueCorpus, TissueDataSplitter
+
+    if isinstance(datamodule, TissueDataSplitter) and model.adata is not None:
+        if datamodule.adata_manager is model.adata_manager:
+            datamodule.loader_kwargs.setdefault("gene_layout", model._gene_layout)
+    if not isinstance(datamodule, TissueCorpus):
+        return
+    vocabulary = model_vocabulary(model)
+    if list(datamodule.vocabulary) != vocabulary:
+        raise ValueError(
+            f"The corpus' vocabulary ({len(datamodule.vocabulary)} genes) is not the model's "
+            f"({len(vocabulary)} genes, in order): build the corpus with "
+            "TissueCorpus(files, vocabulary=<the model's vocabulary>), e.g. "
+            "vocabulary='20230926_85M' for the official 85M checkpoints."
+        )
 
 
 def step_checkpoint(every_n_steps: int, dirpath: str | os.PathLike | None) -> ModelCheckpoint:

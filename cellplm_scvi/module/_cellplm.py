@@ -14,13 +14,17 @@ from torch import nn
 from torch.distributions import Normal
 
 from .._constants import (
+    BATCH_COVARIATE_KEY,
     BATCH_KEY,
     CAT_COVS_KEY,
+    GENE_INDEX_KEY,
     LABELS_KEY,
     LATENT_QZM_KEY,
     LATENT_QZV_KEY,
     LOSS_MASK_KEY,
+    MATCHED_COLUMNS_KEY,
     MEASURED_KEY,
+    MEASURED_TABLE_KEY,
     OBSERVED_LIB_SIZE_KEY,
     REQUESTED_KEY,
     SIZE_FACTOR_KEY,
@@ -60,13 +64,16 @@ class _PreLatentNorm(nn.Module):
 class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
     """Embedder -> Flowformer -> LayerNorm -> (GM)VAE latent -> NB decoder.
 
+    A minibatch's columns are the vocabulary unless it carries a gene layout (see
+    :class:`~cellplm_scvi._vocabulary.GeneLayout`): ``"gene_index"`` ((G,) long, the vocabulary
+    row of each column, -1: outside, ignored) with ``"matched_columns"`` (the columns in the
+    vocabulary), ``"measured_genes"`` ((n_batch, G) bool, the genes each batch measured) and
+    ``"batch_covariate"`` (``False``: the decoder's batch table does not index these batches).
+
     Parameters
     ----------
     n_vocab
         Genes in the vocabulary (rows of the gene-embedding table, decoder outputs).
-    gene_index
-        Vocabulary row of each input column (-1: gene outside the vocabulary, ignored), or
-        ``None`` when the input columns are exactly the vocabulary.
     n_hidden, n_layers, n_heads
         Token width, Flowformer layers and heads.
     n_latent
@@ -110,9 +117,6 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
         Weight of the cross-entropy of labelled cells relative to the reconstruction loss.
     classifier_dropout
         Dropout inside the head (official fine-tuning: 0.5).
-    measured_genes
-        (n_batch, G_in) bool: the genes each batch measured (e.g. a spatial panel). The NB loss
-        and the library size use only a cell's measured genes. ``None``: all genes everywhere.
     categorical_covariates
         Names of the ``decoder_covariates`` tables fed, in this order, by the columns of the
         registered extra categorical covariates (``setup_anndata(categorical_covariate_keys=)``).
@@ -128,7 +132,6 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
     def __init__(
         self,
         n_vocab: int,
-        gene_index: np.ndarray | None = None,
         n_hidden: int = 256,
         n_layers: int = 2,
         n_heads: int = 8,
@@ -151,7 +154,6 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
         n_labels: int = 0,
         classification_ratio: float = 50.0,
         classifier_dropout: float = 0.5,
-        measured_genes: np.ndarray | None = None,
         categorical_covariates: tuple[str, ...] = (),
         objective: Literal["pretrain", "imputation", "annotation"] = "pretrain",
     ):
@@ -176,7 +178,7 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
         self.mask_cell_rate, self.mask_gene_rate, self.dae = mask_cell_rate, mask_gene_rate, dae
         self.hide_cell_rate = hide_cell_rate
         self.n_local_heads, self.local_grid = n_local_heads, local_grid
-        self._set_gene_index(n_vocab, gene_index)
+        self.n_vocab = n_vocab
         self.categorical_covariates = tuple(categorical_covariates)
         self.gene_likelihood = "nb"
         self._sample_posterior = False
@@ -203,9 +205,6 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
                 nn.Dropout(classifier_dropout),
                 nn.Linear(n_latent, n_labels),
             )
-        if measured_genes is not None:
-            measured_genes = torch.as_tensor(np.asarray(measured_genes, dtype=bool))
-        self.register_buffer("measured_genes", measured_genes, persistent=False)
 
     def unused_parameter_names(self) -> list[str]:
         """Parameters the forward never differentiates: the missing-coordinate vector without
@@ -219,24 +218,6 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
             ]
         return names
 
-    # ------------------------------------------------------------------ genes
-    def _set_gene_index(self, n_vocab: int, gene_index: np.ndarray | None) -> None:
-        """Store how input columns map to the vocabulary (non-persistent buffers)."""
-        self.n_vocab = n_vocab
-        self.n_input_genes = n_vocab if gene_index is None else len(gene_index)
-        if gene_index is None or np.array_equal(gene_index, np.arange(n_vocab)):
-            self.register_buffer("embed_index", None, persistent=False)
-            self.register_buffer("matched_columns", None, persistent=False)
-            self.register_buffer("decoder_index", None, persistent=False)
-            return
-        gene_index = np.asarray(gene_index, dtype=np.int64)
-        matched = np.flatnonzero(gene_index >= 0)
-        self.register_buffer("embed_index", torch.as_tensor(gene_index), persistent=False)
-        self.register_buffer("matched_columns", torch.as_tensor(matched), persistent=False)
-        self.register_buffer(
-            "decoder_index", torch.as_tensor(gene_index[matched]), persistent=False
-        )
-
     # ------------------------------------------------------------------ scvi API
     def _get_inference_input(self, tensors: dict, **kwargs) -> dict:
         if self.minified_data_type is not None and LATENT_QZM_KEY in tensors:
@@ -247,6 +228,7 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
             "coords": tensors.get(SPATIAL_KEY),
             "requested": tensors.get(REQUESTED_KEY),
             "tissue_index": tensors.get(TISSUE_INDEX_KEY),
+            "gene_index": tensors.get(GENE_INDEX_KEY),
         }
 
     def _get_generative_input(self, tensors: dict, inference_outputs: dict, **kwargs) -> dict:
@@ -255,10 +237,14 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
         batch = batch.view(-1).long()[rows] if batch is not None else None
         cat_covs = tensors.get(CAT_COVS_KEY)
         size_factor = tensors.get(SIZE_FACTOR_KEY)
+        batch_covariate = self.use_batch_covariate and bool(tensors.get(BATCH_COVARIATE_KEY, True))
         inputs = {
             "z": inference_outputs["z"],
-            "batch_index": batch if self.use_batch_covariate else None,
+            "batch_index": batch if batch_covariate else None,
             "cat_covs": None if cat_covs is None else cat_covs.long()[rows],
+            "gene_index": tensors.get(GENE_INDEX_KEY),
+            "matched_columns": tensors.get(MATCHED_COLUMNS_KEY),
+            "batch_covariate": batch_covariate,
         }
         if self.training:  # the training loss reads the decoder's outputs, not `px`
             return inputs
@@ -278,8 +264,12 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
         n_samples: int = 1,
         hidden: torch.Tensor | None = None,
         tissue_index: torch.Tensor | None = None,
+        gene_index: torch.Tensor | None = None,
     ) -> dict:
         """Encode one tissue of N cells; keep the ``requested`` rows (R of them) after the encoder.
+
+        ``gene_index`` ((G,) long): the vocabulary row of each column of ``x`` (-1: ignored);
+        ``None``: the columns are the vocabulary.
 
         ``hidden`` ((N,) bool, evaluation): cells whose counts are zeroed before the encoder, so
         their outputs come from their tissue alone (the niche read-out).
@@ -322,7 +312,7 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
         spatial = None  # (N, grid^2) kernel features of the local heads
         if self.n_local_heads and coords is not None:
             spatial = spatial_kernel_features(coords, self.local_grid, tissues)
-        h = self.embedder(x, self.embed_index, pe_coords)  # (N, d)
+        h = self.embedder(x, gene_index, pe_coords)  # (N, d)
         h = self.encode(h, tissues, spatial)  # (N, d): each cell saw its tissue
         if requested is not None:
             h = h[requested.view(-1).bool()]  # (R, d)
@@ -408,8 +398,14 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
         measured: torch.Tensor | None = None,
         size_factor: torch.Tensor | None = None,
         transform_batch: int | None = None,
+        gene_index: torch.Tensor | None = None,
+        matched_columns: torch.Tensor | None = None,
+        batch_covariate: bool = True,
     ) -> dict:
         """Decode ``z`` ((R, L) or (S, R, L)) to the NB of every input gene.
+
+        ``gene_index``/``matched_columns``: the minibatch's gene layout (``None``: the columns
+        are the vocabulary); ``batch_covariate=False``: its batches are not the decoder's.
 
         Returns ``px`` (in evaluation: :class:`scvi.distributions.NegativeBinomial` over the
         input columns, float32: ``scale`` sums to one over the decoded genes,
@@ -419,7 +415,7 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
         """
         n_rows = z.shape[-2]
         if transform_batch is not None:
-            if not self.use_batch_covariate:
+            if not (self.use_batch_covariate and batch_covariate):
                 raise ValueError(
                     "transform_batch needs a decoder batch covariate; this model has none (one "
                     "batch, or official weights whose batch table indexes pretraining samples)."
@@ -428,6 +424,7 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
         covariates = {}
         if batch_index is not None:
             covariates["batch"] = batch_index
+        decoder_index = None if gene_index is None else gene_index[matched_columns]
         if cat_covs is not None:
             covariates.update(
                 {k: cat_covs[:, i] for i, k in enumerate(self.categorical_covariates)}
@@ -435,21 +432,23 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
         if z.dim() == 3:  # posterior samples: decode (S * R, L), the decoder's norms are 2-D
             n_samples = z.shape[0]
             covariates = {k: v.repeat(n_samples) for k, v in covariates.items()}
-            mean, theta = self.decoder(z.reshape(-1, z.shape[-1]), covariates, self.decoder_index)
+            mean, theta = self.decoder(z.reshape(-1, z.shape[-1]), covariates, decoder_index)
             mean = mean.view(n_samples, n_rows, -1)
         else:
-            mean, theta = self.decoder(z, covariates or None, self.decoder_index)
+            mean, theta = self.decoder(z, covariates or None, decoder_index)
         px = None  # training: the loss needs only the decoder's mean and dispersion
         if not self.training:
-            px = self._px(mean.float(), theta.float(), library, measured, size_factor)
+            columns = None if gene_index is None else (len(gene_index), matched_columns)
+            px = self._px(mean.float(), theta.float(), library, measured, size_factor, columns)
         return {
             "px": px,
             "px_mean": mean,
             "px_theta": theta,
         }
 
-    def _px(self, mean, theta, library, measured, size_factor) -> NegativeBinomial:
-        """NB of the input columns, mean rescaled as in :func:`masked_nb_loss`."""
+    def _px(self, mean, theta, library, measured, size_factor, columns) -> NegativeBinomial:
+        """NB of the input columns, mean rescaled as in :func:`masked_nb_loss`. ``columns``:
+        ``(G, matched_columns)`` of the minibatch's gene layout, or ``None``."""
         scale = mean / mean.sum(-1, keepdim=True)
         if size_factor is not None:
             lib = size_factor
@@ -462,22 +461,27 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
                 1e-12
             )
         mu = scale * lib
-        if self.matched_columns is not None:  # back to the input columns, 0 outside the vocabulary
-            full = mean.new_zeros((*mean.shape[:-1], self.n_input_genes))
-            scale, mu = (full.index_copy(-1, self.matched_columns, t) for t in (scale, mu))
-            theta = theta.new_ones(self.n_input_genes).index_copy(0, self.matched_columns, theta)
+        if columns is not None:  # back to the input columns, 0 outside the vocabulary
+            n_genes, matched = columns
+            full = mean.new_zeros((*mean.shape[:-1], n_genes))
+            scale, mu = (full.index_copy(-1, matched, t) for t in (scale, mu))
+            theta = theta.new_ones(n_genes).index_copy(0, matched, theta)
         return NegativeBinomial(mu=mu, theta=theta.expand_as(mu), scale=scale)
 
-    def observed_counts(self, x: torch.Tensor) -> torch.Tensor:
-        """Dense counts of the input columns that the decoder reconstructs."""
+    def observed_counts(
+        self, x: torch.Tensor, matched_columns: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Dense counts of the input columns that the decoder reconstructs (``matched_columns``
+        of the minibatch's gene layout; ``None``: all)."""
         x = x.to_dense() if x.is_sparse or x.layout != torch.strided else x
-        return x if self.matched_columns is None else x[:, self.matched_columns]
+        return x if matched_columns is None else x[:, matched_columns.to(x.device)]
 
     def library_counts(self, tensors: dict) -> torch.Tensor:
         """(R, 1) observed count total of each requested cell over its measured decoded genes."""
         if OBSERVED_LIB_SIZE_KEY in tensors:  # minified data: stored by `minify_adata`
             return tensors[OBSERVED_LIB_SIZE_KEY].view(-1, 1).float()[_requested_rows(tensors)]
-        x = self.observed_counts(tensors[X_KEY]).float()[_requested_rows(tensors)]
+        x = self.observed_counts(tensors[X_KEY], tensors.get(MATCHED_COLUMNS_KEY))
+        x = x.float()[_requested_rows(tensors)]
         measured = self.measured_weights(tensors)
         if measured is not None:
             x = x * measured.to(x.device, x.dtype)
@@ -501,7 +505,8 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
         """
         rows = _requested_rows(tensors)
         # float32 even under autocast: bf16 holds integers exactly only up to 256
-        x = self.observed_counts(tensors[X_KEY]).float()[rows]
+        matched = tensors.get(MATCHED_COLUMNS_KEY)
+        x = self.observed_counts(tensors[X_KEY], matched).float()[rows]
         mean, theta = generative_outputs["px_mean"].float(), generative_outputs["px_theta"].float()
         if mean.dim() == 3:
             raise ValueError("loss() takes one posterior sample (n_samples=1).")
@@ -517,8 +522,8 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
         entries = None  # hidden entries of the masked cells, for the DAE term
         if mask is not None and self.dae and self.objective == "pretrain":
             entries = mask.entries
-            if self.matched_columns is not None:
-                entries = entries[:, self.matched_columns]
+            if matched is not None:
+                entries = entries[:, matched.to(entries.device)]
             if in_loss is not None:
                 entries = entries[in_loss[mask.cells]]
         if measured is not None:
@@ -563,7 +568,8 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
         """(R, G_matched) bool: the genes each requested cell measured, or ``None``: the
         minibatch's own ``"measured"`` mask ((G,) for all its cells, or (N, G); corpus files;
         (T, G), one row per tissue, in a packed step), else the row of the cell's batch in
-        ``measured_genes``."""
+        its gene layout's ``"measured_genes"``."""
+        matched = tensors.get(MATCHED_COLUMNS_KEY)
         measured = tensors.get(MEASURED_KEY)
         if measured is not None:
             measured = measured.bool()
@@ -573,12 +579,13 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
                 n = tensors[X_KEY].shape[0]
                 measured = measured.view(1, -1).expand(n, -1)
             rows = measured[_requested_rows(tensors)]
-            return rows if self.matched_columns is None else rows[:, self.matched_columns]
-        if self.measured_genes is None:
+            return rows if matched is None else rows[:, matched.to(rows.device)]
+        table = tensors.get(MEASURED_TABLE_KEY)
+        if table is None:
             return None
         batch = tensors[BATCH_KEY].view(-1).long()[_requested_rows(tensors)]
-        rows = self.measured_genes[batch.to(self.measured_genes.device)]
-        return rows if self.matched_columns is None else rows[:, self.matched_columns]
+        rows = table.bool()[batch.to(table.device)]
+        return rows if matched is None else rows[:, matched.to(rows.device)]
 
     def classification_loss(self, tensors: dict, inference_outputs: dict) -> torch.Tensor | None:
         """Mean cross-entropy over cells with a known label (code < n_labels) inside the
@@ -626,15 +633,15 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
         inf, _ = self.forward(tensors, compute_loss=False)
         qz = inf["qz"]
         gen_inputs = self._get_generative_input(tensors, inf)
-        x = self.observed_counts(tensors[X_KEY]).float()[_requested_rows(tensors)]
+        cols = tensors.get(MATCHED_COLUMNS_KEY)
+        x = self.observed_counts(tensors[X_KEY], cols).float()[_requested_rows(tensors)]
         log_w = []
         for _ in range(n_mc_samples):
             z = qz.sample()
             px = self.generative(**{**gen_inputs, "z": z})["px"]
-            cols = self.matched_columns
             mu, theta = px.mu, px.theta
             if cols is not None:
-                mu, theta = mu[:, cols], theta[:, cols]
+                mu, theta = mu[:, cols.to(mu.device)], theta[:, cols.to(mu.device)]
             log_px = -nb_nll(x, mu, theta)
             measured = gen_inputs["measured"]
             log_px = (log_px if measured is None else log_px * measured.to(x.dtype)).sum(-1)
