@@ -41,6 +41,7 @@ from ..data import TissueDataLoader, TissueDataSplitter
 from ..module import CellPLMModule
 from ..official import OfficialMixin
 from . import _registry_data
+from ._genes_mixin import GeneEmbeddingMixin
 from ._minify import MinifyMixin
 from ._presets import module_defaults, resolve_preset
 from ._query import QueryMixin
@@ -62,6 +63,7 @@ logger = logging.getLogger("cellplm_scvi")
 
 class CellPLM(
     OfficialMixin,
+    GeneEmbeddingMixin,
     QueryMixin,
     TrainingMixin,
     MinifyMixin,
