@@ -122,7 +122,11 @@ def map_orthologs(
     The new column can be passed as ``gene_key`` to
     :meth:`~cellplm_scvi.CellPLM.setup_anndata`; genes with a missing value are then outside
     the model vocabulary, as any unmatched gene (e.g. :meth:`~cellplm_scvi.CellPLM.load_official`
-    ignores them). Counts are logged and stored in ``adata.uns[key_added]``.
+    ignores them). A gene whose human ortholog was already given to an earlier gene (e.g. a
+    symbol and its Ensembl ID both present) is left missing too and counted as a duplicate. The
+    counts are logged and stored in ``adata.uns[key_added]``: a dict with ``species``,
+    ``n_one_to_one``, ``n_one_to_many``, ``n_unmapped``, ``n_duplicate`` and ``source`` (the
+    table's origin).
 
     Parameters
     ----------
@@ -136,13 +140,6 @@ def map_orthologs(
         and of the ``uns`` entry holding the counts.
     gene_key
         ``adata.var`` column holding the gene symbols or Ensembl IDs (default: ``var_names``).
-
-    Returns
-    -------
-    None. ``adata.uns[key_added]`` is a dict with ``species``, ``n_one_to_one``,
-    ``n_one_to_many``, ``n_unmapped``, ``n_duplicate`` (genes whose human ortholog was already
-    given to an earlier gene, e.g. a symbol and its Ensembl ID both present; left missing) and
-    ``source`` (the table's origin).
 
     Raises
     ------
