@@ -58,6 +58,10 @@ def test_mouse_genes_embed_like_their_human_orthologs(prefix, human_and_mouse):
         model, z_mouse = _latent(prefix, adata, gene_key="human_ensembl_id")
         assert len(model.matched_genes) == human.n_vars
         assert np.abs(z_mouse - z_human).max() <= 1e-5
+    unmapped = mouse.copy()
+    cp.CellPLM.setup_anndata(unmapped, gene_key="mouse_id")
+    with pytest.raises(ValueError, match=r"None of the 608 input genes.*map_orthologs"):
+        cp.CellPLM.load_official(prefix, unmapped)
 
 
 def test_map_orthologs_reports_and_never_merges(prefix, human_and_mouse):
