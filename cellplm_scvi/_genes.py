@@ -295,8 +295,9 @@ def align_genes(genes: Sequence[str], vocabulary: Sequence[str]) -> GeneAlignmen
             f"({example}). Input genes look like: {_preview(names, 5) or 'nothing'}. The "
             "CellPLM vocabulary holds human Ensembl gene IDs like ENSG00000000003; inputs may be "
             "such IDs (a version suffix such as '.17' is fine) or HGNC symbols like TP53. If "
-            "the gene names are in a var column rather than var_names, pass it as `gene_key`; "
-            "non-human genes are not supported."
+            "the gene names are in a var column rather than var_names, pass it as `gene_key`. "
+            "Mouse genes: map them to human orthologs first with "
+            "`cellplm_scvi.pp.map_orthologs(adata)` and pass `gene_key='human_ensembl_id'`."
         )
     if clashes:
         warnings.warn(

@@ -34,8 +34,9 @@ PADDED_VAR = "_cellplm_padded"  # var column: genes prepare_query_anndata added 
 def gene_index(
     adata: AnnData, vocabulary: list[str] | None, gene_key: str | None
 ) -> np.ndarray | None:
-    """Vocabulary row of each AnnData column (-1 for genes outside the vocabulary); ``None``
-    without a vocabulary (the columns are the vocabulary)."""
+    """Vocabulary row of each AnnData column (-1 for genes outside the vocabulary or with a
+    missing/empty ``var[gene_key]``, e.g. unmapped orthologs); ``None`` without a vocabulary
+    (the columns are the vocabulary)."""
     if vocabulary is None:
         return None
     if gene_key is not None and gene_key not in adata.var:
@@ -43,10 +44,11 @@ def gene_index(
             f"gene_key={gene_key!r} is not a column of adata.var "
             f"(available: {list(adata.var.columns)})."
         )
-    genes = adata.var_names if gene_key is None else adata.var[gene_key].astype(str)
-    alignment = align_genes(list(genes), vocabulary)
+    genes = pd.Series(adata.var_names if gene_key is None else adata.var[gene_key], dtype=object)
+    named = np.flatnonzero(genes.notna().to_numpy() & (genes.astype(str) != "").to_numpy())
+    alignment = align_genes(list(genes.iloc[named].astype(str)), vocabulary)  # missing: -1
     index = np.full(adata.n_vars, -1, dtype=np.int64)
-    index[alignment.input_index] = alignment.vocab_index
+    index[named[alignment.input_index]] = alignment.vocab_index
     return index
 
 

@@ -40,6 +40,7 @@ from .._quiet import quiet_setup
 from ..data import TissueDataLoader, TissueDataSplitter
 from ..module import CellPLMModule
 from ..official import OfficialMixin
+from ._genes_mixin import GeneEmbeddingMixin
 from ._minify import MinifyMixin
 from ._presets import module_defaults, resolve_preset
 from ._query import QueryMixin
@@ -61,6 +62,7 @@ logger = logging.getLogger("cellplm_scvi")
 
 class CellPLM(
     OfficialMixin,
+    GeneEmbeddingMixin,
     QueryMixin,
     TrainingMixin,
     MinifyMixin,
