@@ -55,7 +55,7 @@ from .model import CellPLM
 
 __all__ = ["format_table", "main", "run", "spatial_mean"]
 
-# Defaults of the command line: the full run takes about 3 minutes on 2 CPU cores.
+# Defaults of the command line (the README gives the measured run times and figures).
 N_CELLS = 4000
 N_SLIDES = 2
 EPOCHS = 80
