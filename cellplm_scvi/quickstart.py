@@ -20,7 +20,7 @@ It
    of niches) matches the niches (adjusted Rand index);
 6. writes a figure (UMAP of the embedding; one slide's tissues, true niches and niche clusters
    of CellPLM (cell + niche) and of PCA + spatial), the AnnData and the trained model into the
-   output folder.
+   output folder, and prints what each row of the table and each panel of the figure shows.
 
 Its console shows only its own lines and the training progress bar: the start-up chatter of
 third-party libraries (docrep's docstring warnings, Lightning's hints and a torch deprecation
@@ -55,7 +55,7 @@ from .model import CellPLM
 
 __all__ = ["format_table", "main", "run", "spatial_mean"]
 
-# Defaults of the command line: the full run takes about 3 minutes on 2 CPU cores.
+# Defaults of the command line (the README gives the measured run times and figures).
 N_CELLS = 4000
 N_SLIDES = 2
 EPOCHS = 80
@@ -266,10 +266,33 @@ def run(
 
     say("")
     say(format_table(scores))
+    say(_explain(out / FIGURE_NAME, pca.shape[1], n_niches))
     say(f"\nTotal {time.perf_counter() - start:.0f} s. Wrote {out / FIGURE_NAME},")
     say(f"{out / ADATA_NAME} (obsm[{LATENT_KEY!r}], obsm[{NICHE_KEY!r}], obs[{CLUSTER_KEY!r}])")
     say(f"and {out / MODEL_NAME}/.")
     return scores
+
+
+def _explain(figure: Path, n_pcs: int, n_niches: int) -> str:
+    """What each row of the score table and each panel of the figure shows."""
+    return "\n".join(
+        [
+            "Rows of the table:",
+            f"* CellPLM: the cell's own embedding, obsm[{LATENT_KEY!r}].",
+            f"* CellPLM niche: the niche read-out, obsm[{NICHE_KEY!r}]: each cell encoded from "
+            "the rest of its tissue with its own counts hidden.",
+            "* CellPLM cell + niche: the two side by side.",
+            f"* PCA: {n_pcs} principal components of log1p CP10k.",
+            f"* PCA + spatial: PCA beside the mean PCA of the {N_SPATIAL_NEIGHBORS} nearest "
+            "spatial neighbours (a spatial baseline).",
+            f"Panels of {figure}:",
+            f"* top: UMAP of the CellPLM cell embedding (obsm[{LATENT_KEY!r}]) by cell type and "
+            "by niche; the tissues of the first slide.",
+            f"* bottom, first slide: the true niches; the k-means clusters (k = {n_niches}) of "
+            "CellPLM cell + niche and of PCA + spatial, each cluster named after the niche it "
+            "shares most cells with ('~niche2': the cluster matched to niche2).",
+        ]
+    )
 
 
 def spatial_mean(
@@ -351,7 +374,8 @@ def _plot(
     FigureCanvasAgg(fig)
     axes = fig.subplots(2, 3)
     for ax, key in zip(axes[0, :2], ["cell_type", "niche"]):
-        sc.pl.umap(adata, color=key, ax=ax, show=False, frameon=False, title=f"CellPLM: {key}")
+        title = f"UMAP of the CellPLM cell embedding ({LATENT_KEY}): {key}"
+        sc.pl.umap(adata, color=key, ax=ax, show=False, frameon=False, title=title)
     slide = adata.obs["slide"].cat.categories[0]
     one = (adata.obs["slide"] == slide).to_numpy()
     xy = adata.obsm["spatial"][one]
@@ -363,7 +387,8 @@ def _plot(
         (axes[1, 2], spatial_clusters, "PCA + spatial"),
     ]:
         matched = _match_clusters(clusters[one], niche)
-        _spatial(ax, xy, matched, f"{slide}: k-means clusters of {name}")
+        title = f"{slide}: k-means clusters of {name}\n(~nicheN: the cluster matched to nicheN)"
+        _spatial(ax, xy, matched, title)
     fig.savefig(path, dpi=110)
 
 

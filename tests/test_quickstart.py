@@ -165,6 +165,9 @@ OWN_LINES = [
     r"[- ]+",
     r"(CellPLM|CellPLM niche|CellPLM cell \+ niche|PCA|PCA \+ spatial)( +-?\d+\.\d+){5}",
     r"\(F1: linear probe, .*\)",
+    r"Rows of the table:",
+    r"Panels of .*quickstart\.png:",
+    r"\* .*",  # one row or panel explained
     r"Total \d+ s\. Wrote .*quickstart\.png,",
     r".*quickstart\.h5ad \(obsm\['X_cellplm'\], obsm\['X_cellplm_niche'\], obs\[.*\]\)",
     r"and .*model/\.",
@@ -190,3 +193,4 @@ def test_console_shows_only_own_lines(quickstart):
     assert not foreign, "foreign lines on the console:\n" + "\n".join(foreign)
     assert any(PROGRESS.fullmatch(line) for line in lines)  # the progress bar is still there
     assert sum(bool(re.fullmatch(OWN_LINES[9], line)) for line in lines) == 5
+    assert sum(line.startswith("* ") for line in lines) == 7  # 5 rows and 2 panels explained

@@ -280,7 +280,14 @@ class CellPLM(
         ----------
         %(param_adata)s
         %(param_layer)s
-        %(param_batch_key)s
+        batch_key
+            ``adata.obs`` column of the batch (sample) of each cell. It has two roles. (1) As in
+            scVI, it is a decoder covariate: each batch gets a decoder embedding row; the encoder
+            never sees it. (2) It groups cells into tissues: a computed tissue never spans two
+            batches, and **without coordinates** (no ``spatial_key``, no ``tissue_key``) each
+            batch (within each ``library_key`` value) is one tissue, or is cut into chunks of
+            ``max_cells``, so a cell attends only to the cells of its own batch. ``None``: one
+            batch (and, without coordinates, all cells one tissue).
         %(param_labels_key)s
         size_factor_key
             ``adata.obs`` column of positive library sizes: the NB mean of each cell is rescaled

@@ -117,7 +117,7 @@ def imputation_recipe(
         Official ``epochs``, ``lr`` and ``wd``.
     split_key
         ``adata.obs`` column with each cell's split (cells of one tissue may differ); ``None``:
-        whole tissues are split (``train_size``, ``validation_size``).
+        the cells of every tissue are split (``train_size``, ``validation_size``).
     **train_kwargs
         Replace or add :meth:`CellPLM.train` arguments.
     """
