@@ -44,12 +44,20 @@ def gene_index(
             f"gene_key={gene_key!r} is not a column of adata.var "
             f"(available: {list(adata.var.columns)})."
         )
-    genes = pd.Series(adata.var_names if gene_key is None else adata.var[gene_key], dtype=object)
-    named = np.flatnonzero(genes.notna().to_numpy() & (genes.astype(str) != "").to_numpy())
-    alignment = align_genes(list(genes.iloc[named].astype(str)), vocabulary)  # missing: -1
+    genes = column_genes(adata, gene_key)
+    named = np.flatnonzero(genes.notna().to_numpy())
+    alignment = align_genes(list(genes.iloc[named]), vocabulary)  # missing: -1
     index = np.full(adata.n_vars, -1, dtype=np.int64)
     index[named[alignment.input_index]] = alignment.vocab_index
     return index
+
+
+def column_genes(adata: AnnData, gene_key: str | None) -> pd.Series:
+    """The gene name of each AnnData column as ``str`` (``var_names``, or ``var[gene_key]``),
+    ``None`` where ``var[gene_key]`` is missing or empty."""
+    genes = pd.Series(adata.var_names if gene_key is None else adata.var[gene_key], dtype=object)
+    named = genes.notna().to_numpy() & (genes.astype(str) != "").to_numpy()
+    return pd.Series(np.where(named, genes.astype(str), None), dtype=object)
 
 
 def padded_genes(adata: AnnData) -> np.ndarray | None:
@@ -167,6 +175,14 @@ class GeneLayout:
         """Positions of the columns in the vocabulary (those the decoder reconstructs), or
         ``None``: all columns."""
         return None if self.gene_index is None else np.flatnonzero(self.gene_index >= 0)
+
+    @property
+    def unmatched_columns(self) -> np.ndarray:
+        """Positions of the columns outside the vocabulary (those a wider vocabulary could
+        take: :meth:`~cellplm_scvi.CellPLM.extend_vocabulary`); empty when all are in it."""
+        if self.gene_index is None:
+            return np.zeros(0, dtype=np.int64)
+        return np.flatnonzero(self.gene_index < 0)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The minibatch entries of this layout (the same tensors for every minibatch)."""

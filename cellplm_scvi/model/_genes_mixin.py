@@ -1,12 +1,19 @@
-"""The model's learned gene representation: the rows of the embedder's gene table."""
+"""The model's genes: the rows of the embedder's gene table, and new rows for genes outside it."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from .._genes import _strip_ensembl, symbol_table
 from ..official._mixin import model_vocabulary
+from . import _extend
+
+if TYPE_CHECKING:
+    from ._cellplm import CellPLM
 
 
 def _symbols(genes: list[str]) -> list[str]:
@@ -17,7 +24,67 @@ def _symbols(genes: list[str]) -> list[str]:
 
 
 class GeneEmbeddingMixin:
-    """:meth:`get_gene_embeddings` for :class:`~cellplm_scvi.CellPLM`."""
+    """:meth:`get_gene_embeddings` and :meth:`extend_vocabulary` for
+    :class:`~cellplm_scvi.CellPLM`."""
+
+    def extend_vocabulary(
+        self, genes: Sequence[str] | None = None, train_new_genes_only: bool = False
+    ) -> CellPLM:
+        """A copy of the model whose vocabulary also holds genes of its AnnData outside it.
+
+        Genes outside the vocabulary (e.g. of a newer annotation, or a targeted panel) are
+        otherwise ignored. Each added gene gets a new row of the gene-embedding table and of the
+        decoder, appended after the old rows, so that fine-tuning (:meth:`train`) learns to read
+        and to decode it (e.g. :meth:`impute_genes` of it in cells that did not measure it). The
+        new rows start so that the outputs on the old genes are unchanged: zero embedding rows
+        (every latent is exactly the old one) and decoder rows at the NB head's floor, a
+        constant mean of ``1.1e-5`` (the old genes' normalized expression keeps its
+        proportions; its sum over the old genes shrinks by the new genes' share, which is
+        ``1.1e-5`` per new gene relative to the old genes' summed mean). Count-scale outputs of
+        the old genes (``library_size="observed"``, :meth:`impute_genes`) do change before
+        training: the observed library now counts the new genes too, while the decoder gives
+        them almost no share of it.
+
+        ``save``/``load`` rebuild the wider model (the vocabulary is an init parameter), and
+        :meth:`save_official` writes the extended ``gene_list``, which the official package
+        loads. The added genes keep their names (an Ensembl ID loses its version suffix).
+
+        Parameters
+        ----------
+        genes
+            Genes to add: names as in the registered AnnData (``var_names``, or the
+            ``gene_key`` column), each outside the vocabulary. ``None``: all of the AnnData's
+            genes outside it (those naming a vocabulary gene that another column matched, e.g. a
+            symbol next to its own Ensembl ID, are left out).
+        train_new_genes_only
+            Freeze every parameter but the new rows (gradients of the old rows are zeroed and
+            the new rows get no weight decay), as :meth:`load_query_data` does for new batch
+            rows: :meth:`train` then leaves the outputs on the old genes as they were. The
+            freezing holds for this object only (``load`` gives a model with every parameter
+            trainable).
+
+        Returns
+        -------
+        CellPLM
+            A new model on the same AnnData, with the training state (``is_trained_``,
+            ``history_``, ...) of this one, which is left unchanged.
+
+        Raises
+        ------
+        ValueError
+            With nothing to add, an empty or duplicated ``genes``, a gene already in the
+            vocabulary, a minified AnnData, or a model built from a registry (no AnnData).
+        KeyError
+            For a gene that is not a gene of the registered AnnData.
+
+        Examples
+        --------
+        >>> model = cp.CellPLM.load_official("20231027_85M", adata)  # 765 of 800 genes matched
+        >>> extended = model.extend_vocabulary(train_new_genes_only=True)  # 35 new rows
+        >>> extended.train(max_epochs=20)
+        >>> extended.impute_genes(["MY_NEW_GENE"], adata=query)
+        """
+        return _extend.extend(self, genes, train_new_genes_only)
 
     def get_gene_embeddings(self) -> pd.DataFrame:
         """The gene-embedding table of the model: one learned vector per vocabulary gene.

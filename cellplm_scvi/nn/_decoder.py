@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+MEAN_FLOOR = 1e-5  # the official NB head clamps its means to [MEAN_FLOOR, 1e6]
+
 
 class NBHead(nn.Module):
     """NB mean and per-gene dispersion: ``mean = clamp(exp(W relu(W1 x)), 1e-5, 1e6)``."""
@@ -27,7 +29,7 @@ class NBHead(nn.Module):
         logits = torch.addmm(bias, e, weight.T)
         if logits.dtype == torch.float16:  # exp overflows float16 (max 65504) from logits ~11
             logits = logits.float()
-        mean = logits.exp().clamp(1e-5, 1e6)
+        mean = logits.exp().clamp(MEAN_FLOOR, 1e6)
         return mean, log_disp.exp().clamp(1e-4, 1e4)
 
 

@@ -63,7 +63,9 @@ _FIXED = {
     "n_latent": "the checkpoint's decoder fixes it",
     "n_dec_hidden": "the checkpoint's weights fix it",
     "n_dec_layers": "the checkpoint's weights fix it",
-    "vocabulary": "the checkpoint's gene list fixes it",
+    "vocabulary": (
+        "the checkpoint's gene list fixes it (extend_vocabulary=True adds the AnnData's others)"
+    ),
     "n_vocab": "the checkpoint's gene list fixes it",
     "gene_index": "it is computed from the AnnData's genes",
     "decoder_covariates": "the checkpoint's decoder tables fix it",
@@ -221,6 +223,7 @@ class OfficialMixin:
         adata: AnnData,
         gene_key: str | None = None,
         trust_pickle: bool = False,
+        extend_vocabulary: bool = False,
         **overrides,
     ) -> CellPLM:
         """Load an official pretrained CellPLM release (e.g. ``20231027_85M``).
@@ -245,6 +248,12 @@ class OfficialMixin:
             given to :meth:`setup_anndata`, else ``var_names``).
         trust_pickle
             Allow a checkpoint that needs full unpickling (runs code from the file).
+        extend_vocabulary
+            Add the AnnData's genes outside the vocabulary as new rows of the gene-embedding
+            table and the decoder, which fine-tuning then trains; the outputs on the
+            vocabulary genes stay as the checkpoint gives them (see
+            :meth:`extend_vocabulary`, which also adds a chosen subset and can freeze all but
+            the new rows).
         **overrides
             Arguments that replace the config's, by our name (an official config name, e.g.
             ``model_dropout``, is refused with the name to use). None of them changes the
@@ -300,6 +309,11 @@ class OfficialMixin:
         >>> model = cp.CellPLM.load_official("ckpt/20231027_85M", adata)
         >>> adata.obsm["X_cellplm"] = model.get_latent_representation()
         """
+        if not isinstance(extend_vocabulary, bool):
+            raise ValueError(
+                f"extend_vocabulary must be True or False, got {extend_vocabulary!r} (to add "
+                "chosen genes: load_official(...).extend_vocabulary(genes))."
+            )
         config_path, ckpt_path = official_files(prefix)  # a name: the cache, else a download
         config = _files.read_config(config_path)
         replaced, latent = check_overrides(overrides, config)  # before reading a large file
@@ -323,7 +337,7 @@ class OfficialMixin:
         model.is_trained_ = True
         model.history_ = {}  # pretrained elsewhere: the first `train` call starts the history
         model.official_config_ = {k: v for k, v in config.items() if k != "gene_list"}
-        return model
+        return model.extend_vocabulary() if extend_vocabulary else model
 
     def save_official(self, prefix: str | os.PathLike, overwrite: bool = False) -> None:
         """Export the model as an official CellPLM release, usable by the ``cellplm`` package.
