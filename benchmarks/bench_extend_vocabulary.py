@@ -90,6 +90,10 @@ def main() -> None:
         max_cells=args.max_cells,
         measured_genes_key="measured",
     )
+    print(
+        f"# checkpoint: official format, RANDOM weights (n_hidden {args.n_hidden}, "
+        f"{args.n_layers} layers; no real weights offline)"
+    )
     prefix = Path(tempfile.mkdtemp()) / "random"
     random_official_checkpoint(
         prefix, n_hidden=args.n_hidden, n_layers=args.n_layers, seed=args.seed
@@ -100,13 +104,13 @@ def main() -> None:
 
     def score(name: str, pred: np.ndarray | None, seconds: float, note: str = "") -> None:
         row = {"method": name, "time (s)": f"{seconds:.1f}", "note": note}
-        if pred is not None:
-            scores = per_gene_scores(pred, target)
-            if scores["genes"] == 0:
-                scores["Pearson"] = "undefined"
-            rows.append({**row, **scores})
-        else:
+        if pred is None:
             rows.append({**row, "Pearson": "n/a", "cosine": "n/a", "RMSE": "n/a"})
+            return
+        scores = per_gene_scores(pred, target)
+        if np.ptp(pred, axis=0).max() == 0:  # the same value in every cell: no correlation
+            scores.update(Pearson="undefined", genes="")
+        rows.append({**row, **scores})
 
     def impute(model) -> np.ndarray:
         return model.impute_genes(new_genes, indices=np.flatnonzero(query)).to_numpy()

@@ -137,7 +137,7 @@ def trained(models):
     extended = model.extend_vocabulary(train_new_genes_only=True)
     before = {k: v.clone() for k, v in extended.module.state_dict().items()}
     torch.manual_seed(0)
-    extended.train(max_epochs=2, train_size=1.0, **FIT)
+    extended.train(max_epochs=2, train_size=1.0, lr=1e-2, **FIT)  # new rows well off zero
     extended.module.eval()
     return extended, before
 
@@ -210,9 +210,11 @@ def test_extending_a_model_trained_here(checkpoint):
     adata = setup(make_adata(checkpoint[1]))
     torch.manual_seed(0)
     model = cp.CellPLM(adata, vocabulary=vocabulary, **ARCH)
+    model.train(max_epochs=1, train_size=1.0, **FIT)
     extended = model.extend_vocabulary(genes=[NEW[2], NEW[0]])
     assert model_vocabulary(extended) == vocabulary + [NEW[2], NEW[0]]
-    assert extended.module.n_vocab == 42 and not extended.is_trained_
+    assert extended.module.n_vocab == 42 and extended.is_trained_
+    assert extended.history_["train_loss"].equals(model.history_["train_loss"])
     np.testing.assert_array_equal(
         extended.get_latent_representation(), model.get_latent_representation()
     )
