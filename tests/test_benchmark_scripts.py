@@ -28,6 +28,7 @@ SMOKE_TESTED = {
     "bench_corpus.py": "test_corpus_benchmark",
     "bench_de.py": "test_de_benchmark",
     "bench_denoising.py": "test_denoising_benchmark",
+    "bench_extend_vocabulary.py": "test_extend_vocabulary_benchmark",
     "bench_gene_token.py": "test_gene_token_benchmark",
     "bench_gpu.py": "test_gpu_benchmark_on_cpu",
     "bench_imputation.py": "test_imputation_benchmark",
@@ -136,6 +137,29 @@ def test_imputation_benchmark(tmp_path, monkeypatch):
     assert {"CellPLM (1 ep)", "gimVI (1 ep)", "kNN mapping (k=10)"} <= set(rows), rows
     for name, (pearson, cosine, rmse, *_) in rows.items():
         assert -1 <= float(pearson) <= 1 and 0 <= float(cosine) <= 1 and float(rmse) > 0, name
+
+
+def test_extend_vocabulary_benchmark(tmp_path, monkeypatch):
+    """The extended models predict the genes outside the vocabulary; the model without them
+    cannot, and says so."""
+    args = "--epochs 1 --n-hidden 16 --n-layers 1 --rename 5"
+    out = run_script("bench_extend_vocabulary.py", args, tmp_path, monkeypatch)
+    rows = table(out, "Imputation of")
+    assert set(rows) == {
+        "CellPLM extended, all parameters (1 ep)",
+        "CellPLM extended, new rows only (1 ep)",
+        "CellPLM not extended (1 ep)",
+        "reference mean x library",
+        "reference mean (constant per gene)",
+    }, rows
+    assert rows["CellPLM not extended (1 ep)"][:3] == ["n/a"] * 3
+    assert "cannot predict" in rows["CellPLM not extended (1 ep)"][-1]
+    assert rows["reference mean (constant per gene)"][0] == "undefined"
+    for name, (pearson, cosine, rmse, *_) in rows.items():
+        if "not extended" not in name:
+            assert 0 <= float(cosine) <= 1 and float(rmse) > 0, name
+        if "CellPLM extended" in name:
+            assert -1 <= float(pearson) <= 1, name
 
 
 @pytest.mark.slow
