@@ -139,6 +139,7 @@ def test_imputation_benchmark(tmp_path, monkeypatch):
         assert -1 <= float(pearson) <= 1 and 0 <= float(cosine) <= 1 and float(rmse) > 0, name
 
 
+@pytest.mark.slow
 def test_extend_vocabulary_benchmark(tmp_path, monkeypatch):
     """The extended models predict the genes outside the vocabulary; the model without them
     cannot, and says so."""

@@ -270,3 +270,21 @@ def test_other_misuse_is_refused(models, checkpoint):
     minified.minify_adata()
     with pytest.raises(ValueError, match="minified"):
         minified.extend_vocabulary()
+
+
+def test_genes_come_from_the_gene_key_column(checkpoint):
+    """With ``setup_anndata(gene_key=...)`` the new entries are that column's names; a missing
+    value (e.g. a mouse gene without a one-to-one ortholog) is no gene and is not added."""
+    adata = make_adata(checkpoint[1])
+    adata.var["name"] = list(adata.var_names)
+    adata.var.loc[NEW[0], "name"] = None
+    adata.var_names = [f"column{i}" for i in range(adata.n_vars)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        cp.CellPLM.setup_anndata(adata, tissue_key="tissue", gene_key="name")
+    extended = load(checkpoint[0], adata, extend_vocabulary=True)
+    assert model_vocabulary(extended)[N_OLD:] == NEW_ENTRIES[1:]
+    matched = set(extended.matched_genes)  # var_names: column0 holds the missing name
+    assert "column0" not in matched and len(matched) == 32  # 30 + 2 new; not the clash
+    with pytest.raises(KeyError, match="not genes of the registered AnnData"):
+        extended.extend_vocabulary(["column0"])  # a var_name, not a gene_key name

@@ -43,7 +43,8 @@ class GeneEmbeddingMixin:
         ``1.1e-5`` per new gene relative to the old genes' summed mean). Count-scale outputs of
         the old genes (``library_size="observed"``, :meth:`impute_genes`) do change before
         training: the observed library now counts the new genes too, while the decoder gives
-        them almost no share of it.
+        them almost no share of it. From the floor, the new genes' predictions need many
+        optimizer steps to reach their level.
 
         ``save``/``load`` rebuild the wider model (the vocabulary is an init parameter), and
         :meth:`save_official` writes the extended ``gene_list``, which the official package
@@ -80,9 +81,9 @@ class GeneEmbeddingMixin:
         Examples
         --------
         >>> model = cp.CellPLM.load_official("20231027_85M", adata)  # 765 of 800 genes matched
-        >>> extended = model.extend_vocabulary(train_new_genes_only=True)  # 35 new rows
-        >>> extended.train(max_epochs=20)
-        >>> extended.impute_genes(["MY_NEW_GENE"], adata=query)
+        >>> extended = model.extend_vocabulary()  # 35 new rows
+        >>> extended.train(max_epochs=30)
+        >>> extended.impute_genes(["MY_NEW_GENE"], indices=cells_without_it)
         """
         return _extend.extend(self, genes, train_new_genes_only)
 
