@@ -226,6 +226,22 @@ def test_replaced_anndata_is_not_paired_with_the_model(old, new, tmp_path):
         CellPLM.load(tmp_path / "m")
 
 
+def test_load_builds_the_anndata_from_the_bytes_it_checked(old, new, tmp_path, monkeypatch):
+    """``load`` reads ``adata.h5ad`` once: the AnnData is built from the bytes whose SHA-256
+    was checked, so a file replaced between the check and the read is never paired."""
+    old.save(tmp_path / "m", save_anndata=True)
+    read_h5ad = ad.read_h5ad
+
+    def replaced_then_read(source, *args, **kwargs):
+        new.adata.write_h5ad(tmp_path / "m" / "adata.h5ad")  # another writer, just now
+        return read_h5ad(source, *args, **kwargs)
+
+    monkeypatch.setattr(ad, "read_h5ad", replaced_then_read)
+    loaded = CellPLM.load(tmp_path / "m")
+    assert set(loaded.adata.obs["version"]) == {"old"}
+    assert list(loaded.adata.obs_names) == list(old.adata.obs_names)
+
+
 def test_save_without_anndata_does_not_pair_with_an_older_one(old, new, tmp_path):
     old.save(tmp_path / "m", save_anndata=True)
     new.save(tmp_path / "m", overwrite=True)  # adata.h5ad stays: it is the old model's
