@@ -31,7 +31,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 from lightning.pytorch.callbacks import ModelCheckpoint
 from scvi import settings
 from scvi.model._utils import get_max_epochs_heuristic, use_distributed_sampler
@@ -218,7 +217,7 @@ class TrainingMixin(UnsupervisedTrainingMixin):
             rewritten by a later ``setup_anndata`` with other arguments, a ``batch_size`` that is
             not a positive int, or ``datasplitter_kwargs["external_indexing"]``.
         """
-        check_train_arguments(batch_size, max_cells_per_step, load_sparse_tensor)
+        check_train_arguments(batch_size, max_cells_per_step)
         if datamodule is None:
             check_training_data(self, datasplitter_kwargs)
         if max_cells_per_step is not None:
@@ -312,17 +311,11 @@ class TrainingMixin(UnsupervisedTrainingMixin):
             self.is_trained_ = self.is_trained_ or starts_history
 
 
-def check_train_arguments(
-    batch_size: int | None, max_cells_per_step: int | None, load_sparse_tensor: bool | None
-) -> None:
-    """Refuse training arguments that would otherwise be misread or ignored."""
+def check_train_arguments(batch_size: int | None, max_cells_per_step: int | None) -> None:
+    """Refuse cell budgets that would otherwise be misread (``load_sparse_tensor`` is checked
+    with the other loader options, :func:`~cellplm_scvi._validation.check_loader_options`)."""
     check_batch_size(batch_size, "batch_size")
     check_batch_size(max_cells_per_step, "max_cells_per_step")
-    if load_sparse_tensor is not None and not isinstance(load_sparse_tensor, bool | np.bool_):
-        raise ValueError(
-            f"load_sparse_tensor must be a bool, got {load_sparse_tensor!r} (CellPLM always "
-            "loads counts as sparse tensors)."
-        )
 
 
 def check_training_data(model, datasplitter_kwargs: dict | None) -> None:
