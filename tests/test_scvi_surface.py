@@ -285,8 +285,11 @@ def test_train_takes_scvi_arguments(fresh):
         assert not hasattr(module_cls, "set_batch_size")
         assert not hasattr(module_cls, "set_split")
     model.train(max_epochs=1, batch_size=50, shuffle_set_split=False, **FIT)
-    splitter = model.trainer.datamodule
+    splitter = model.trainer.datamodule  # built by train, handed to scvi-tools as a data module
+    assert type(splitter) is cp.data.TissueDataSplitter
     assert splitter.max_cells_per_step == 50
+    with pytest.raises(ValueError, match="no batch_size.*max_cells_per_step"):
+        cp.data.TissueDataSplitter(model.adata_manager, batch_size=50)
     steps = list(splitter.train_dataloader().sampler)
     assert max(len(rows) for rows in steps) <= 50
 

@@ -2,9 +2,12 @@
 
 CellPLM's minibatch is a tissue, so ``batch_size`` is a cell budget per step: it goes to
 :class:`~cellplm_scvi.data.TissueDataSplitter` as ``max_cells_per_step`` (with the node drop,
-redrawn or packed tissues), never as scvi-tools' 128-cell default. scvi-tools builds the splitter,
-the training plan and the runner; :class:`TissueTrainRunner` adds the step checkpoints and
-refuses a validation request without validation tissues.
+redrawn or packed tissues), never as scvi-tools' 128-cell default. ``train`` builds that
+splitter and hands it to scvi-tools' ``train`` as its data module (scvi-tools 1.5 forwards
+``batch_size`` and the split sizes to a data module's ``set_batch_size``/``set_split``, which the
+splitter does not define: it is built with them); scvi-tools builds the training plan and the
+runner; :class:`TissueTrainRunner` adds the step checkpoints and refuses a validation request
+without validation tissues.
 
 Step checkpoints (``train(checkpoint_every_n_steps=N)``) and resume after a crash: scvi-tools'
 :class:`~scvi.train.Trainer` passes ``enable_checkpointing=False`` to Lightning unless asked, and
@@ -266,16 +269,24 @@ class TrainingMixin(UnsupervisedTrainingMixin):
             )
         load_sparse_tensor = datasplitter_kwargs.pop("load_sparse_tensor", load_sparse_tensor)
         check_loader_options(False, load_sparse_tensor, None)
-        if datamodule is None:  # scvi-tools builds the splitter with these
+        if datamodule is None:  # the AnnData's splitter; batch_size is its cell budget per step
             setup_args = self.adata_manager.registry["setup_args"]
-            datasplitter_kwargs = {
+            defaults = {
                 "max_cells_per_step": batch_size,
                 "drop_node_rate": drop_node_rate,
                 "redraw_tissues": resolve_redraw_tissues(self._preset, setup_args, redraw_tissues),
                 **({"pack_tissues": True} if pack_tissues else {}),
                 "gene_layout": self._gene_layout,  # how the AnnData's columns meet the vocabulary
-                **datasplitter_kwargs,
             }
+            datamodule = self._data_splitter_cls(
+                self.adata_manager,
+                train_size=train_size,
+                validation_size=validation_size,
+                shuffle_set_split=shuffle_set_split,
+                distributed_sampler=use_distributed_sampler(trainer_kwargs.get("strategy")),
+                load_sparse_tensor=load_sparse_tensor,
+                **{**defaults, **datasplitter_kwargs},
+            )
         else:
             check_datamodule(self, datamodule)
         plan_kwargs = {"lr": lr, **merge_kwargs(plan_config, plan_kwargs, name="plan")}
