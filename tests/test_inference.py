@@ -1,12 +1,15 @@
-"""Tests of the ``CellPLM`` scvi-tools model: setup, training, embeddings, save/load, errors.
+"""Reading cells with a trained ``CellPLM``: embeddings in the caller's order (subsets, copies,
+shuffled rows, transfer to a new AnnData), clear errors on bad input at inference (the user's data
+left untouched), backed and COO counts, every matrix type, reduced precision.
 
-Data are small simulated slides (:func:`cellplm_scvi.datasets.simulate_tissue`, 765 genes) and
-networks are tiny, so the whole file runs in well under two minutes on one CPU thread.
+Shared models: ``fitted``, ``fov_model`` (simulated slides) and ``gmvae_model`` (fields of view,
+labels, batches) from ``tests/conftest.py``, built once per test run.
 """
 
 from __future__ import annotations
 
-import logging
+import json
+from types import SimpleNamespace
 
 import anndata as ad
 import numpy as np
@@ -17,155 +20,22 @@ import scvi
 import torch
 
 from cellplm_scvi import CellPLM
-from tests._anndata_checks import (
-    SCVI_UNS,
-    assert_data_unchanged,
-    snapshot,
-    unregistered,
+from cellplm_scvi._validation import check_counts
+from cellplm_scvi.datasets import random_official_checkpoint
+from tests._anndata_checks import CELLPLM_OBS, assert_data_unchanged, dense, snapshot, unregistered
+from tests._helpers import (
+    ARCH,
+    FIT,
+    FOV_SETUP,
+    renamed_genes,
+    simulated_slides,
 )
-from tests._helpers import ARCH, FIT, simulated_slides
 
-N_CELLS = 800
-VAL = {"check_val_every_n_epoch": 1}  # validation loss every epoch
-CELLPLM_OBS = {"cellplm_tissue", "_cellplm_tissue_code", "_cellplm_indices"}
-SCVI_OBS = {"_scvi_batch", "_scvi_labels"}  # written by scvi-tools' categorical obs fields
-
-
-# ------------------------------------------------------------------------------ helpers
+# ------------------------------------------------------------------------------------ embeddings
 
 
 def _embedding_by_name(model: CellPLM, adata: ad.AnnData) -> pd.DataFrame:
     return pd.DataFrame(model.get_latent_representation(adata), index=adata.obs_names)
-
-
-# ------------------------------------------------------------------------------ fixtures
-
-
-@pytest.fixture(scope="module")
-def simulated() -> ad.AnnData:
-    """Read-only source; tests take copies."""
-    return simulated_slides(N_CELLS)
-
-
-@pytest.fixture(scope="module")
-def fitted(simulated, tmp_path_factory):
-    """Spatial AnnData written to .h5ad, read back, set up with computed tissues, 2 epochs."""
-    path = tmp_path_factory.mktemp("h5ad") / "slides.h5ad"
-    simulated.write_h5ad(path)
-    adata = ad.read_h5ad(path)
-    CellPLM.setup_anndata(
-        adata, layer="counts", spatial_key="spatial", library_key="slide", max_cells=200
-    )
-    scvi.settings.seed = 0
-    model = CellPLM(adata, **ARCH)
-    model.train(max_epochs=2, train_size=0.8, **FIT, **VAL)
-    return model, adata
-
-
-@pytest.fixture(scope="module")
-def fov_model(simulated):
-    """Tissues given explicitly (``tissue_key="fov"``), coordinates registered, 1 epoch."""
-    adata = simulated.copy()
-    CellPLM.setup_anndata(adata, layer="counts", spatial_key="spatial", tissue_key="fov")
-    scvi.settings.seed = 0
-    model = CellPLM(adata, **ARCH)
-    model.train(max_epochs=1, **FIT)
-    return model, adata
-
-
-# ------------------------------------------------------------------------------ training
-
-
-def test_train_from_h5ad_with_validation_tissues(fitted):
-    model, adata = fitted
-    assert model.is_trained
-    # a from-scratch spatial model hides cells (issue 14) and then leaves the encoding off
-    assert model.module.hide_cell_rate > 0 and not model.module.use_spatial_pe
-    history = model.history
-    for key in ("train_loss", "validation_loss"):
-        assert key in history, f"{key} missing from history ({list(history)})"
-        values = history[key].to_numpy(dtype=float).ravel()
-        assert len(values) == 2
-        assert np.isfinite(values).all()
-    # validation tissues are whole tissues disjoint from the training tissues
-    tissues = adata.obs["_cellplm_tissue_code"].to_numpy()
-    assert len(np.unique(tissues)) > 2
-    z = model.get_latent_representation()
-    assert z.shape == (adata.n_obs, ARCH["n_latent"])
-    assert np.isfinite(z).all()
-
-
-def test_loss_decreases(fitted):
-    _, adata = fitted
-    scvi.settings.seed = 0
-    model = CellPLM(adata, **ARCH)
-    assert not model.is_trained
-    model.train(max_epochs=5, lr=1e-3, train_size=0.8, **FIT, **VAL)
-    train = model.history["train_loss"].to_numpy(dtype=float).ravel()
-    val = model.history["validation_loss"].to_numpy(dtype=float).ravel()
-    assert len(train) == len(val) == 5
-    assert np.isfinite(train).all() and np.isfinite(val).all()
-    assert val[-1] < val[0], val
-    assert train[-2:].mean() < train[0], train
-
-
-@pytest.mark.parametrize("latent", ["gmvae", "vae"])
-@pytest.mark.parametrize("spatial_pe", [True, False])
-def test_latents_and_spatial_encoding(simulated, latent, spatial_pe):
-    adata = simulated.copy()
-    CellPLM.setup_anndata(adata, layer="counts", spatial_key="spatial", tissue_key="fov")
-    scvi.settings.seed = 0
-    # no local heads: they too read the coordinates (tests/test_spatial_kernel.py)
-    model = CellPLM(adata, latent=latent, spatial_pe=spatial_pe, n_local_heads=0, **ARCH)
-    assert model.module.latent_type == latent
-    assert model.module.use_spatial_pe is spatial_pe
-    model.train(max_epochs=1, **FIT)
-    assert np.isfinite(model.history["train_loss"].to_numpy(dtype=float)).all()
-    z = model.get_latent_representation()
-    assert z.shape == (adata.n_obs, ARCH["n_latent"])
-    assert np.isfinite(z).all()
-
-    # Same cells and tissues, coordinates swapped between cells: only the encoding changes.
-    moved = unregistered(adata)
-    moved.obsm["spatial"] = adata.obsm["spatial"][np.random.default_rng(0).permutation(N_CELLS)]
-    z_moved = model.get_latent_representation(moved)
-    if spatial_pe:
-        assert np.abs(z_moved - z).max() > 1e-3
-    else:
-        np.testing.assert_allclose(z_moved, z, atol=1e-5)
-
-
-def test_non_spatial_grouped_by_batch(simulated):
-    adata = simulated.copy()
-    del adata.obsm["spatial"]
-    CellPLM.setup_anndata(adata, layer="counts", batch_key="slide", max_cells=150)
-    tissues = adata.obs["cellplm_tissue"]
-    assert tissues.value_counts().max() <= 150
-    assert (adata.obs.groupby(tissues, observed=True)["slide"].nunique() == 1).all()
-    with pytest.raises(ValueError, match="spatial_pe=True needs coordinates"):
-        CellPLM(adata, spatial_pe=True, **ARCH)
-    scvi.settings.seed = 0
-    model = CellPLM(adata, **ARCH)
-    assert not model.module.use_spatial_pe
-    assert model.summary_stats.n_batch == 2
-    model.train(max_epochs=1, **FIT)
-    z = model.get_latent_representation()
-    assert z.shape == (adata.n_obs, ARCH["n_latent"])
-    assert np.isfinite(z).all()
-
-
-def test_tissue_key_given_explicitly(fov_model):
-    model, adata = fov_model
-    assert model.is_trained
-    assert "cellplm_tissue" not in adata.obs  # no tissues computed
-    codes = adata.obs["_cellplm_tissue_code"]
-    # one code per field of view, and one field of view per code
-    assert (adata.obs.groupby("fov", observed=True)["_cellplm_tissue_code"].nunique() == 1).all()
-    assert (adata.obs.groupby(codes)["fov"].nunique() == 1).all()
-    assert codes.nunique() == adata.obs["fov"].nunique()
-
-
-# ------------------------------------------------------------------------------ embeddings
 
 
 def test_latent_shape_finite_deterministic(fitted):
@@ -243,12 +113,12 @@ def test_subset_copy_of_registered_anndata(fov_model):
     assert np.abs(in_context - expected).max() > 1e-3  # the context differs
 
 
-def test_transfer_to_new_anndata(fitted, simulated):
+def test_transfer_to_new_anndata(fitted, slides):
     model, adata = fitted
     z = model.get_latent_representation()
 
     # never set up: tissues are computed with the training setup, same cells -> same result
-    fresh = simulated.copy()
+    fresh = slides.copy()
     before = snapshot(fresh)
     np.testing.assert_allclose(model.get_latent_representation(fresh), z, atol=1e-5)
     assert_data_unchanged(fresh, before)
@@ -256,7 +126,7 @@ def test_transfer_to_new_anndata(fitted, simulated):
     np.testing.assert_array_equal(fresh.obs["cellplm_tissue"], adata.obs["cellplm_tissue"])
 
     # set up separately with the same arguments
-    same_setup = simulated.copy()
+    same_setup = slides.copy()
     CellPLM.setup_anndata(
         same_setup, layer="counts", spatial_key="spatial", library_key="slide", max_cells=200
     )
@@ -282,9 +152,9 @@ def test_transfer_to_new_anndata(fitted, simulated):
     ],
     ids=["missing_layer", "nan_counts", "negative_counts", "no_coords", "nan_coords", "empty"],
 )
-def test_transfer_validates_new_anndata(fitted, simulated, mutate, error, match):
+def test_transfer_validates_new_anndata(fitted, slides, mutate, error, match):
     model, _ = fitted
-    new = simulated[:0].copy() if match == "no cells" else simulated.copy()
+    new = slides[:0].copy() if match == "no cells" else slides.copy()
     mutate(new)
     before = snapshot(new)
     with pytest.raises(error, match=match):
@@ -292,201 +162,240 @@ def test_transfer_validates_new_anndata(fitted, simulated, mutate, error, match)
     assert_data_unchanged(new, before)
 
 
-# ------------------------------------------------------------------------------ save / load
+# ------------------------------------------------------------------------------------- row order
 
 
-def test_save_load_roundtrip_and_resume(fitted, simulated, tmp_path):
-    model, adata = fitted
-    z = model.get_latent_representation()
-    model.save(tmp_path / "model", save_anndata=True)
-
-    loaded = CellPLM.load(tmp_path / "model")
-    assert loaded.is_trained
-    np.testing.assert_allclose(loaded.get_latent_representation(), z, atol=1e-6)
-
-    with_adata = CellPLM.load(tmp_path / "model", adata=adata)
-    np.testing.assert_allclose(with_adata.get_latent_representation(), z, atol=1e-6)
-
-    # an AnnData that was never set up is set up from the saved registry
-    fresh = simulated.copy()
-    from_registry = CellPLM.load(tmp_path / "model", adata=fresh)
-    np.testing.assert_allclose(from_registry.get_latent_representation(), z, atol=1e-6)
-
-    # resume training after loading
-    scvi.settings.seed = 0
-    with_adata.train(max_epochs=1, train_size=0.8, **FIT, **VAL)
-    assert with_adata.is_trained
-    for key in ("train_loss", "validation_loss"):
-        assert np.isfinite(with_adata.history[key].to_numpy(dtype=float)).all()
-    z_resumed = with_adata.get_latent_representation()
-    assert np.isfinite(z_resumed).all()
-    assert np.abs(z_resumed - z).max() > 1e-6  # the weights moved
-    # the original model is untouched by training its loaded copy
-    np.testing.assert_array_equal(model.get_latent_representation(), z)
+def _by_name(values: np.ndarray, adata: ad.AnnData) -> pd.DataFrame:
+    return pd.DataFrame(values, index=adata.obs_names)
 
 
-def test_second_train_call_uses_the_training_objective(simulated, monkeypatch):
-    adata = simulated.copy()
-    CellPLM.setup_anndata(adata, layer="counts", tissue_key="fov")
-    scvi.settings.seed = 0
-    model = CellPLM(adata, **ARCH)
-    model.train(max_epochs=1, train_size=1.0, **FIT)
-    inference, masked = model.module.inference, []
-
-    def spy(*args, **kwargs):
-        out = inference(*args, **kwargs)
-        masked.append(out["mask"] is not None)
-        return out
-
-    monkeypatch.setattr(model.module, "inference", spy)
-    model.train(max_epochs=1, train_size=1.0, **FIT)  # no validation: every call is a step
-    assert masked, "no training step ran"
-    assert all(masked), "training steps ran in eval mode (no masking)"
-
-
-# ------------------------------------------------------------------------------ validation
+def test_row_order_does_not_change_any_output(gmvae_model):
+    model, adata = gmvae_model
+    names = list(adata.obs_names)
+    z = _by_name(model.get_latent_representation(), adata)
+    probs = model.predict(soft=True)
+    expr = model.get_normalized_expression(gene_list=adata.var_names[:20])
+    perm = np.random.default_rng(3).permutation(adata.n_obs)
+    shuffled = unregistered(adata[perm])
+    order = list(shuffled.obs_names)
+    assert order != names
+    np.testing.assert_allclose(
+        model.get_latent_representation(shuffled), z.loc[order].to_numpy(), atol=1e-5
+    )
+    got = model.predict(shuffled, soft=True)
+    assert list(got.index) == order
+    np.testing.assert_allclose(got.to_numpy(), probs.loc[order].to_numpy(), atol=1e-5)
+    got = model.get_normalized_expression(shuffled, gene_list=adata.var_names[:20])
+    np.testing.assert_allclose(got.to_numpy(), expr.loc[order].to_numpy(), rtol=1e-4, atol=1e-7)
 
 
-def _nan_counts(a):
-    a.layers["counts"].data[3] = np.nan
+# ------------------------------------------------------------------------ bad input at inference
+
+
+N_VARS = 765  # genes of the fov_slides data
 
 
 def _inf_counts(a):
-    a.layers["counts"].data[3] = np.inf
+    a.X.data[3] = np.inf
 
 
-def _negative_counts(a):
-    a.layers["counts"].data[3] = -2.0
+def _fractional_counts(a):
+    a.X.data[3] += 0.5
 
 
-def _lognormalised(a):
-    x = a.layers["counts"].copy()
-    x = sp.csr_matrix(x.multiply(1e4 / x.sum(1)))
-    x.data = np.log1p(x.data)
-    a.layers["counts"] = x.astype(np.float32)
+def _unseen_batch(a):
+    a.obs["slide"] = pd.Categorical(a.obs["slide"].astype(str).replace("slide1", "slideX"))
 
 
-def _nan_in_x(a):
-    a.X = a.X.copy()
-    a.X.data[0] = np.nan
-
-
-def _coords_nan(a):
-    a.obsm["spatial"][5] = np.nan
+def _unseen_label(a):
+    labels = a.obs["cell_type"].astype(str).to_numpy()
+    labels[:5] = "Alien cell"
+    a.obs["cell_type"] = pd.Categorical(labels)
 
 
 def _coords_one_column(a):
     a.obsm["spatial"] = a.obsm["spatial"][:, :1]
 
 
-SETUP = {"layer": "counts", "spatial_key": "spatial", "library_key": "slide", "max_cells": 200}
+def _coords_three_columns(a):
+    a.obsm["spatial"] = np.hstack([a.obsm["spatial"], np.zeros((a.n_obs, 1))])
 
-INVALID = {
-    "nan_counts": (_nan_counts, {}, ValueError, r"layers\['counts'\] contains NaN or infinite"),
-    "inf_counts": (_inf_counts, {}, ValueError, r"layers\['counts'\] contains NaN or infinite"),
-    "negative_counts": (_negative_counts, {}, ValueError, "contains negative values"),
-    "lognormalised": (_lognormalised, {}, ValueError, "non-integer values"),
-    "nan_in_X": (_nan_in_x, {"layer": None}, ValueError, r"adata\.X contains NaN"),
-    "missing_layer": (None, {"layer": "raw"}, KeyError, "layer='raw' is not in adata.layers"),
-    "missing_batch_key": (None, {"batch_key": "nope"}, KeyError, "batch_key='nope'"),
-    "missing_labels_key": (None, {"labels_key": "nope"}, KeyError, "labels_key='nope'"),
-    "missing_library_key": (None, {"library_key": "nope"}, KeyError, "library_key='nope'"),
-    "missing_tissue_key": (None, {"tissue_key": "nope"}, KeyError, "tissue_key='nope'"),
-    "missing_spatial_key": (None, {"spatial_key": "nope"}, KeyError, "spatial_key='nope'"),
-    "coords_nan": (_coords_nan, {}, ValueError, "NaN or infinite coordinates"),
-    "coords_n_by_1": (_coords_one_column, {}, ValueError, r"must have shape \(n_cells, 2\)"),
-    "empty": ("empty", {}, ValueError, "no cells"),
+
+def _coords_inf(a):
+    a.obsm["spatial"][7, 1] = np.inf
+
+
+def _coords_nan(a):
+    a.obsm["spatial"][7] = np.nan
+
+
+INFERENCE_ERRORS = {
+    "inf_counts": (_inf_counts, r"adata\.X contains NaN or infinite values.*raw counts"),
+    "fractional_counts": (_fractional_counts, r"adata\.X contains non-integer values"),
+    # scvi-tools refuses a category it has not seen; load_query_data is the supported route
+    "unseen_batch": (_unseen_batch, "Category slideX not found"),
+    "unseen_label": (_unseen_label, "Category Alien cell not found"),
+    "coords_n_by_1": (_coords_one_column, r"must have shape \(n_cells, 2\), got \(400, 1\)"),
+    "coords_n_by_3": (_coords_three_columns, r"obsm\['spatial'\] has 3 .* column count of 2"),
+    "coords_inf": (_coords_inf, "NaN or infinite coordinates for 1 cells"),
+    "coords_nan": (_coords_nan, "NaN or infinite coordinates for 1 cells"),
 }
 
 
-@pytest.mark.parametrize("case", list(INVALID))
-def test_setup_rejects_invalid_input(simulated, case):
-    mutate, kwargs, error, match = INVALID[case]
-    adata = simulated[:0].copy() if mutate == "empty" else simulated.copy()
-    if callable(mutate):
-        mutate(adata)
-    before = snapshot(adata)
-    with pytest.raises(error, match=match):
-        CellPLM.setup_anndata(adata, **{**SETUP, **kwargs})
-    assert_data_unchanged(adata, before)
-    # a failed setup writes nothing
-    assert list(adata.obs.columns) == list(before["obs"].columns)
-    assert set(adata.uns) == before["uns"]
+@pytest.mark.parametrize("case", list(INFERENCE_ERRORS))
+def test_inference_rejects_bad_input(gmvae_model, fov_slides, case):
+    model, _ = gmvae_model
+    mutate, match = INFERENCE_ERRORS[case]
+    new = fov_slides.copy()
+    mutate(new)
+    before = snapshot(new)
+    with pytest.raises(ValueError, match=match):
+        model.get_latent_representation(adata=new)
+    assert_data_unchanged(new, before)
 
 
-def test_missing_values_in_obs_keys_are_rejected(simulated):
-    adata = simulated.copy()
-    adata.obs["cell_type"] = adata.obs["cell_type"].astype(object)
-    adata.obs.loc[adata.obs_names[0], "cell_type"] = np.nan
-    before = snapshot(adata)
-    with pytest.raises(ValueError, match="missing values"):
-        CellPLM.setup_anndata(adata, **SETUP, labels_key="cell_type")
-    assert_data_unchanged(adata, before)
+def test_inference_rejects_missing_genes(gmvae_model, fov_slides):
+    model, _ = gmvae_model
+    new = fov_slides[:, : N_VARS - 65].copy()
+    before = snapshot(new)
+    with pytest.raises(ValueError, match="other genes than the model"):
+        model.get_latent_representation(adata=new)
+    assert_data_unchanged(new, before)
 
 
-def test_single_cell_tissue_warns_and_trains(simulated, caplog):
-    adata = simulated.copy()
-    tissue = np.where(adata.obs["slide"] == "slide0", "A", "B").astype(object)
-    tissue[0] = "solo"
-    adata.obs["tissue"] = pd.Categorical(tissue)
-    with caplog.at_level(logging.WARNING, logger="cellplm_scvi"):
-        CellPLM.setup_anndata(adata, layer="counts", tissue_key="tissue")
-    assert any("single cell" in r.getMessage() for r in caplog.records), caplog.text
-    scvi.settings.seed = 0
-    model = CellPLM(adata, **ARCH)
-    model.train(max_epochs=1, train_size=1.0, **FIT)
-    assert np.isfinite(model.history["train_loss"].to_numpy(dtype=float)).all()
-    z = model.get_latent_representation()
-    assert np.isfinite(z).all()
-    assert np.abs(z[0]).sum() > 0  # the lone cell was embedded, not left as zeros
+def test_unseen_batch_error_names_the_fix(gmvae_model, fov_slides):
+    model, _ = gmvae_model
+    new = fov_slides.copy()
+    _unseen_batch(new)
+    with pytest.raises(ValueError, match="load_query_data"):
+        model.get_latent_representation(adata=new)
 
 
-def test_spatial_pe_without_coordinates(simulated):
-    adata = simulated.copy()
-    CellPLM.setup_anndata(adata, layer="counts", tissue_key="fov")
-    with pytest.raises(ValueError, match="spatial_pe=True needs coordinates"):
-        CellPLM(adata, spatial_pe=True, **ARCH)
-    assert not CellPLM(adata, **ARCH).module.use_spatial_pe
-
-
-def test_unknown_latent_is_rejected(simulated):
-    adata = simulated.copy()
-    CellPLM.setup_anndata(adata, layer="counts", tissue_key="fov")
-    with pytest.raises(ValueError, match="latent must be 'gmvae' or 'vae'"):
-        CellPLM(adata, latent="flow", **ARCH)
-
-
-# ------------------------------------------------------------------------------ side effects
-
-
-@pytest.mark.parametrize("tissue_key", [None, "fov"])
-def test_setup_writes_only_documented_fields(simulated, tissue_key):
-    adata = simulated.copy()
-    before = snapshot(adata)
-    CellPLM.setup_anndata(
-        adata,
-        layer="counts",
-        batch_key="slide",
-        labels_key="cell_type",
-        spatial_key="spatial",
-        library_key="slide",
-        tissue_key=tissue_key,
-        max_cells=200,
+def test_dataframe_coordinates_at_inference(gmvae_model, fov_slides):
+    model, _ = gmvae_model
+    new = fov_slides.copy()
+    new.obsm["spatial"] = pd.DataFrame(
+        new.obsm["spatial"], index=new.obs_names, columns=["x", "y"]
     )
+    with pytest.raises(ValueError, match=r"must be a numpy array.*got a DataFrame.*to_numpy"):
+        model.get_latent_representation(adata=new)
+
+
+def _permuted_genes(a):
+    return a[:, np.random.default_rng(0).permutation(a.n_vars)].copy()
+
+
+@pytest.mark.parametrize("make", [renamed_genes, _permuted_genes], ids=["renamed", "permuted"])
+def test_inference_rejects_other_gene_set(gmvae_model, fov_slides, make):
+    model, _ = gmvae_model
+    new = make(fov_slides)
+    before = snapshot(new)
+    with pytest.raises(ValueError, match="var_names|genes"):
+        model.get_latent_representation(adata=new)
+    assert_data_unchanged(new, before)
+
+
+# ------------------------------------------------------------------- official checkpoints: genes
+
+
+@pytest.fixture(scope="module")
+def official(tmp_path_factory):
+    """A random-weight official checkpoint loaded on 100 vocabulary genes, and its vocabulary."""
+    prefix = tmp_path_factory.mktemp("official") / "random"
+    config_path, _ = random_official_checkpoint(prefix, n_hidden=32, n_layers=1, n_latent=8)
+    vocab = json.loads(config_path.read_text())["gene_list"]
+    adata = _official_adata(vocab[:100])
+    CellPLM.setup_anndata(adata, tissue_key="tissue")
+    return CellPLM.load_official(prefix, adata), adata, vocab, prefix
+
+
+def _official_adata(genes) -> ad.AnnData:
+    rng = np.random.default_rng(0)
+    X = sp.csr_matrix(rng.poisson(1.0, (120, len(genes))).astype(np.float32))
+    adata = ad.AnnData(X=X)
+    adata.var_names = list(genes)
+    adata.obs_names = [f"cell{i}" for i in range(adata.n_obs)]
+    adata.obs["tissue"] = pd.Categorical(np.repeat(["a", "b"], adata.n_obs // 2))
+    return adata
+
+
+def test_official_model_rejects_other_gene_set(official):
+    model, adata, vocab, _ = official
+    other = _official_adata(vocab[100:200])  # same counts, different genes
+    with pytest.raises(ValueError, match="var_names|genes"):
+        model.get_latent_representation(adata=other)
+
+
+def test_load_official_rejects_duplicated_genes(official):
+    _, _, vocab, prefix = official
+    adata = _official_adata([*vocab[:99], vocab[5]])
+    CellPLM.setup_anndata(adata, tissue_key="tissue")  # setup itself does not look at genes
+    before = snapshot(adata)
+    with pytest.raises(ValueError, match=f"occur more than once: '{vocab[5]}'.*var_names_make"):
+        CellPLM.load_official(prefix, adata)
     assert_data_unchanged(adata, before)
-    pd.testing.assert_frame_equal(adata.var, before["var"])
-    old = list(before["obs"].columns)
-    pd.testing.assert_frame_equal(adata.obs[old], before["obs"])
-    written = CELLPLM_OBS if tissue_key is None else CELLPLM_OBS - {"cellplm_tissue"}
-    assert set(adata.obs.columns) - set(old) == written | SCVI_OBS
-    # assign_tissues also records its parameters in uns["cellplm_tissue"]
-    added_uns = SCVI_UNS | ({"cellplm_tissue"} if tissue_key is None else set())
-    assert set(adata.uns) - before["uns"] == added_uns
-    np.testing.assert_array_equal(adata.obs["_cellplm_indices"], np.arange(adata.n_obs))
-    assert adata.obs["_cellplm_tissue_code"].dtype == np.int64
 
 
-# ------------------------------------------------------------------------------ matrix types
+# ---------------------------------------------------------------------------------- backed / COO
+
+
+def test_backed_anndata_gives_in_memory_embedding(gmvae_model, fov_slides, tmp_path):
+    model, _ = gmvae_model
+    z = model.get_latent_representation()  # the in-memory copy it was gmvae_model on
+    path = tmp_path / "cells.h5ad"
+    fov_slides.write_h5ad(path)
+
+    transferred = ad.read_h5ad(path, backed="r")  # never set up: setup is transferred
+    assert transferred.isbacked and not isinstance(transferred.X, np.ndarray | sp.spmatrix)
+    np.testing.assert_allclose(model.get_latent_representation(transferred), z, atol=1e-5)
+
+    set_up = ad.read_h5ad(path, backed="r")
+    CellPLM.setup_anndata(set_up, **FOV_SETUP)
+    assert set_up.isbacked
+    np.testing.assert_allclose(model.get_latent_representation(set_up), z, atol=1e-5)
+    # the file still holds the original counts
+    np.testing.assert_array_equal(dense(ad.read_h5ad(path).X), dense(fov_slides.X))
+
+
+def test_backed_anndata_bad_counts_are_rejected(gmvae_model, fov_slides, tmp_path):
+    model, _ = gmvae_model
+    bad = fov_slides.copy()
+    _fractional_counts(bad)
+    path = tmp_path / "bad.h5ad"
+    bad.write_h5ad(path)
+    with pytest.raises(ValueError, match="non-integer"):
+        model.get_latent_representation(ad.read_h5ad(path, backed="r"))
+    with pytest.raises(ValueError, match="non-integer"):
+        CellPLM.setup_anndata(ad.read_h5ad(path, backed="r"), **FOV_SETUP)
+
+
+def test_coo_counts(gmvae_model, fov_slides):
+    """anndata >= 0.12 refuses a COO ``X`` itself; CellPLM's count check accepts COO."""
+    model, _ = gmvae_model
+    coo = sp.coo_matrix(fov_slides.X)
+    try:
+        new = ad.AnnData(
+            X=coo, obs=fov_slides.obs.copy(), obsm={"spatial": fov_slides.obsm["spatial"]}
+        )
+    except ValueError as err:  # rejected before CellPLM sees it, with a clear message
+        assert "CSR and CSC" in str(err)
+    else:  # older anndata keeps COO: it must give the CSR embedding and stay COO
+        z = model.get_latent_representation(new)
+        np.testing.assert_allclose(z, model.get_latent_representation(), atol=1e-5)
+        assert sp.issparse(new.X) and new.X.format == "coo"
+    # the count check handles COO (row slicing needs a CSR copy) without modifying it
+    holder = SimpleNamespace(X=coo, layers={}, n_obs=coo.shape[0])
+    check_counts(holder, None)
+    bad = coo.copy()
+    bad.data = bad.data.copy()
+    bad.data[0] = 0.5
+    with pytest.raises(ValueError, match="non-integer"):
+        check_counts(SimpleNamespace(X=bad, layers={}, n_obs=bad.shape[0]), None)
+    assert coo.format == "coo" and bad.format == "coo"
+
+
+# ---------------------------------------------------------------------------------- matrix types
+
 
 FORMATS = [
     pytest.param(sp.csr_matrix, id="csr"),
@@ -507,9 +416,9 @@ def _with_counts_in_x(adata: ad.AnnData, convert) -> ad.AnnData:
 
 
 @pytest.fixture(scope="module")
-def csr_model(simulated):
+def csr_model(slides):
     """Untrained model on counts in a CSR ``X``; eval mode is deterministic."""
-    adata = _with_counts_in_x(simulated[:600], sp.csr_matrix)
+    adata = _with_counts_in_x(slides[:600], sp.csr_matrix)
     CellPLM.setup_anndata(adata, tissue_key="fov")
     scvi.settings.seed = 0
     model = CellPLM(adata, **ARCH)
@@ -518,8 +427,8 @@ def csr_model(simulated):
 
 
 @pytest.mark.parametrize("convert", FORMATS)
-def test_matrix_type_trains(simulated, convert):
-    adata = _with_counts_in_x(simulated[:600], convert)
+def test_matrix_type_trains(slides, convert):
+    adata = _with_counts_in_x(slides[:600], convert)
     CellPLM.setup_anndata(adata, tissue_key="fov")
     scvi.settings.seed = 0
     model = CellPLM(adata, **ARCH)
@@ -607,3 +516,53 @@ def test_matrix_type_gives_same_embedding(csr_model, convert):
     before = snapshot(other)
     np.testing.assert_allclose(model.get_latent_representation(other), reference, atol=1e-5)
     assert_data_unchanged(other, before)
+
+
+# ------------------------------------------------------------------------------------- precision
+
+
+def test_reduced_precision_inference(gmvae_model):
+    model, _ = gmvae_model
+    z = model.get_latent_representation()
+    z_bf16 = model.get_latent_representation(precision="bf16")
+    assert z_bf16.dtype == np.float32 and z_bf16.shape == z.shape
+    assert np.linalg.norm(z_bf16 - z) / np.linalg.norm(z) < 5e-2
+    assert not np.array_equal(z_bf16, z)  # autocast was really on
+    np.testing.assert_array_equal(model.get_latent_representation(), z)  # weights untouched
+    with pytest.raises(
+        ValueError, match=r"precision must be one of \['32', 'bf16', '16', 'int8'\]"
+    ):
+        model.get_latent_representation(precision="bogus")
+
+
+# ---------------------------------------------------------------------------- user-facing output
+
+
+_EMBED_SCRIPT = """
+import anndata as ad, numpy as np, scipy.sparse as sp
+import cellplm_scvi as cp
+rng = np.random.default_rng(0)
+adata = ad.AnnData(sp.csr_matrix(rng.poisson(0.5, (120, 40)).astype(np.float32)))
+adata.var_names = [f"g{i}" for i in range(40)]
+cp.CellPLM.setup_anndata(adata)
+model = cp.CellPLM(adata, n_hidden=16, n_layers=1, n_heads=2, n_latent=4)
+model.is_trained_ = True  # random weights suffice here
+print(model.get_latent_representation().shape)
+"""
+
+
+def test_embedding_warns_nothing_in_a_fresh_process():
+    """torch's once-per-process 'sparse CSR support is in beta' note is not shown to users
+    (a fresh process, because earlier tests may already have used it up)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-W", "error::UserWarning", "-c", _EMBED_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith("(120, 4)")
+    assert "Warning" not in proc.stderr
