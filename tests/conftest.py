@@ -23,7 +23,22 @@ import pytest
 DEVICE_VARIABLE = "CELLPLM_TEST_DEVICE"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``-n 2`` in ``pyproject.toml``) each worker computes with one thread
+    (two workers share a 2-core CI machine); its subprocesses (scripts, notebooks) inherit it."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            os.environ[variable] = "1"
+        import torch
+
+        torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # files with a slow test first (otherwise in their order): the parallel workers, which take
+    # whole files (--dist loadfile), then finish together instead of one waiting on the other
+    slow_files = {item.path for item in items if item.get_closest_marker("slow") is not None}
+    items.sort(key=lambda item: item.path not in slow_files)
     if os.environ.get(DEVICE_VARIABLE):
         return
     skip = pytest.mark.skip(
