@@ -17,6 +17,7 @@ GPU.
 from __future__ import annotations
 
 import os
+from collections import Counter
 
 import pytest
 
@@ -25,20 +26,23 @@ DEVICE_VARIABLE = "CELLPLM_TEST_DEVICE"
 
 def pytest_configure(config: pytest.Config) -> None:
     """Under pytest-xdist (``-n 2`` in ``pyproject.toml``) each worker computes with one thread
-    (two workers share a 2-core CI machine); its subprocesses (scripts, notebooks) inherit it."""
+    (two workers share a 2-core CI machine); its subprocesses (scripts, notebooks) inherit it.
+    numba too: its OpenMP threads (scanpy's ``seurat_v3`` genes) would reset torch's to one per
+    core."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
-        for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-            os.environ[variable] = "1"
+        for library in ("OMP", "MKL", "OPENBLAS", "NUMBA"):
+            os.environ[f"{library}_NUM_THREADS"] = "1"
         import torch
 
         torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    # files with a slow test first (otherwise in their order): the parallel workers, which take
-    # whole files (--dist loadfile), then finish together instead of one waiting on the other
-    slow_files = {item.path for item in items if item.get_closest_marker("slow") is not None}
-    items.sort(key=lambda item: item.path not in slow_files)
+    # files with more slow tests first (otherwise in their order): the parallel workers, which
+    # take whole files in this order (--dist loadfile --no-loadscope-reorder), then finish
+    # together instead of one waiting on the other
+    n_slow = Counter(item.path for item in items if item.get_closest_marker("slow") is not None)
+    items.sort(key=lambda item: -n_slow[item.path])
     if os.environ.get(DEVICE_VARIABLE):
         return
     skip = pytest.mark.skip(
