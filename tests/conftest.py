@@ -27,11 +27,17 @@ DEVICE_VARIABLE = "CELLPLM_TEST_DEVICE"
 def pytest_configure(config: pytest.Config) -> None:
     """Under pytest-xdist (``-n 2`` in ``pyproject.toml``) each worker computes with one thread
     (two workers share a 2-core CI machine); its subprocesses (scripts, notebooks) inherit it.
-    numba too: its OpenMP threads (scanpy's ``seurat_v3`` genes) would reset torch's to one per
-    core."""
+    numba's OpenMP threads (scanpy's ``seurat_v3`` genes) start here, at one thread, before
+    torch's are set: started later, they would reset torch's to one per core."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
         for library in ("OMP", "MKL", "OPENBLAS", "NUMBA"):
             os.environ[f"{library}_NUM_THREADS"] = "1"
+        try:
+            import numba
+        except ImportError:
+            pass
+        else:
+            numba.set_num_threads(1)
         import torch
 
         torch.set_num_threads(1)
