@@ -24,10 +24,11 @@ ours by replacing ``cellplm_scvi.module._cellplm.sample_mask`` and to the offici
 replacing its mask builder's ``apply_mask``, which then applies it with the official
 ``simple_mask``) and the same torch seed (``--seed + step``) just before the forward pass, so the
 dropout, Gumbel and reparameterisation draws agree too: the printed losses must agree (their
-largest relative difference is printed; ``tests/test_training_parity.py`` checks it). Gradients
-are reset (``set_to_none``) before each step. One warm-up step each, then ``--steps`` steps
-alternating ours / official; reported: median seconds per step (forward, backward, total), the
-ratio, and the peak RSS above the RSS before the step (VmHWM reset before each step).
+largest relative difference is printed; ``tests/test_official_training_parity.py`` checks
+it). Gradients are reset (``set_to_none``) before each step. One warm-up step each, then
+``--steps`` steps alternating ours / official; reported: median seconds per step (forward,
+backward, total), the ratio, and the peak RSS above the RSS before the step (VmHWM reset before
+each step).
 ``--profile`` also prints the top operators of one step of each (``torch.profiler``, self CPU
 time).
 

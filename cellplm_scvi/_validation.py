@@ -171,7 +171,9 @@ def check_loader_options(drop_last, load_sparse_tensor, data_and_attributes) -> 
     """Refuse scvi-tools data-loader options that a tissue loader cannot honour.
 
     A tissue minibatch holds a whole tissue (its size is the tissue's), its counts are always
-    a sparse CSR tensor and every registered field is read (the module needs the tissue codes).
+    a sparse CSR tensor (``load_sparse_tensor``: ``None`` or ``True``; this is the one check of
+    it, for ``train``, the splitter and the loader) and every registered field is read (the
+    module needs the tissue codes).
     """
     if drop_last:
         raise ValueError(
@@ -179,7 +181,12 @@ def check_loader_options(drop_last, load_sparse_tensor, data_and_attributes) -> 
             "own size, so there is no incomplete last batch to drop. Leave drop_last out; to "
             "leave small tissues out, subset adata before setup_anndata."
         )
-    if load_sparse_tensor is False:
+    if load_sparse_tensor is not None and not isinstance(load_sparse_tensor, bool | np.bool_):
+        raise ValueError(
+            f"load_sparse_tensor must be a bool, got {load_sparse_tensor!r} (CellPLM always "
+            "loads counts as sparse tensors)."
+        )
+    if load_sparse_tensor is not None and not load_sparse_tensor:
         raise ValueError(
             "load_sparse_tensor=False is not supported: CellPLM always reads counts as a sparse "
             "CSR tensor (the embedder sums over each cell's stored genes). Leave "

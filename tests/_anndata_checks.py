@@ -7,6 +7,8 @@ import numpy as np
 import scipy.sparse as sp
 
 SCVI_UNS = frozenset({"_scvi_uuid", "_scvi_manager_uuid"})
+CELLPLM_OBS = frozenset({"cellplm_tissue", "_cellplm_tissue_code", "_cellplm_indices"})
+SCVI_OBS = frozenset({"_scvi_batch", "_scvi_labels"})  # scvi-tools' categorical obs fields
 
 
 def unregistered(adata: ad.AnnData) -> ad.AnnData:

@@ -1,7 +1,10 @@
 """Shared test settings and helpers.
 
 - ``ARCH`` (a tiny network) and ``FIT`` (quiet CPU training) for the model tests;
-- ``simulated_slides``: two small simulated slides with fields of view;
+- ``simulated_slides``: two small simulated slides with fields of view (counts in a layer);
+  ``simulated_fovs``: the same with counts in a CSR ``X``, cell types and four samples, and the
+  setup (``FOV_SETUP``) and validation split (``FOV_VAL``) of the shared model on it;
+- ``history``, ``renamed_genes``: small helpers of the model tests;
 - the four small ``.h5ad`` files of the corpus tests (``write_corpus_files``, ``corpus``);
 - bridges to the official CellPLM package: random official models in the official file format
   (``small_config``, ``build_official``, ``save_official``), its forward pass on one tissue
@@ -35,6 +38,19 @@ FIT = {"accelerator": "cpu", "enable_progress_bar": False, "enable_model_summary
 ATOL = 1e-5  # official vs ours: absolute, embeddings and hidden states of magnitude ~1
 RTOL = 1e-5  # official vs ours: relative, NB means and dispersions
 N_SMALL_VOCAB = 300  # genes of ``small_config``
+UNKNOWN = "Unknown"  # the unlabelled category of the annotation tests
+
+N_SLIDES_CELLS = 800  # cells of the ``slides`` fixture (``simulated_slides``)
+VALIDATE_EVERY_EPOCH = {"check_val_every_n_epoch": 1}  # validation loss every epoch
+N_FOVS_CELLS = 400  # cells of the ``fov_slides`` fixture (``simulated_fovs``)
+FOV_VAL = {"train_size": 0.75, "check_val_every_n_epoch": 1}  # 2 of 8 fields of view validate
+# counts in X (so that a backed AnnData really reads them from disk), fields of view as tissues
+FOV_SETUP = {
+    "batch_key": "slide",
+    "labels_key": "cell_type",
+    "spatial_key": "spatial",
+    "tissue_key": "fov",
+}
 
 
 # ------------------------------------------------------------------------------ simulated data
@@ -49,6 +65,39 @@ def simulated_slides(n_cells: int, seed: int = 0) -> ad.AnnData:
         adata.obs["slide"].astype(str) + "_" + cell[:, 0].astype(str) + cell[:, 1].astype(str)
     )
     return adata
+
+
+def simulated_fovs(n_cells: int = N_FOVS_CELLS, seed: int = 0) -> ad.AnnData:
+    """Two slides, raw counts in a CSR ``X`` (no layers), ``obs["fov"]`` (2 x 2 fields of view
+    per slide) and ``obs["sample"]`` (left / right half of each slide)."""
+    adata = cp.datasets.simulate_tissue(n_cells=n_cells, n_slides=2, seed=seed)
+    adata.X = sp.csr_matrix(adata.layers["counts"])
+    del adata.layers["counts"]
+    xy = adata.obsm["spatial"]
+    cell = (xy // 500).astype(int)
+    slide = adata.obs["slide"].astype(str)
+    adata.obs["slide"] = pd.Categorical(slide)
+    adata.obs["cell_type"] = pd.Categorical(adata.obs["cell_type"].astype(str))
+    adata.obs["fov"] = pd.Categorical(
+        slide + "_" + cell[:, 0].astype(str) + cell[:, 1].astype(str)
+    )
+    adata.obs["sample"] = pd.Categorical(slide + np.where(cell[:, 0] == 0, "_L", "_R"))
+    return adata
+
+
+def renamed_genes(adata: ad.AnnData) -> ad.AnnData:
+    """``adata``'s counts, cells and coordinates under other gene names (never set up)."""
+    return ad.AnnData(
+        X=adata.X.copy(),
+        obs=adata.obs.copy(),
+        obsm={k: np.array(v, copy=True) for k, v in adata.obsm.items()},
+        var=pd.DataFrame(index=[f"gene{i}" for i in range(adata.n_vars)]),
+    )
+
+
+def history_values(model: cp.CellPLM, key: str) -> np.ndarray:
+    """``model.history[key]`` as a flat float array."""
+    return model.history[key].to_numpy(dtype=float).ravel()
 
 
 # ------------------------------------------------------------------------------ comparisons

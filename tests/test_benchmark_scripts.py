@@ -270,7 +270,7 @@ def test_gene_token_benchmark(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_train_step_benchmark(tmp_path, monkeypatch):
     """One step of ours and of the official model on the same weights, masks and seeds: the
-    losses agree (``tests/test_training_parity.py`` checks the tolerance)."""
+    losses agree (``tests/test_official_training_parity.py`` checks the tolerance)."""
     out = run_script("bench_train_step.py", "--n-cells 50 --steps 1", tmp_path, monkeypatch)
     difference = float(out.split("largest relative loss difference ")[1].split()[0])
     assert difference < 1e-4, out

@@ -331,3 +331,28 @@ def test_every_reading_method_reads_a_reordered_adata(trained):
         de["ordered"][numeric].to_numpy(dtype=float),
         **close,
     )
+
+
+def test_gene_layout_is_built_once_per_adata(trained, monkeypatch):
+    """A corpus-trained model aligns a new AnnData's genes once: validation and every loader of
+    every later call on it reuse that layout; another AnnData gets its own."""
+    from cellplm_scvi._vocabulary import GeneLayout
+
+    dm, model = trained
+    built = []
+    from_index = GeneLayout.from_index.__func__
+
+    def counting(cls, *args, **kwargs):
+        built.append(1)
+        return from_index(cls, *args, **kwargs)
+
+    monkeypatch.setattr(GeneLayout, "from_index", classmethod(counting))
+    ordered = _setup(_vocabulary_adata(dm.vocabulary))
+    shuffled = _setup(_reordered(ordered))
+    model.get_latent_representation(shuffled)
+    assert len(built) == 1
+    model.get_normalized_expression(shuffled, library_size="observed")
+    model.get_elbo(shuffled)
+    assert len(built) == 1
+    model.get_latent_representation(ordered)
+    assert len(built) == 2

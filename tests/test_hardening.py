@@ -175,6 +175,7 @@ def test_loader_refuses_options_it_cannot_honour(trained):
     for option, match in [
         ({"drop_last": True}, "drop_last"),
         ({"load_sparse_tensor": False}, "load_sparse_tensor"),
+        ({"load_sparse_tensor": "yes"}, "load_sparse_tensor must be a bool"),
         ({"data_and_attributes": ["X"]}, "data_and_attributes"),
         ({"batch_size": 0}, "batch_size"),
         ({"shuffle": True, "drop_node_rate": 1.0}, "drop_node_rate"),

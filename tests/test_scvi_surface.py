@@ -7,7 +7,6 @@ a subset gives the same rows as the full call).
 
 from __future__ import annotations
 
-import json
 import logging
 
 import anndata as ad
@@ -285,8 +284,11 @@ def test_train_takes_scvi_arguments(fresh):
         assert not hasattr(module_cls, "set_batch_size")
         assert not hasattr(module_cls, "set_split")
     model.train(max_epochs=1, batch_size=50, shuffle_set_split=False, **FIT)
-    splitter = model.trainer.datamodule
+    splitter = model.trainer.datamodule  # built by train, handed to scvi-tools as a data module
+    assert type(splitter) is cp.data.TissueDataSplitter
     assert splitter.max_cells_per_step == 50
+    with pytest.raises(ValueError, match="no batch_size.*max_cells_per_step"):
+        cp.data.TissueDataSplitter(model.adata_manager, batch_size=50)
     steps = list(splitter.train_dataloader().sampler)
     assert max(len(rows) for rows in steps) <= 50
 
@@ -382,111 +384,6 @@ def test_load_query_data_arches_arguments(trained):
         CellPLM.load_query_data(query[:, ::-1].copy(), model)
     subset = CellPLM.load_query_data(query[:, ::-1].copy(), model, inplace_subset_query_vars=True)
     assert list(subset.adata.var_names) == list(adata.var_names)
-
-
-# ------------------------------------------------------------------ saving
-
-
-def test_model_file_is_scvi_layout_and_weights_only(trained, tmp_path):
-    model, adata = trained
-    model.save(tmp_path / "m", save_kwargs={"pickle_protocol": 2})
-    payload = torch.load(tmp_path / "m" / "model.pt", weights_only=True)
-    assert {"model_state_dict", "var_names", "attr_dict"} <= set(payload)
-    attrs = payload["attr_dict"]
-    assert {"registry_", "init_params_", "history_", "is_trained_"} <= set(attrs)
-    setup = CellPLM.load_registry(tmp_path / "m")
-    assert setup["setup_args"]["batch_key"] == "sample"
-    import rich.pretty  # noqa: F401  (scvi-tools 1.4.2 prints with it without importing it)
-
-    CellPLM.view_setup_args(tmp_path / "m")
-    loaded = CellPLM.load(tmp_path / "m", adata=adata)
-    np.testing.assert_allclose(
-        loaded.get_latent_representation(), model.get_latent_representation(), atol=1e-6
-    )
-    assert isinstance(loaded.history["train_loss"], pd.DataFrame)
-    assert isinstance(
-        loaded.adata_manager.registry["field_registries"]["batch"]["state_registry"][
-            "categorical_mapping"
-        ],
-        np.ndarray,
-    )
-
-
-def test_hub_metadata_reads_a_saved_model(trained, tmp_path):
-    from huggingface_hub import ModelCard
-    from scvi.hub import HubMetadata, HubModel
-
-    model, adata = trained
-    model.save(tmp_path / "hub", save_anndata=True)
-    metadata = HubMetadata.from_dir(
-        tmp_path / "hub", anndata_version=ad.__version__, model_parent_module="cellplm_scvi"
-    )
-    assert metadata.model_cls_name == "CellPLM"
-    hub = HubModel(tmp_path / "hub", metadata=metadata, model_card=ModelCard("CellPLM test"))
-    loaded = hub.model
-    assert isinstance(loaded, CellPLM)
-
-
-def test_save_refuses_options_it_would_ignore(trained, tmp_path):
-    model, _ = trained
-    with pytest.raises(ValueError, match="save_anndata=False"):
-        model.save(tmp_path / "m", legacy_mudata_format=True)
-    with pytest.raises(ValueError, match="save_anndata=False"):
-        model.save(tmp_path / "m", compression="gzip")
-    assert not (tmp_path / "m").exists()
-
-
-def test_interrupted_save_keeps_the_good_file(trained, tmp_path, monkeypatch):
-    model, _ = trained
-    model.save(tmp_path / "m")
-    good = (tmp_path / "m" / "model.pt").read_bytes()
-
-    def broken(obj, f, **kwargs):
-        with open(f, "wb") as handle:
-            handle.write(b"PK\x03\x04 half a file")
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(torch, "save", broken)
-    with pytest.raises(KeyboardInterrupt):
-        model.save(tmp_path / "m", overwrite=True)
-    assert (tmp_path / "m" / "model.pt").read_bytes() == good
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["model.pt"]
-
-
-def test_first_format_files_still_load(trained, tmp_path):
-    """Files of the first release (tensors + one JSON string) load unchanged."""
-    model, adata = trained
-
-    def tag(obj):  # the first format's inline tags
-        if isinstance(obj, dict):
-            return {str(k): tag(v) for k, v in obj.items()}
-        if isinstance(obj, list | tuple):
-            return [tag(v) for v in obj]
-        if isinstance(obj, np.ndarray):
-            return {"__ndarray__": tag(obj.tolist()), "dtype": str(obj.dtype)}
-        if isinstance(obj, pd.DataFrame):
-            return {"__dataframe__": {
-                "index": tag(obj.index.to_numpy()), "index_name": obj.index.name,
-                "columns": [str(c) for c in obj.columns],
-                "data": {str(c): tag(obj[c].to_numpy()) for c in obj.columns},
-            }}  # fmt: skip
-        return obj.item() if isinstance(obj, np.generic) else obj
-
-    attrs = {k: v for k, v in vars(model).items() if k.endswith("_") and not k.startswith("_")}
-    (tmp_path / "old").mkdir()
-    torch.save(
-        {
-            "format": "cellplm_scvi/1",
-            "model_state_dict": model.module.state_dict(),
-            "var_names": list(adata.var_names),
-            "attributes": json.dumps(tag(attrs)),
-        },
-        tmp_path / "old" / "model.pt",
-    )
-    loaded = CellPLM.load(tmp_path / "old", adata=adata)
-    np.testing.assert_allclose(
-        loaded.get_latent_representation(), model.get_latent_representation(), atol=1e-6
-    )
 
 
 # ------------------------------------------------------------------ minified models

@@ -556,7 +556,9 @@ class TissueDataSplitter(LightningDataModule):
     validation_size
         Fraction of each tissue's cells (or of the tissues) for validation (default: the rest).
     max_cells_per_step
-        Cap on cells per training step (larger tissues are subsampled each step).
+        Cap on cells per training step (larger tissues are subsampled each step):
+        :meth:`CellPLM.train`'s ``batch_size``. The splitter has no ``batch_size`` of its own
+        (passing one raises).
     drop_node_rate
         Official node drop: fraction of a tissue's cells left out at each training step.
     distributed_sampler
@@ -587,11 +589,6 @@ class TissueDataSplitter(LightningDataModule):
         ``library_key`` slide, else batch, of this many cells, or for ``True`` of the
         registered tissues' mean size; see
         ``redraw`` of :class:`TissueBatchSampler`); validation and test keep the registered ones.
-    batch_size
-        What scvi-tools' ``train`` passes to every splitter (its ``batch_size``, or
-        ``scvi.settings.batch_size`` for ``None``). Not a cell count here: the cells per step
-        are ``max_cells_per_step``, which :meth:`CellPLM.train` sets from its own
-        ``batch_size``.
     **loader_kwargs
         Passed to every :class:`TissueDataLoader`, e.g. ``gene_layout`` (a model's
         ``train`` passes the layout of its AnnData).
@@ -610,11 +607,14 @@ class TissueDataSplitter(LightningDataModule):
         split_key: str | None = None,
         redraw_tissues: bool | int = False,
         pack_tissues: bool = False,
-        batch_size: int | None = None,
         **loader_kwargs,
     ):
         super().__init__()
-        del batch_size  # scvi-tools' train hands every splitter its batch_size: see the docstring
+        if "batch_size" in loader_kwargs:
+            raise ValueError(
+                "TissueDataSplitter has no batch_size: the cells per training step are "
+                "max_cells_per_step (CellPLM.train(batch_size=...) sets it)."
+            )
         self.max_cells_per_step = check_batch_size(
             max_cells_per_step, "batch_size (max_cells_per_step)"
         )

@@ -1,9 +1,15 @@
-"""Minified AnnData (scvi-tools' recipe) for CellPLM: :class:`MinifyMixin`."""
+"""Minified AnnData (scvi-tools' recipe) for CellPLM: :class:`MinifyMixin`, :func:`is_minified`."""
 
 from __future__ import annotations
 
 import numpy as np
+from anndata import AnnData
 from scvi.data._constants import _ADATA_MINIFY_TYPE_UNS_KEY
+
+
+def is_minified(adata: AnnData) -> bool:
+    """Whether ``adata`` is a minified AnnData (``minify_adata``'s, or one loaded from it)."""
+    return adata.uns.get(_ADATA_MINIFY_TYPE_UNS_KEY) is not None
 
 
 class MinifyMixin:
@@ -45,3 +51,11 @@ class MinifyMixin:
         mini.obs[self._OBSERVED_LIB_SIZE_KEY] = np.rint(library).astype(np.int64)  # as scvi-tools
         self._update_adata_and_manager_post_minification(mini, minified_data_type)
         self.module.minified_data_type = minified_data_type
+
+    def _refuse_minified(self, method: str) -> None:
+        """Raise for ``method``, which needs counts, on a minified AnnData."""
+        if self.minified_data_type is not None:
+            raise ValueError(
+                f"{method} needs counts and the tissue context, which a minified AnnData has not. "
+                "Load the model with the full AnnData: CellPLM.load(dir_path, adata=full_adata)."
+            )

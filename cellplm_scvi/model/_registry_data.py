@@ -57,12 +57,12 @@ def validate(model: CellPLM, adata: AnnData | None) -> AnnData:
         model._register_manager_for_instance(manager)
     else:
         manager.validate()
-    gene_layout(model, adata)  # no gene in the vocabulary: raise before any work
     return adata
 
 
 def gene_layout(model: CellPLM, adata: AnnData) -> GeneLayout:
-    """The layout of ``adata`` (registered with ``model``) for a registry-built ``model``."""
+    """The layout of ``adata`` (registered with ``model``) for a registry-built ``model``
+    (built once per registered AnnData: see ``TissueContextMixin._layout_of``)."""
     manager = model.get_anndata_manager(adata, required=True)
     setup_args = manager.registry["setup_args"]
     vocabulary = model_vocabulary(model)

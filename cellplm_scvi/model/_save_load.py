@@ -16,6 +16,7 @@ commit record; it holds the SHA-256 of its weights and of the ``adata.h5ad`` sav
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -447,7 +448,8 @@ def saved_adata(dir_path: Path, prefix: str, checksums: dict | None) -> AnnData:
 
     A file saved before the checksums reads ``adata.h5ad`` unchecked. Otherwise the AnnData
     must have the SHA-256 the model file names; during an interrupted save it is the
-    set-aside copy.
+    set-aside copy. The file is read once, into memory, and the AnnData built from the bytes
+    that were checked.
     """
     import anndata
 
@@ -470,12 +472,13 @@ def saved_adata(dir_path: Path, prefix: str, checksums: dict | None) -> AnnData:
             f"No saved AnnData in {dir_path}: {live.name}, saved with the model, is missing. "
             "Pass `adata=`."
         )
-    if file_sha256(path) != sha:
+    content = path.read_bytes()  # read once: the bytes checked are the bytes loaded
+    if hashlib.sha256(content).hexdigest() != sha:
         raise ValueError(
             f"{live} is not the AnnData saved with {prefix}model.pt (its SHA-256 differs: it "
             "was replaced or damaged after saving). Pass `adata=`, or save the model again."
         )
-    return anndata.read_h5ad(path)
+    return anndata.read_h5ad(io.BytesIO(content))
 
 
 # ------------------------------------------------------------------ the model's methods

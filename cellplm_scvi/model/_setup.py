@@ -197,7 +197,9 @@ class TissueSetupMixin:
     def _validate_anndata(self, adata: AnnData | None = None, copy_if_view: bool = True):
         """Check a new AnnData and add its tissue columns before scvi-tools transfers the setup."""
         if self.adata is None:  # built from a registry: any AnnData set up with setup_anndata
-            return _registry_data.validate(self, adata)
+            adata = _registry_data.validate(self, adata)
+            self._layout_of(adata)  # no gene in the vocabulary: raise before any work
+            return adata
         registered = self.get_anndata_manager(self.adata if adata is None else adata)
         if registered is not None:  # D6: setup_anndata re-run with other arguments
             check_tissue_codes(registered, self.adata if adata is None else adata)

@@ -87,10 +87,19 @@ class TissueContextMixin:
     def _layout_of(self, adata: AnnData) -> GeneLayout:
         """How ``adata``'s columns meet the model's vocabulary: the layout of the model's own
         AnnData (any AnnData it reads has the same genes), or for a model built from a registry
-        (no AnnData), ``adata``'s own (see :mod:`cellplm_scvi.model._registry_data`)."""
+        (no AnnData), ``adata``'s own (see :mod:`cellplm_scvi.model._registry_data`), built
+        once per registered AnnData: validation and every loader of a call read the same one."""
         if self.adata is not None:
             return self._gene_layout
-        return _registry_data.gene_layout(self, adata)
+        manager = self.get_anndata_manager(adata, required=True)
+        layouts = vars(self).setdefault("_registry_layouts", {})  # AnnData id -> (manager, layout)
+        manager_and_layout = layouts.get(manager.adata_uuid)
+        if manager_and_layout is None or manager_and_layout[0] is not manager:  # a new setup
+            manager_and_layout = layouts[manager.adata_uuid] = (
+                manager,
+                _registry_data.gene_layout(self, adata),
+            )
+        return manager_and_layout[1]
 
     def _tissue_order(
         self, adata: AnnData | None, indices: Sequence[int] | None, batch_size: int | None

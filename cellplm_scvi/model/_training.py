@@ -2,9 +2,12 @@
 
 CellPLM's minibatch is a tissue, so ``batch_size`` is a cell budget per step: it goes to
 :class:`~cellplm_scvi.data.TissueDataSplitter` as ``max_cells_per_step`` (with the node drop,
-redrawn or packed tissues), never as scvi-tools' 128-cell default. scvi-tools builds the splitter,
-the training plan and the runner; :class:`TissueTrainRunner` adds the step checkpoints and
-refuses a validation request without validation tissues.
+redrawn or packed tissues), never as scvi-tools' 128-cell default. ``train`` builds that
+splitter and hands it to scvi-tools' ``train`` as its data module (scvi-tools 1.5 forwards
+``batch_size`` and the split sizes to a data module's ``set_batch_size``/``set_split``, which the
+splitter does not define: it is built with them); scvi-tools builds the training plan and the
+runner; :class:`TissueTrainRunner` adds the step checkpoints and refuses a validation request
+without validation tissues.
 
 Step checkpoints (``train(checkpoint_every_n_steps=N)``) and resume after a crash: scvi-tools'
 :class:`~scvi.train.Trainer` passes ``enable_checkpointing=False`` to Lightning unless asked, and
@@ -31,7 +34,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 from lightning.pytorch.callbacks import ModelCheckpoint
 from scvi import settings
 from scvi.model._utils import get_max_epochs_heuristic, use_distributed_sampler
@@ -218,7 +220,7 @@ class TrainingMixin(UnsupervisedTrainingMixin):
             rewritten by a later ``setup_anndata`` with other arguments, a ``batch_size`` that is
             not a positive int, or ``datasplitter_kwargs["external_indexing"]``.
         """
-        check_train_arguments(batch_size, max_cells_per_step, load_sparse_tensor)
+        check_train_arguments(batch_size, max_cells_per_step)
         if datamodule is None:
             check_training_data(self, datasplitter_kwargs)
         if max_cells_per_step is not None:
@@ -267,16 +269,24 @@ class TrainingMixin(UnsupervisedTrainingMixin):
             )
         load_sparse_tensor = datasplitter_kwargs.pop("load_sparse_tensor", load_sparse_tensor)
         check_loader_options(False, load_sparse_tensor, None)
-        if datamodule is None:  # scvi-tools builds the splitter with these
+        if datamodule is None:  # the AnnData's splitter; batch_size is its cell budget per step
             setup_args = self.adata_manager.registry["setup_args"]
-            datasplitter_kwargs = {
+            defaults = {
                 "max_cells_per_step": batch_size,
                 "drop_node_rate": drop_node_rate,
                 "redraw_tissues": resolve_redraw_tissues(self._preset, setup_args, redraw_tissues),
                 **({"pack_tissues": True} if pack_tissues else {}),
                 "gene_layout": self._gene_layout,  # how the AnnData's columns meet the vocabulary
-                **datasplitter_kwargs,
             }
+            datamodule = self._data_splitter_cls(
+                self.adata_manager,
+                train_size=train_size,
+                validation_size=validation_size,
+                shuffle_set_split=shuffle_set_split,
+                distributed_sampler=use_distributed_sampler(trainer_kwargs.get("strategy")),
+                load_sparse_tensor=load_sparse_tensor,
+                **{**defaults, **datasplitter_kwargs},
+            )
         else:
             check_datamodule(self, datamodule)
         plan_kwargs = {"lr": lr, **merge_kwargs(plan_config, plan_kwargs, name="plan")}
@@ -312,17 +322,11 @@ class TrainingMixin(UnsupervisedTrainingMixin):
             self.is_trained_ = self.is_trained_ or starts_history
 
 
-def check_train_arguments(
-    batch_size: int | None, max_cells_per_step: int | None, load_sparse_tensor: bool | None
-) -> None:
-    """Refuse training arguments that would otherwise be misread or ignored."""
+def check_train_arguments(batch_size: int | None, max_cells_per_step: int | None) -> None:
+    """Refuse cell budgets that would otherwise be misread (``load_sparse_tensor`` is checked
+    with the other loader options, :func:`~cellplm_scvi._validation.check_loader_options`)."""
     check_batch_size(batch_size, "batch_size")
     check_batch_size(max_cells_per_step, "max_cells_per_step")
-    if load_sparse_tensor is not None and not isinstance(load_sparse_tensor, bool | np.bool_):
-        raise ValueError(
-            f"load_sparse_tensor must be a bool, got {load_sparse_tensor!r} (CellPLM always "
-            "loads counts as sparse tensors)."
-        )
 
 
 def check_training_data(model, datasplitter_kwargs: dict | None) -> None:

@@ -2,7 +2,7 @@
 
 References are the official package's own pieces (``NBImputationLoss``, the imputation
 pipeline's read-out formula) on random official checkpoints built with the helpers of
-``tests/test_official.py``, and hand computations.
+``tests/test_official_load.py``, and hand computations.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The reference is the official package's own ``CellEmbeddingPipeline(...).predict(...)``, run
 offline on the CPU on a random official checkpoint (built with the helpers of
-``tests/test_official.py``). That pipeline embeds each ``obs["batch"]`` value in one forward
+``tests/test_official_load.py``). That pipeline embeds each ``obs["batch"]`` value in one forward
 pass (the whole AnnData when there is none); our default for data without coordinates
 (``setup_anndata(batch_key=...)``, no ``max_cells``) makes each sample one tissue, so the two
 must agree to ``1e-5``:
