@@ -26,6 +26,8 @@ from .._constants import (
     MEASURED_KEY,
     MEASURED_TABLE_KEY,
     OBSERVED_LIB_SIZE_KEY,
+    PERTURBED_GENES_KEY,
+    PERTURBED_X_KEY,
     REQUESTED_KEY,
     SIZE_FACTOR_KEY,
     SPATIAL_KEY,
@@ -40,6 +42,7 @@ from ..nn import (
     GMVAELatent,
     LatentStack,
     NBDecoder,
+    PerturbationEncoder,
     TissueSegments,
     VAELatent,
 )
@@ -120,6 +123,12 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
     categorical_covariates
         Names of the ``decoder_covariates`` tables fed, in this order, by the columns of the
         registered extra categorical covariates (``setup_anndata(categorical_covariate_keys=)``).
+    perturbation
+        Add a :class:`~cellplm_scvi.nn.PerturbationEncoder`: a minibatch's ``"perturbed_genes"``
+        ((N, 2) vocabulary rows, -1: none) add an offset to the tokens of its cells, and its
+        ``"perturbed_x"`` (target counts, one cell per row) replace the input counts in the NB
+        loss, taken on every row (no masked-cell selection, no DAE term); see
+        :mod:`cellplm_scvi.model._perturbation`.
     objective
         Training loss. ``"pretrain"``: NB loss of the masked cells (+ DAE), latent loss and
         ``classification_ratio`` times the cross-entropy. ``"imputation"`` (official
@@ -155,6 +164,7 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
         classification_ratio: float = 50.0,
         classifier_dropout: float = 0.5,
         categorical_covariates: tuple[str, ...] = (),
+        perturbation: bool = False,
         objective: Literal["pretrain", "imputation", "annotation"] = "pretrain",
     ):
         super().__init__()
@@ -197,6 +207,7 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
         self.decoder = NBDecoder(
             n_latent, n_dec_hidden or n_hidden, n_vocab, n_dec_layers, dropout, decoder_covariates
         )
+        self.perturbation_encoder = PerturbationEncoder(n_hidden) if perturbation else None
         self.n_labels, self.classification_ratio = n_labels, classification_ratio
         self.classifier = None
         if n_labels > 1:
@@ -229,6 +240,7 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
             "requested": tensors.get(REQUESTED_KEY),
             "tissue_index": tensors.get(TISSUE_INDEX_KEY),
             "gene_index": tensors.get(GENE_INDEX_KEY),
+            "perturbed_genes": tensors.get(PERTURBED_GENES_KEY),
         }
 
     def _get_generative_input(self, tensors: dict, inference_outputs: dict, **kwargs) -> dict:
@@ -265,6 +277,7 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
         hidden: torch.Tensor | None = None,
         tissue_index: torch.Tensor | None = None,
         gene_index: torch.Tensor | None = None,
+        perturbed_genes: torch.Tensor | None = None,
     ) -> dict:
         """Encode one tissue of N cells; keep the ``requested`` rows (R of them) after the encoder.
 
@@ -282,6 +295,9 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
         ``tissue_index`` ((N,) long, 0..T-1; a packed training step of T tissues): every tissue
         is masked, scaled, attended over and given its latent loss as if it were alone (the
         latent ``loss`` is the mean over tissues).
+
+        ``perturbed_genes`` ((N, P) long, vocabulary rows, -1: none): the perturbation each
+        cell is put under, added to its token before the encoder.
         """
         if x.layout == torch.sparse_csc or x.layout == torch.sparse_coo:
             x = x.to_sparse_csr()
@@ -313,6 +329,8 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
         if self.n_local_heads and coords is not None:
             spatial = spatial_kernel_features(coords, self.local_grid, tissues)
         h = self.embedder(x, gene_index, pe_coords)  # (N, d)
+        if perturbed_genes is not None:  # the cells' tokens under the perturbation
+            h = h + self.perturbation_encoder(self.embedder.feat_enc.emb, perturbed_genes)
         h = self.encode(h, tissues, spatial)  # (N, d): each cell saw its tissue
         if requested is not None:
             h = h[requested.view(-1).bool()]  # (R, d)
@@ -506,7 +524,9 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
         rows = _requested_rows(tensors)
         # float32 even under autocast: bf16 holds integers exactly only up to 256
         matched = tensors.get(MATCHED_COLUMNS_KEY)
-        x = self.observed_counts(tensors[X_KEY], matched).float()[rows]
+        perturbed = PERTURBED_X_KEY in tensors  # target: cells of the condition, all rows
+        x = tensors[PERTURBED_X_KEY] if perturbed else tensors[X_KEY]
+        x = self.observed_counts(x, matched).float()[rows]
         mean, theta = generative_outputs["px_mean"].float(), generative_outputs["px_theta"].float()
         if mean.dim() == 3:
             raise ValueError("loss() takes one posterior sample (n_samples=1).")
@@ -514,13 +534,13 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
         mask: TissueMask | None = inference_outputs.get("mask")
         in_loss = self.loss_rows(tensors)  # (R,) bool or None
         cells = None  # rows in the NB loss (None: all)
-        if mask is not None and self.objective == "pretrain":
+        if mask is not None and self.objective == "pretrain" and not perturbed:
             cells = mask.cells
         if in_loss is not None:
             cells = in_loss if cells is None else cells[in_loss[cells]]  # masked, in the loss
         cells = slice(None) if cells is None else cells
         entries = None  # hidden entries of the masked cells, for the DAE term
-        if mask is not None and self.dae and self.objective == "pretrain":
+        if mask is not None and self.dae and self.objective == "pretrain" and not perturbed:
             entries = mask.entries
             if matched is not None:
                 entries = entries[:, matched.to(entries.device)]
