@@ -8,10 +8,10 @@ expression from the control expression plus a perturbation embedding built on a 
 scGPT marks the perturbed genes with a flag token among a control cell's gene tokens. CellPLM
 has no per-gene tokens inside a cell (a cell token is the ``log1p``-weighted sum of gene
 embeddings), so the perturbation enters as one vector added to each control cell's token:
-``MLP(LayerNorm(E[A] + E[B]))``, read from the model's gene-embedding table ``E`` (see
-:class:`~cellplm_scvi.nn.PerturbationEncoder`). Every vocabulary gene has a row of ``E``, so a
-gene never perturbed in training still has a perturbation embedding: how useful it is depends on
-how much the rows of ``E`` say about the genes (pretrained rows, from
+``MLP(LayerNorm(E[A])) + MLP(LayerNorm(E[B]))``, read from the model's gene-embedding table
+``E`` (see :class:`~cellplm_scvi.nn.PerturbationEncoder`). Every vocabulary gene has a row of
+``E``, so a gene never perturbed in training still has a perturbation embedding: how useful it
+is depends on how much the rows of ``E`` say about the genes (pretrained rows, from
 :meth:`~cellplm_scvi.CellPLM.load_official`, were meant to).
 
 What a tissue is here
@@ -269,8 +269,8 @@ class PerturbationMixin:
         module.eval()
         out = np.zeros((len(conditions), len(self.matched_genes)), dtype=np.float64)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
             for k, rows in enumerate(genes):
+                torch.manual_seed(seed)  # the same draws for every condition, wherever it is
                 for chunk in chunks:
                     tensors = {
                         X_KEY: _to_csr_tensor(x[np.sort(chunk)]),

@@ -125,7 +125,10 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
         registered extra categorical covariates (``setup_anndata(categorical_covariate_keys=)``).
     perturbation
         Add a :class:`~cellplm_scvi.nn.PerturbationEncoder`: a minibatch's ``"perturbed_genes"``
-        ((N, 2) vocabulary rows, -1: none) add an offset to the tokens of its cells, and its
+        ((N, 2) vocabulary rows, -1: none) add an offset to the tokens of its cells; the decoder
+        is told it too (a shift of its input ``z`` and of each gene's log mean, both mapped
+        from the offset: the token path alone, through a latent pulled towards its prior,
+        barely learnt in our runs), and its
         ``"perturbed_x"`` (target counts, one cell per row) replace the input counts in the NB
         loss, taken on every row (no masked-cell selection, no DAE term); see
         :mod:`cellplm_scvi.model._perturbation`.
@@ -207,7 +210,9 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
         self.decoder = NBDecoder(
             n_latent, n_dec_hidden or n_hidden, n_vocab, n_dec_layers, dropout, decoder_covariates
         )
-        self.perturbation_encoder = PerturbationEncoder(n_hidden) if perturbation else None
+        self.perturbation_encoder = None
+        if perturbation:
+            self.perturbation_encoder = PerturbationEncoder(n_hidden, n_latent, n_vocab)
         self.n_labels, self.classification_ratio = n_labels, classification_ratio
         self.classifier = None
         if n_labels > 1:
@@ -252,6 +257,7 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
         batch_covariate = self.use_batch_covariate and bool(tensors.get(BATCH_COVARIATE_KEY, True))
         inputs = {
             "z": inference_outputs["z"],
+            "perturbation": inference_outputs.get("perturbation"),
             "batch_index": batch if batch_covariate else None,
             "cat_covs": None if cat_covs is None else cat_covs.long()[rows],
             "gene_index": tensors.get(GENE_INDEX_KEY),
@@ -329,12 +335,17 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
         if self.n_local_heads and coords is not None:
             spatial = spatial_kernel_features(coords, self.local_grid, tissues)
         h = self.embedder(x, gene_index, pe_coords)  # (N, d)
+        offset = None
         if perturbed_genes is not None:  # the cells' tokens under the perturbation
-            h = h + self.perturbation_encoder(self.embedder.feat_enc.emb, perturbed_genes)
+            offset = self.perturbation_encoder(self.embedder.feat_enc.emb, perturbed_genes)
+            h = h + offset  # (N, d)
         h = self.encode(h, tissues, spatial)  # (N, d): each cell saw its tissue
         if requested is not None:
             h = h[requested.view(-1).bool()]  # (R, d)
+            offset = None if offset is None else offset[requested.view(-1).bool()]
         out = self.latent(h, tissues)
+        if offset is not None:  # (R, d): the decoder is told the perturbation too
+            out["perturbation"] = offset
         out["h"] = h
         out["mask"] = mask
         if self.classifier is not None:
@@ -419,8 +430,12 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
         gene_index: torch.Tensor | None = None,
         matched_columns: torch.Tensor | None = None,
         batch_covariate: bool = True,
+        perturbation: torch.Tensor | None = None,
     ) -> dict:
         """Decode ``z`` ((R, L) or (S, R, L)) to the NB of every input gene.
+
+        ``perturbation`` ((R, d)): the token offset of the perturbation the cells are under; it
+        shifts ``z`` and each gene's log mean (see :class:`~cellplm_scvi.nn.PerturbationEncoder`).
 
         ``gene_index``/``matched_columns``: the minibatch's gene layout (``None``: the columns
         are the vocabulary); ``batch_covariate=False``: its batches are not the decoder's.
@@ -431,6 +446,8 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
         in training, whose loss needs only the rest), and the decoder's own ``px_mean``
         (.., G_matched) and ``px_theta`` (G_matched,).
         """
+        if perturbation is not None:
+            z = z + self.perturbation_encoder.to_latent(perturbation).to(z.dtype)  # (.., R, L)
         n_rows = z.shape[-2]
         if transform_batch is not None:
             if not (self.use_batch_covariate and batch_covariate):
@@ -454,6 +471,9 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
             mean = mean.view(n_samples, n_rows, -1)
         else:
             mean, theta = self.decoder(z, covariates or None, decoder_index)
+        if perturbation is not None:  # (R, G_matched) shift of each gene's log mean
+            shift = self.perturbation_encoder.gene_shift(perturbation, decoder_index)
+            mean = (mean * shift.exp().to(mean.dtype)).clamp(1e-5, 1e6)
         px = None  # training: the loss needs only the decoder's mean and dispersion
         if not self.training:
             columns = None if gene_index is None else (len(gene_index), matched_columns)

@@ -7,7 +7,7 @@ from torch import nn
 
 
 class PerturbationEncoder(nn.Module):
-    """``offset = MLP(LayerNorm(sum of the perturbed genes' rows of E)))``, zero for controls.
+    """``offset = sum over the perturbed genes g of MLP(LayerNorm(E[g]))``, zero for controls.
 
     The perturbed genes are read through the model's own gene-embedding table ``E`` (the
     tokenizer), so every gene of the vocabulary has an embedding, including genes never
@@ -19,9 +19,15 @@ class PerturbationEncoder(nn.Module):
     ----------
     n_hidden
         Token width (columns of ``E``).
+    n_latent
+        Latent width: ``to_latent`` maps the offset to a shift of the decoder's input.
+    n_vocab
+        Genes of the decoder: ``to_genes`` maps the offset to a shift of each gene's log mean
+        (zero at initialisation). A pair's shift is the sum of its genes' shifts (additive in
+        log space); the non-additive part goes through ``to_latent`` and the decoder.
     """
 
-    def __init__(self, n_hidden: int):
+    def __init__(self, n_hidden: int, n_latent: int, n_vocab: int):
         super().__init__()
         self.mlp = nn.Sequential(
             nn.LayerNorm(n_hidden),  # E rows are ~0.005 at init, pretrained ones larger
@@ -29,10 +35,22 @@ class PerturbationEncoder(nn.Module):
             nn.GELU(),
             nn.Linear(n_hidden, n_hidden),
         )
+        self.to_latent = nn.Linear(n_hidden, n_latent)
+        self.to_genes = nn.Linear(n_hidden, n_vocab)
+        nn.init.zeros_(self.to_genes.weight)
+        nn.init.zeros_(self.to_genes.bias)
 
     def forward(self, emb: torch.Tensor, genes: torch.Tensor) -> torch.Tensor:
         """(V, d) gene embeddings, (N, P) vocabulary rows (-1: none) -> (N, d) token offsets."""
         present = genes >= 0  # (N, P)
-        rows = emb.detach()[genes.clamp(min=0)] * present[..., None].to(emb.dtype)  # (N, P, d)
-        offset = self.mlp(rows.sum(1))  # (N, d)
-        return offset * present.any(1, keepdim=True).to(offset.dtype)  # controls: no offset
+        rows = emb.detach()[genes.clamp(min=0)]  # (N, P, d)
+        offsets = self.mlp(rows) * present[..., None].to(rows.dtype)  # (N, P, d), 0 for -1
+        return offsets.sum(1)  # (N, d); controls: no offset
+
+    def gene_shift(self, offset: torch.Tensor, gene_index: torch.Tensor | None) -> torch.Tensor:
+        """(R, d) offsets -> (R, G) log-mean shifts of the decoded genes (``gene_index``: their
+        vocabulary rows; ``None``: all)."""
+        weight, bias = self.to_genes.weight, self.to_genes.bias  # (V, d), (V,)
+        if gene_index is not None:
+            weight, bias = weight[gene_index], bias[gene_index]
+        return torch.addmm(bias, offset, weight.T)
