@@ -46,6 +46,7 @@ from scvi import settings
 from scvi.data.fields import CategoricalObsField
 
 from .._constants import PERTURBATION_KEY, PERTURBED_GENES_KEY, X_KEY
+from .._quiet import ignore_warnings
 from ..data._perturbation import PerturbationDataModule
 from ..data._tissue_loader import _to_csr_tensor
 from ..official._mixin import model_vocabulary
@@ -192,7 +193,9 @@ class PerturbationMixin:
             gene_layout=self._gene_layout,
             seed=settings.seed or 0,
         )
-        return super().train(max_epochs=max_epochs, datamodule=datamodule, **kwargs)
+        no_validation = [{"message": ".*have no `val_dataloader`"}]  # none is asked for
+        with ignore_warnings(no_validation):
+            return super().train(max_epochs=max_epochs, datamodule=datamodule, **kwargs)
 
     @property
     def has_perturbations(self) -> bool:
