@@ -369,7 +369,8 @@ def evaluate_perturbation(
     baselines
         Add the four baselines of :func:`perturbation_baselines` as methods.
     n_top_genes
-        Number of top differentially expressed genes per condition.
+        Number of top differentially expressed genes per condition (all genes if there are
+        fewer).
     layer
         Layer with the counts; ``None`` uses ``X``.
 
@@ -390,10 +391,10 @@ def evaluate_perturbation(
         If there are no control cells or no test conditions; a prediction lacks a test
         condition, names a condition that ``adata`` does not have, has other genes than
         ``adata`` or values that are not finite; a method is named like a baseline; or
-        ``n_top_genes`` is not in ``[1, n_genes]``.
+        ``n_top_genes < 1``.
     """
-    if not 1 <= n_top_genes <= adata.n_vars:
-        raise ValueError(f"`n_top_genes` must be in [1, {adata.n_vars}], got {n_top_genes}.")
+    if n_top_genes < 1:
+        raise ValueError(f"`n_top_genes` must be >= 1, got {n_top_genes}.")
     screen = _Screen(adata, perturbation_key, control_category, split_key, layer)
     if not screen.test:
         raise ValueError(f"No test conditions: no cell has adata.obs[{split_key!r}] == 'test'.")
@@ -408,7 +409,9 @@ def evaluate_perturbation(
 
     truth = screen.means.loc[screen.test].to_numpy()
     true_change = truth - screen.control_mean
-    top = np.argsort(-np.abs(true_change), axis=1, kind="stable")[:, :n_top_genes]
+    top = np.argsort(-np.abs(true_change), axis=1, kind="stable")[
+        :, : min(n_top_genes, adata.n_vars)
+    ]
     n_cells = adata.obs[perturbation_key].astype(str).value_counts()
     rows = []
     for method, values in methods.items():
