@@ -186,7 +186,7 @@ def test_perturbation_benchmark(tmp_path, monkeypatch):
 
     methods = {"no-change", "train-mean", "linear"}
     if hasattr(cp.CellPLM, "predict_perturbation"):
-        methods.add("CellPLM")
+        methods |= {"CellPLM", "CellPLM (random official weights)"}
     else:
         assert "# skipped CellPLM" in out, out
     if "# skipped GEARS" not in out:
