@@ -60,9 +60,10 @@ def test_rows_follow_the_request_and_unseen_conditions_are_predicted(screen, tra
     assert prediction.var_names.tolist() == screen.var_names.tolist()
     assert prediction.shape == (5, screen.n_vars)
     assert prediction.X.dtype == np.float32 and np.isfinite(prediction.X).all()
-    # each row is its condition's, whatever else is asked for
-    alone = trained.predict_perturbation([seen], n_samples=40, batch_size=25)
-    np.testing.assert_allclose(alone.X[0], prediction[seen].X[0], rtol=1e-5)
+    # each row is its condition's, whatever else is asked for, and wherever it is asked
+    for condition in ("ctrl", unseen_double):
+        alone = trained.predict_perturbation([condition], n_samples=40, batch_size=25)
+        np.testing.assert_allclose(alone.X[0], prediction[condition].X[0], rtol=1e-5)
     # the single "A" and GEARS' "A+ctrl" are the same perturbation
     gene = seen.split("+")[0]
     both = trained.predict_perturbation([gene, f"ctrl+{gene}"], n_samples=40, counts="mean")
