@@ -38,7 +38,7 @@ def network(screen):
     return pd.DataFrame(screen.uns["perturbation_simulation"]["network"])
 
 
-def test_counts_and_layout(screen, cells):
+def test_counts_and_layout(screen, cells, tmp_path):
     x = screen.X
     assert x.format == "csr" and x.dtype == np.float32
     assert np.array_equal(x.data, np.rint(x.data)) and x.data.min() > 0
@@ -48,6 +48,7 @@ def test_counts_and_layout(screen, cells):
     for key in ("condition", "split", "condition_type", "interaction", "cell_type"):
         assert isinstance(screen.obs[key].dtype, pd.CategoricalDtype), key
     assert set(screen.obs["source_cell"]) <= set(cells.obs_names)
+    screen.write_h5ad(tmp_path / "screen.h5ad")  # uns holds only h5ad-writable values
 
 
 def test_condition_names_follow_gears(screen):

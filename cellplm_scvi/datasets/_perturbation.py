@@ -164,9 +164,11 @@ def simulate_perturbation(
 
     Examples
     --------
+    The benchmark's three partitions of the same cells:
+
     >>> import cellplm_scvi as cp
-    >>> adata = cp.datasets.simulate_perturbation(split_seed=1)
-    >>> adata.obs["condition"].cat.categories[:3].tolist()  # doctest: +SKIP
+    >>> screens = [cp.datasets.simulate_perturbation(split_seed=s) for s in range(3)]
+    >>> test = screens[0].obs.query("split == 'test'")["condition"].unique()
     """
     _check_arguments(
         n_perturbed_genes,
@@ -207,13 +209,13 @@ def simulate_perturbation(
             f"{n_perturbed_genes} perturbed genes."
         )
     regulators = np.sort(rng.choice(eligible, size=n_perturbed_genes, replace=False))
-    responsive = np.flatnonzero(detection >= _MIN_RESPONSE_DETECTION)
+    # targets of the network: detected genes that are not regulators themselves
+    candidates = np.setdiff1d(np.flatnonzero(detection >= _MIN_RESPONSE_DETECTION), regulators)
 
     # --- the network: W[target, regulator], acyclic
     weights = np.zeros((n_genes, n_genes))
     order = rng.permutation(regulators)
     for rank, regulator in enumerate(order):
-        candidates = np.setdiff1d(responsive, regulators)
         n_targets = min(_MIN_TARGETS + rng.poisson(_MEAN_EXTRA_TARGETS), candidates.size)
         targets = rng.choice(candidates, size=n_targets, replace=False)
         later = order[rank + 1 :]

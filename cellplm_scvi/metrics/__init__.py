@@ -4,6 +4,7 @@ perturbation predictions (against the simple baselines they must beat).
 Used by the quickstart, the benchmarks and the tests to compare methods on one footing.
 """
 
+from ._embedding import N_FOLDS as N_FOLDS  # the probe's folds, printed by the quickstart
 from ._embedding import cluster, linear_probe
 from ._perturbation import (
     condition_means,

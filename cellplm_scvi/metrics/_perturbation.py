@@ -487,7 +487,9 @@ def _aligned(name: str, prediction: AnnData, screen: _Screen) -> np.ndarray:
         absent = sorted(set(screen.var_names.astype(str)) - set(genes))[:5]
         raise ValueError(
             f"Prediction {name!r} must have the genes of adata as var_names (unique, any "
-            f"order); extra: {extra}, missing: {absent}."
+            f"order); extra: {extra}, missing: {absent}. To score on the prediction's genes "
+            "only, pass `adata[:, prediction.var_names]` (the baselines then use those genes "
+            "too)."
         )
     x = prediction.X.toarray() if sp.issparse(prediction.X) else np.asarray(prediction.X)
     x = pd.DataFrame(x, index=rows, columns=genes).loc[screen.test, screen.var_names.astype(str)]
