@@ -92,6 +92,7 @@ def cellplm_official_prediction(adata, split_seed: int, args):
     import anndata as ad
 
     import cellplm_scvi as cp
+    from cellplm_scvi.metrics import condition_means
 
     if not hasattr(cp.CellPLM, "predict_perturbation"):
         return None
@@ -103,7 +104,7 @@ def cellplm_official_prediction(adata, split_seed: int, args):
     model = cp.CellPLM.load_official(prefix, adata)
     conditions = test_conditions(adata)
     predicted = _train_and_predict(model, adata, args, [*conditions, "ctrl"])
-    control = cp.metrics.condition_means(adata, conditions=["ctrl"], layer="counts")
+    control = condition_means(adata, conditions=["ctrl"], layer="counts")
     values = np.repeat(control.X, len(conditions), axis=0)  # (K, all genes): no change
     columns = adata.var_names.get_indexer(predicted.var_names)
     change = predicted[conditions].X - predicted["ctrl"].X  # (K, genes of the vocabulary)
