@@ -258,6 +258,7 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
         inputs = {
             "z": inference_outputs["z"],
             "perturbation": inference_outputs.get("perturbation"),
+            "perturbed_genes": inference_outputs.get("perturbed_genes"),
             "batch_index": batch if batch_covariate else None,
             "cat_covs": None if cat_covs is None else cat_covs.long()[rows],
             "gene_index": tensors.get(GENE_INDEX_KEY),
@@ -342,10 +343,12 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
         h = self.encode(h, tissues, spatial)  # (N, d): each cell saw its tissue
         if requested is not None:
             h = h[requested.view(-1).bool()]  # (R, d)
-            offset = None if offset is None else offset[requested.view(-1).bool()]
+            if offset is not None:
+                offset = offset[requested.view(-1).bool()]
+                perturbed_genes = perturbed_genes[requested.view(-1).bool()]
         out = self.latent(h, tissues)
-        if offset is not None:  # (R, d): the decoder is told the perturbation too
-            out["perturbation"] = offset
+        if offset is not None:  # (R, d), (R, P): the decoder is told the perturbation too
+            out["perturbation"], out["perturbed_genes"] = offset, perturbed_genes
         out["h"] = h
         out["mask"] = mask
         if self.classifier is not None:
@@ -431,11 +434,13 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
         matched_columns: torch.Tensor | None = None,
         batch_covariate: bool = True,
         perturbation: torch.Tensor | None = None,
+        perturbed_genes: torch.Tensor | None = None,
     ) -> dict:
         """Decode ``z`` ((R, L) or (S, R, L)) to the NB of every input gene.
 
-        ``perturbation`` ((R, d)): the token offset of the perturbation the cells are under; it
-        shifts ``z`` and each gene's log mean (see :class:`~cellplm_scvi.nn.PerturbationEncoder`).
+        ``perturbation`` ((R, d)): the token offset of the perturbation the cells are under, and
+        ``perturbed_genes`` ((R, P)) its genes; they shift ``z`` and each gene's log mean (see
+        :class:`~cellplm_scvi.nn.PerturbationEncoder`).
 
         ``gene_index``/``matched_columns``: the minibatch's gene layout (``None``: the columns
         are the vocabulary); ``batch_covariate=False``: its batches are not the decoder's.
@@ -472,7 +477,9 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
         else:
             mean, theta = self.decoder(z, covariates or None, decoder_index)
         if perturbation is not None:  # (R, G_matched) shift of each gene's log mean
-            shift = self.perturbation_encoder.gene_shift(perturbation, decoder_index)
+            shift = self.perturbation_encoder.gene_shift(
+                perturbation, perturbed_genes.to(perturbation.device), decoder_index
+            )
             mean = (mean * shift.exp().to(mean.dtype)).clamp(1e-5, 1e6)
         px = None  # training: the loss needs only the decoder's mean and dispersion
         if not self.training:

@@ -25,6 +25,13 @@ class PerturbationEncoder(nn.Module):
         Genes of the decoder: ``to_genes`` maps the offset to a shift of each gene's log mean
         (zero at initialisation). A pair's shift is the sum of its genes' shifts (additive in
         log space); the non-additive part goes through ``to_latent`` and the decoder.
+
+    Attributes
+    ----------
+    own_gene_shift
+        A learned shift of the perturbed genes' own log means, the same for every gene (a
+        CRISPRi knock-down acts first on its own gene; the sign and size are learned), so a
+        gene never perturbed in training gets it too.
     """
 
     def __init__(self, n_hidden: int, n_latent: int, n_vocab: int):
@@ -39,6 +46,7 @@ class PerturbationEncoder(nn.Module):
         self.to_genes = nn.Linear(n_hidden, n_vocab)
         nn.init.zeros_(self.to_genes.weight)
         nn.init.zeros_(self.to_genes.bias)
+        self.own_gene_shift = nn.Parameter(torch.zeros(()))
 
     def forward(self, emb: torch.Tensor, genes: torch.Tensor) -> torch.Tensor:
         """(V, d) gene embeddings, (N, P) vocabulary rows (-1: none) -> (N, d) token offsets."""
@@ -47,10 +55,14 @@ class PerturbationEncoder(nn.Module):
         offsets = self.mlp(rows) * present[..., None].to(rows.dtype)  # (N, P, d), 0 for -1
         return offsets.sum(1)  # (N, d); controls: no offset
 
-    def gene_shift(self, offset: torch.Tensor, gene_index: torch.Tensor | None) -> torch.Tensor:
-        """(R, d) offsets -> (R, G) log-mean shifts of the decoded genes (``gene_index``: their
-        vocabulary rows; ``None``: all)."""
+    def gene_shift(
+        self, offset: torch.Tensor, genes: torch.Tensor, gene_index: torch.Tensor | None
+    ) -> torch.Tensor:
+        """(R, d) offsets, (R, P) perturbed vocabulary rows -> (R, G) log-mean shifts of the
+        decoded genes (``gene_index``: their vocabulary rows; ``None``: all)."""
         weight, bias = self.to_genes.weight, self.to_genes.bias  # (V, d), (V,)
+        columns = torch.arange(weight.shape[0], device=offset.device)  # (G,) vocabulary rows
         if gene_index is not None:
-            weight, bias = weight[gene_index], bias[gene_index]
-        return torch.addmm(bias, offset, weight.T)
+            weight, bias, columns = weight[gene_index], bias[gene_index], gene_index
+        own = (genes[:, :, None] == columns[None, None, :]).any(1)  # (R, G): perturbed genes
+        return torch.addmm(bias, offset, weight.T) + self.own_gene_shift * own
