@@ -126,12 +126,11 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
     perturbation
         Add a :class:`~cellplm_scvi.nn.PerturbationEncoder`: a minibatch's ``"perturbed_genes"``
         ((N, 2) vocabulary rows, -1: none) add an offset to the tokens of its cells; the decoder
-        is told it too (a shift of its input ``z`` and of each gene's log mean, both mapped
-        from the offset: the token path alone, through a latent pulled towards its prior,
-        barely learnt in our runs), and its
-        ``"perturbed_x"`` (target counts, one cell per row) replace the input counts in the NB
-        loss, taken on every row (no masked-cell selection, no DAE term); see
-        :mod:`cellplm_scvi.model._perturbation`.
+        is told it too (shifts of its input ``z``, of each gene's log mean and of the perturbed
+        genes' own log means: the token path alone, through a latent pulled towards its prior,
+        barely learnt in our runs). Its ``"perturbed_x"`` (target counts, one cell per row)
+        replace the input counts in the NB loss, taken on every row (no masked-cell selection,
+        no DAE term); see :mod:`cellplm_scvi.model._perturbation`.
     objective
         Training loss. ``"pretrain"``: NB loss of the masked cells (+ DAE), latent loss and
         ``classification_ratio`` times the cross-entropy. ``"imputation"`` (official
