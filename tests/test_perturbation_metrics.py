@@ -35,6 +35,7 @@ TEST = ["C+ctrl", "A+B", "B+C", "Z+ctrl"]
 
 def lognorm_mean(x: np.ndarray) -> np.ndarray:
     """Mean over rows of log1p(CP10k), written out independently of the package."""
+    x = np.asarray(x, dtype=np.float64)
     return np.log1p(x / x.sum(axis=1, keepdims=True) * 1e4).mean(axis=0)
 
 
