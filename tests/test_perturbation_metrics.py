@@ -35,6 +35,7 @@ TEST = ["C+ctrl", "A+B", "B+C", "Z+ctrl"]
 
 def lognorm_mean(x: np.ndarray) -> np.ndarray:
     """Mean over rows of log1p(CP10k), written out independently of the package."""
+    x = np.asarray(x, dtype=np.float64)
     return np.log1p(x / x.sum(axis=1, keepdims=True) * 1e4).mean(axis=0)
 
 
@@ -237,6 +238,11 @@ def test_errors(screen, truth):
     )
     with pytest.raises(ValueError, match="Malformed condition 'B\\+C\\+g3'"):
         evaluate_perturbation(malformed, {}, layer="counts")
+    missing = screen.copy()
+    missing.obs["condition"] = missing.obs["condition"].astype(object)
+    missing.obs.iloc[0, missing.obs.columns.get_loc("condition")] = None
+    with pytest.raises(ValueError, match="missing values"):
+        evaluate_perturbation(missing, {}, layer="counts")
     untrained = screen.copy()
     untrained.obs["split"] = np.where(untrained.obs["condition"] == "ctrl", "train", "test")
     with pytest.raises(ValueError, match="No training perturbation"):

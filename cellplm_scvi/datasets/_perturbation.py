@@ -202,12 +202,6 @@ def simulate_perturbation(
             f"in >= {_MIN_TARGET_DETECTION:.0%} of cells; cannot perturb "
             f"n_perturbed_genes={n_perturbed_genes}."
         )
-    max_doubles = n_perturbed_genes * (n_perturbed_genes - 1) // 2
-    if n_doubles > max_doubles:
-        raise ValueError(
-            f"n_doubles={n_doubles} exceeds the {max_doubles} pairs of "
-            f"{n_perturbed_genes} perturbed genes."
-        )
     regulators = np.sort(rng.choice(eligible, size=n_perturbed_genes, replace=False))
     # targets of the network: detected genes that are not regulators themselves
     candidates = np.setdiff1d(np.flatnonzero(detection >= _MIN_RESPONSE_DETECTION), regulators)
@@ -350,6 +344,12 @@ def _check_arguments(
         raise ValueError(f"`n_perturbed_genes` must be >= 2, got {n_perturbed_genes}.")
     if n_doubles < 0:
         raise ValueError(f"`n_doubles` must be >= 0, got {n_doubles}.")
+    max_doubles = n_perturbed_genes * (n_perturbed_genes - 1) // 2
+    if n_doubles > max_doubles:
+        raise ValueError(
+            f"n_doubles={n_doubles} exceeds the {max_doubles} pairs of "
+            f"{n_perturbed_genes} perturbed genes."
+        )
     if cells_per_condition < 1 or n_control_cells < 1:
         raise ValueError(
             "`cells_per_condition` and `n_control_cells` must be >= 1, got "

@@ -71,6 +71,9 @@ class _Screen:
                     f"{name}={key!r} is not a column of adata.obs "
                     f"(available: {list(adata.obs.columns)})."
                 )
+        for key in (perturbation_key, split_key):
+            if adata.obs[key].isna().any():
+                raise ValueError(f"adata.obs[{key!r}] has missing values.")
         condition = adata.obs[perturbation_key].astype(str).to_numpy()
         if not (condition == control_category).any():
             raise ValueError(
