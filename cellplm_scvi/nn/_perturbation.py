@@ -29,9 +29,9 @@ class PerturbationEncoder(nn.Module):
     Attributes
     ----------
     own_gene_shift
-        A learned shift of the perturbed genes' own log means, the same for every gene (a
-        CRISPRi knock-down acts first on its own gene; the sign and size are learned), so a
-        gene never perturbed in training gets it too.
+        The shift of the perturbed genes' own log means, instead of ``to_genes``'s: one learned
+        value for every gene (a CRISPRi knock-down acts first on its own gene; the sign and
+        size are learned), so a gene never perturbed in training gets it too.
     """
 
     def __init__(self, n_hidden: int, n_latent: int, n_vocab: int):
@@ -65,4 +65,5 @@ class PerturbationEncoder(nn.Module):
         if gene_index is not None:
             weight, bias, columns = weight[gene_index], bias[gene_index], gene_index
         own = (genes[:, :, None] == columns[None, None, :]).any(1)  # (R, G): perturbed genes
-        return torch.addmm(bias, offset, weight.T) + self.own_gene_shift * own
+        shift = torch.addmm(bias, offset, weight.T)  # (R, G)
+        return torch.where(own, self.own_gene_shift.to(shift.dtype), shift)
