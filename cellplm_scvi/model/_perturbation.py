@@ -10,8 +10,8 @@ has no per-gene tokens inside a cell (a cell token is the ``log1p``-weighted sum
 embeddings), so the perturbation enters as one vector added to each control cell's token:
 ``MLP(LayerNorm(E[A])) + MLP(LayerNorm(E[B]))``, read from the model's gene-embedding table
 ``E`` (see :class:`~cellplm_scvi.nn.PerturbationEncoder`). The decoder is told it too (a shift
-of its input, of each gene's log mean, and a learned shift of the perturbed genes' own log
-means, the same for every gene). Every vocabulary gene has a row of ``E``, so a gene never
+of its input and of each gene's log mean; the perturbed genes' own log means get one learned
+shift, the same for every gene). Every vocabulary gene has a row of ``E``, so a gene never
 perturbed in training still has a perturbation embedding: how useful it is depends on how much
 the rows of ``E`` say about the genes (pretrained rows, from
 :meth:`~cellplm_scvi.CellPLM.load_official`, were meant to).
