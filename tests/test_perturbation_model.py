@@ -49,6 +49,7 @@ def trained(screen):
     return model
 
 
+@pytest.mark.slow  # the module's trained model: about 20 s once
 def test_rows_follow_the_request_and_unseen_conditions_are_predicted(screen, trained):
     unseen_single = _conditions(screen, "single_unseen")[0]
     unseen_double = _conditions(screen, "double_unseen")[0]
@@ -77,6 +78,7 @@ def _knock_down(model, singles: list[str]) -> float:
     return float(np.mean(pred.X[np.arange(1, len(singles) + 1), columns] - pred.X[0, columns]))
 
 
+@pytest.mark.slow  # the module's trained model: about 20 s once
 def test_training_learns_the_knock_down(screen, trained, untrained):
     """The knocked-down gene's predicted change from the control prediction is negative after
     training, and clearly more so than before: on seen singles, and on unseen ones."""
@@ -87,6 +89,7 @@ def test_training_learns_the_knock_down(screen, trained, untrained):
         assert after < before - 0.3, (kind, after, before)
 
 
+@pytest.mark.slow  # the module's trained model: about 20 s once
 def test_save_load_keeps_predictions(screen, trained, tmp_path):
     conditions = [_conditions(screen, "double_unseen")[0], "ctrl"]
     expected = trained.predict_perturbation(conditions, n_samples=30)
