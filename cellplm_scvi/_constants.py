@@ -30,3 +30,8 @@ MATCHED_COLUMNS_KEY = "matched_columns"  # (G_matched,) long: the columns in the
 MEASURED_TABLE_KEY = "measured_genes"  # (n_batch, G) bool: the genes each batch measured
 BATCH_COVARIATE_KEY = "batch_covariate"  # () bool False: the decoder's batches are not these
 LAYOUT_KEYS = (GENE_INDEX_KEY, MATCHED_COLUMNS_KEY, MEASURED_TABLE_KEY, BATCH_COVARIATE_KEY)
+
+# perturbation prediction (``setup_anndata(perturbation_key=...)``, see model/_perturbation.py)
+PERTURBATION_KEY = "perturbation"  # categorical: the condition of each cell ("ctrl", "A+B", ...)
+PERTURBED_GENES_KEY = "perturbed_genes"  # (N, 2) long: vocabulary rows of the perturbed genes
+PERTURBED_X_KEY = "perturbed_x"  # (N, G) target counts: cells of the condition the input is under

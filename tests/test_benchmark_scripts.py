@@ -38,6 +38,7 @@ SMOKE_TESTED = {
     "bench_official_recipes.py": "test_official_recipes_benchmark",
     "bench_out_of_core.py": "test_out_of_core_benchmark",
     "bench_packing.py": "test_packing_benchmark",
+    "bench_perturbation.py": "test_perturbation_benchmark",
     "bench_train_step.py": "test_train_step_benchmark",
 }
 
@@ -198,6 +199,32 @@ def test_niche_benchmark_with_peers(tmp_path, monkeypatch):
     # the aggregation sees the neighbours: it recovers the niches better than PCA alone
     if "CellCharter(PCA), 3 layers" in rows:
         assert float(rows["CellCharter(PCA), 3 layers"][0]) > float(rows["PCA (50)"][0])
+
+
+@pytest.mark.slow
+def test_perturbation_benchmark(tmp_path, monkeypatch):
+    """Two split seeds of a tiny screen: every baseline gets a row in each table, with scores
+    in range; CellPLM and GEARS get rows or a printed reason."""
+    args = "--small --split-seeds 0 1 --epochs 1 --n-hidden 16 --n-layers 1 --gears-epochs 1"
+    out = run_script("bench_perturbation.py", args, tmp_path, monkeypatch)
+    import cellplm_scvi as cp
+
+    methods = {"no-change", "train-mean", "linear"}
+    if hasattr(cp.CellPLM, "predict_perturbation"):
+        methods |= {"CellPLM", "CellPLM (random official weights)"}
+    else:
+        assert "# skipped CellPLM" in out, out
+    if "# skipped GEARS" not in out:
+        methods.add("GEARS")
+    for title in ("Unseen doubles (both", "Unseen singles", "Doubles with an unseen gene"):
+        rows = table(out, title)
+        expected = methods | {"additive"} if title.startswith("Unseen doubles") else methods
+        assert set(rows) == expected, (title, out)
+        for name, (pearson, pearson_top, mse, mse_top, n) in rows.items():
+            for value in (pearson, pearson_top):
+                assert value == "n/a" if name == "no-change" else -1 <= float(value[:6]) <= 1
+            assert float(mse[:5]) >= 0 and float(mse_top[:5]) >= 0 and float(n) > 0, name
+    assert "mean ± sd over 2 split seeds" in out
 
 
 @needs_official

@@ -118,6 +118,7 @@ def test_notebooks_found():
         "03_annotation.ipynb",
         "04_spatial_imputation.ipynb",
         "05_pretraining.ipynb",
+        "06_perturbation.ipynb",
     ]
 
 

@@ -30,6 +30,7 @@ from .._constants import (
     INDICES_KEY,
     INDICES_OBS,
     LABELS_KEY,
+    PERTURBATION_KEY,
     SIZE_FACTOR_KEY,
     SPATIAL_KEY,
     TISSUE_CODE_OBS,
@@ -43,6 +44,7 @@ from ..official import OfficialMixin
 from ._genes_mixin import GeneEmbeddingMixin
 from ._imputation import ImputationMixin
 from ._minify import MinifyMixin, is_minified
+from ._perturbation import PerturbationMixin, perturbation_fields
 from ._presets import module_defaults, resolve_preset
 from ._query import QueryMixin
 from ._save_load import SaveLoadMixin
@@ -62,6 +64,7 @@ logger = logging.getLogger("cellplm_scvi")
 
 
 class CellPLM(
+    PerturbationMixin,
     OfficialMixin,
     GeneEmbeddingMixin,
     ImputationMixin,
@@ -218,6 +221,8 @@ class CellPLM(
         if covariates:
             derived["decoder_covariates"].update(covariates)
             derived["categorical_covariates"] = tuple(covariates)
+        if PERTURBATION_KEY in fields:  # setup_anndata(perturbation_key=...)
+            derived["perturbation"] = True
         self.module = self._module_cls(
             n_vocab=n_input if vocabulary is None else len(vocabulary),
             n_hidden=n_hidden,
@@ -264,6 +269,8 @@ class CellPLM(
         unlabeled_category: str = "Unknown",
         measured_genes_key: str | None = None,
         gene_key: str | None = None,
+        perturbation_key: str | None = None,
+        control_category: str = "ctrl",
         **kwargs,
     ) -> None:
         """%(summary)s.
@@ -323,6 +330,14 @@ class CellPLM(
             matched to a model vocabulary: by a model built from a registry (a
             :class:`~cellplm_scvi.data.TissueCorpus`) reading this AnnData, and by default by
             ``CellPLM(adata, vocabulary=...)`` and :meth:`load_official`.
+        perturbation_key
+            ``adata.obs`` column of genetic perturbation conditions in GEARS naming
+            (``control_category``, ``"A"`` or ``"A+ctrl"``, ``"A+B"``); every named gene must be
+            in ``var_names``. :meth:`train` then fits the perturbation objective and
+            :meth:`predict_perturbation` predicts conditions (see
+            :mod:`cellplm_scvi.model._perturbation`).
+        control_category
+            Value of ``perturbation_key`` marking the unperturbed (control) cells.
         """
         setup_method_args = cls._get_setup_method_args(**locals())
         check_setup_arguments(
@@ -357,6 +372,7 @@ class CellPLM(
             fields.append(NumericalObsField(SIZE_FACTOR_KEY, size_factor_key))
         if categorical_covariate_keys:
             fields.append(CategoricalJointObsField(CAT_COVS_KEY, categorical_covariate_keys))
+        fields += perturbation_fields(adata, perturbation_key, control_category)
         minify_type = adata.uns.get(_ADATA_MINIFY_TYPE_UNS_KEY)
         if minify_type is not None:
             fields += cls._get_fields_for_adata_minification(minify_type)

@@ -26,6 +26,8 @@ from .._constants import (
     MEASURED_KEY,
     MEASURED_TABLE_KEY,
     OBSERVED_LIB_SIZE_KEY,
+    PERTURBED_GENES_KEY,
+    PERTURBED_X_KEY,
     REQUESTED_KEY,
     SIZE_FACTOR_KEY,
     SPATIAL_KEY,
@@ -40,6 +42,7 @@ from ..nn import (
     GMVAELatent,
     LatentStack,
     NBDecoder,
+    PerturbationEncoder,
     TissueSegments,
     VAELatent,
 )
@@ -120,6 +123,14 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
     categorical_covariates
         Names of the ``decoder_covariates`` tables fed, in this order, by the columns of the
         registered extra categorical covariates (``setup_anndata(categorical_covariate_keys=)``).
+    perturbation
+        Add a :class:`~cellplm_scvi.nn.PerturbationEncoder`: a minibatch's ``"perturbed_genes"``
+        ((N, 2) vocabulary rows, -1: none) add an offset to the tokens of its cells; the decoder
+        is told it too (shifts of its input ``z``, of each gene's log mean and of the perturbed
+        genes' own log means: the token path alone, through a latent pulled towards its prior,
+        barely learnt in our runs). Its ``"perturbed_x"`` (target counts, one cell per row)
+        replace the input counts in the NB loss, taken on every row (no masked-cell selection,
+        no DAE term); see :mod:`cellplm_scvi.model._perturbation`.
     objective
         Training loss. ``"pretrain"``: NB loss of the masked cells (+ DAE), latent loss and
         ``classification_ratio`` times the cross-entropy. ``"imputation"`` (official
@@ -155,6 +166,7 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
         classification_ratio: float = 50.0,
         classifier_dropout: float = 0.5,
         categorical_covariates: tuple[str, ...] = (),
+        perturbation: bool = False,
         objective: Literal["pretrain", "imputation", "annotation"] = "pretrain",
     ):
         super().__init__()
@@ -197,6 +209,9 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
         self.decoder = NBDecoder(
             n_latent, n_dec_hidden or n_hidden, n_vocab, n_dec_layers, dropout, decoder_covariates
         )
+        self.perturbation_encoder = None
+        if perturbation:
+            self.perturbation_encoder = PerturbationEncoder(n_hidden, n_latent, n_vocab)
         self.n_labels, self.classification_ratio = n_labels, classification_ratio
         self.classifier = None
         if n_labels > 1:
@@ -229,6 +244,7 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
             "requested": tensors.get(REQUESTED_KEY),
             "tissue_index": tensors.get(TISSUE_INDEX_KEY),
             "gene_index": tensors.get(GENE_INDEX_KEY),
+            "perturbed_genes": tensors.get(PERTURBED_GENES_KEY),
         }
 
     def _get_generative_input(self, tensors: dict, inference_outputs: dict, **kwargs) -> dict:
@@ -240,6 +256,8 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
         batch_covariate = self.use_batch_covariate and bool(tensors.get(BATCH_COVARIATE_KEY, True))
         inputs = {
             "z": inference_outputs["z"],
+            "perturbation": inference_outputs.get("perturbation"),
+            "perturbed_genes": inference_outputs.get("perturbed_genes"),
             "batch_index": batch if batch_covariate else None,
             "cat_covs": None if cat_covs is None else cat_covs.long()[rows],
             "gene_index": tensors.get(GENE_INDEX_KEY),
@@ -265,6 +283,7 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
         hidden: torch.Tensor | None = None,
         tissue_index: torch.Tensor | None = None,
         gene_index: torch.Tensor | None = None,
+        perturbed_genes: torch.Tensor | None = None,
     ) -> dict:
         """Encode one tissue of N cells; keep the ``requested`` rows (R of them) after the encoder.
 
@@ -282,6 +301,9 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
         ``tissue_index`` ((N,) long, 0..T-1; a packed training step of T tissues): every tissue
         is masked, scaled, attended over and given its latent loss as if it were alone (the
         latent ``loss`` is the mean over tissues).
+
+        ``perturbed_genes`` ((N, P) long, vocabulary rows, -1: none): the perturbation each
+        cell is put under, added to its token before the encoder.
         """
         if x.layout == torch.sparse_csc or x.layout == torch.sparse_coo:
             x = x.to_sparse_csr()
@@ -313,10 +335,19 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
         if self.n_local_heads and coords is not None:
             spatial = spatial_kernel_features(coords, self.local_grid, tissues)
         h = self.embedder(x, gene_index, pe_coords)  # (N, d)
+        offset = None
+        if perturbed_genes is not None:  # the cells' tokens under the perturbation
+            offset = self.perturbation_encoder(self.embedder.feat_enc.emb, perturbed_genes)
+            h = h + offset  # (N, d)
         h = self.encode(h, tissues, spatial)  # (N, d): each cell saw its tissue
         if requested is not None:
             h = h[requested.view(-1).bool()]  # (R, d)
+            if offset is not None:
+                offset = offset[requested.view(-1).bool()]
+                perturbed_genes = perturbed_genes[requested.view(-1).bool()]
         out = self.latent(h, tissues)
+        if offset is not None:  # (R, d), (R, P): the decoder is told the perturbation too
+            out["perturbation"], out["perturbed_genes"] = offset, perturbed_genes
         out["h"] = h
         out["mask"] = mask
         if self.classifier is not None:
@@ -401,8 +432,14 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
         gene_index: torch.Tensor | None = None,
         matched_columns: torch.Tensor | None = None,
         batch_covariate: bool = True,
+        perturbation: torch.Tensor | None = None,
+        perturbed_genes: torch.Tensor | None = None,
     ) -> dict:
         """Decode ``z`` ((R, L) or (S, R, L)) to the NB of every input gene.
+
+        ``perturbation`` ((R, d)): the token offset of the perturbation the cells are under, and
+        ``perturbed_genes`` ((R, P)) its genes; they shift ``z`` and each gene's log mean (see
+        :class:`~cellplm_scvi.nn.PerturbationEncoder`).
 
         ``gene_index``/``matched_columns``: the minibatch's gene layout (``None``: the columns
         are the vocabulary); ``batch_covariate=False``: its batches are not the decoder's.
@@ -413,6 +450,8 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
         in training, whose loss needs only the rest), and the decoder's own ``px_mean``
         (.., G_matched) and ``px_theta`` (G_matched,).
         """
+        if perturbation is not None:
+            z = z + self.perturbation_encoder.to_latent(perturbation).to(z.dtype)  # (.., R, L)
         n_rows = z.shape[-2]
         if transform_batch is not None:
             if not (self.use_batch_covariate and batch_covariate):
@@ -436,6 +475,11 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
             mean = mean.view(n_samples, n_rows, -1)
         else:
             mean, theta = self.decoder(z, covariates or None, decoder_index)
+        if perturbation is not None:  # (R, G_matched) shift of each gene's log mean
+            shift = self.perturbation_encoder.gene_shift(
+                perturbation, perturbed_genes.to(perturbation.device), decoder_index
+            )
+            mean = (mean * shift.exp().to(mean.dtype)).clamp(1e-5, 1e6)
         px = None  # training: the loss needs only the decoder's mean and dispersion
         if not self.training:
             columns = None if gene_index is None else (len(gene_index), matched_columns)
@@ -506,7 +550,9 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
         rows = _requested_rows(tensors)
         # float32 even under autocast: bf16 holds integers exactly only up to 256
         matched = tensors.get(MATCHED_COLUMNS_KEY)
-        x = self.observed_counts(tensors[X_KEY], matched).float()[rows]
+        perturbed = PERTURBED_X_KEY in tensors  # target: cells of the condition, all rows
+        x = tensors[PERTURBED_X_KEY] if perturbed else tensors[X_KEY]
+        x = self.observed_counts(x, matched).float()[rows]
         mean, theta = generative_outputs["px_mean"].float(), generative_outputs["px_theta"].float()
         if mean.dim() == 3:
             raise ValueError("loss() takes one posterior sample (n_samples=1).")
@@ -514,13 +560,13 @@ class CellPLMModule(Int8InferenceMixin, BaseMinifiedModeModuleClass):
         mask: TissueMask | None = inference_outputs.get("mask")
         in_loss = self.loss_rows(tensors)  # (R,) bool or None
         cells = None  # rows in the NB loss (None: all)
-        if mask is not None and self.objective == "pretrain":
+        if mask is not None and self.objective == "pretrain" and not perturbed:
             cells = mask.cells
         if in_loss is not None:
             cells = in_loss if cells is None else cells[in_loss[cells]]  # masked, in the loss
         cells = slice(None) if cells is None else cells
         entries = None  # hidden entries of the masked cells, for the DAE term
-        if mask is not None and self.dae and self.objective == "pretrain":
+        if mask is not None and self.dae and self.objective == "pretrain" and not perturbed:
             entries = mask.entries
             if matched is not None:
                 entries = entries[:, matched.to(entries.device)]

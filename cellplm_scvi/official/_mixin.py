@@ -332,7 +332,9 @@ class OfficialMixin:
                 latent,
                 config.get("latent_mod", "vae"),
             )
-        _files.load_strict(model.module, state, fresh_prefixes=("classifier.",))
+        _files.load_strict(
+            model.module, state, fresh_prefixes=("classifier.", "perturbation_encoder.")
+        )
         model.module.eval()
         model.is_trained_ = True
         model.history_ = {}  # pretrained elsewhere: the first `train` call starts the history
