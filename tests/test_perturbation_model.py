@@ -165,3 +165,18 @@ def test_official_checkpoint_predicts_genes_of_its_vocabulary(tmp_path):
     prediction = model.predict_perturbation([unseen, f"{outside}+ctrl", "ctrl"], n_samples=20)
     assert prediction.shape == (3, len(model.matched_genes))
     assert np.isfinite(prediction.X).all()
+
+
+def test_extend_vocabulary_keeps_the_perturbation_head(screen):
+    """A perturbation model's per-gene shifts get zero rows for the added genes: the extended
+    model predicts the old genes as before (up to the new genes' tiny share of the total)."""
+    perturbed = {g for c in screen.obs["condition"].unique() for g in str(c).split("+")}
+    left_out = [g for g in screen.var_names if g not in perturbed][:3]
+    vocabulary = [g for g in screen.var_names if g not in left_out]
+    model = cp.CellPLM(screen, vocabulary=vocabulary, **ARCH)
+    extended = model.extend_vocabulary()
+    assert extended.module.perturbation_encoder.to_genes.out_features == len(screen.var_names)
+    conditions = ["ctrl", _conditions(screen, "double_unseen")[0]]
+    before = model.predict_perturbation(conditions, n_samples=20, counts="mean")
+    after = extended.predict_perturbation(conditions, n_samples=20, counts="mean")
+    np.testing.assert_allclose(after[:, vocabulary].X, before[:, vocabulary].X, atol=1e-4)

@@ -14,6 +14,7 @@ rows start so that the model computes what it did on the old genes:
   factor ``S / (S + 1.1e-5 n_new)`` per cell (``S``: the old genes' summed mean), so their
   expression relative to each other is unchanged.
 - **dispersions:** the median of the old genes'.
+- **a perturbation model's per-gene shifts:** zero rows (no perturbation moves a new gene).
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ DECODER_WEIGHT = "decoder.out_layer.dec_mean.0.weight"
 DECODER_BIAS = "decoder.out_layer.dec_mean.0.bias"
 DISPERSION = "decoder.out_layer.dec_disp"
 VOCABULARY_ROWS = (EMBEDDING, DECODER_WEIGHT, DECODER_BIAS, DISPERSION)  # one row per gene
+# a perturbation model's per-gene log-mean shifts (setup_anndata(perturbation_key=)): zero rows,
+# so no perturbation moves a new gene until it is trained
+PERTURBATION_ROWS = ("perturbation_encoder.to_genes.weight", "perturbation_encoder.to_genes.bias")
 # model attributes the extended model builds anew (it copies the others: training state,
 # history, the official config)
 _REBUILT = ("init_params_", "registry_", "registry_built_")
@@ -177,7 +181,7 @@ def widened_state(state: dict[str, torch.Tensor], n_new: int) -> dict[str, torch
     """``state`` with ``n_new`` rows appended to each per-gene tensor (see the module
     docstring for their values)."""
     out = dict(state)
-    for key in VOCABULARY_ROWS:
+    for key in VOCABULARY_ROWS + tuple(k for k in PERTURBATION_ROWS if k in state):
         old = state[key]
         if key == DECODER_BIAS:
             rows = old.new_full((n_new,), NEW_GENE_LOGIT)
