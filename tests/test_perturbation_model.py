@@ -180,3 +180,9 @@ def test_extend_vocabulary_keeps_the_perturbation_head(screen):
     before = model.predict_perturbation(conditions, n_samples=20, counts="mean")
     after = extended.predict_perturbation(conditions, n_samples=20, counts="mean")
     np.testing.assert_allclose(after[:, vocabulary].X, before[:, vocabulary].X, atol=1e-4)
+
+
+def test_save_official_refuses_the_perturbation_encoder(untrained, tmp_path):
+    with pytest.raises(ValueError, match="perturbation encoder"):
+        untrained.save_official(tmp_path / "ckpt" / "model")
+    assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").iterdir())

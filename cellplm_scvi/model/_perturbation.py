@@ -170,6 +170,7 @@ class PerturbationMixin:
                 datasplitter_kwargs=datasplitter_kwargs,
                 **kwargs,
             )
+        from .._validation import check_loader_options
         from ._training import check_train_arguments, check_training_data
 
         options = dict(datasplitter_kwargs or {})
@@ -179,7 +180,8 @@ class PerturbationMixin:
                 f"datasplitter_kwargs {sorted(options)} do not apply to perturbation training: "
                 "only 'split_key' (cells whose value is 'train' train)."
             )
-        check_train_arguments(batch_size, None, kwargs.get("load_sparse_tensor"))
+        check_train_arguments(batch_size, None)
+        check_loader_options(False, kwargs.pop("load_sparse_tensor", None), None)
         check_training_data(self, None)
         rows = np.arange(self.adata.n_obs)
         if split_key is not None:

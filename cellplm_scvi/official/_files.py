@@ -218,7 +218,8 @@ def check_exportable(module: nn.Module) -> None:
     The official ``OmicsFormer`` cannot represent: the spatial positional encoding (its
     embedder adds the constant 0 instead), decoder covariate tables other than ``batch``,
     ``dataset`` and ``platform`` (e.g. those of ``categorical_covariate_keys``), and hidden
-    widths that it hard-codes (512 in the GMVAE's ``q(z|h,y)``, 128 in the NB head).
+    widths that it hard-codes (512 in the GMVAE's ``q(z|h,y)``, 128 in the NB head), and a
+    perturbation encoder.
     """
     problems = []
     if getattr(module, "use_spatial_pe", False):
@@ -226,6 +227,11 @@ def check_exportable(module: nn.Module) -> None:
             "the spatial positional encoding (use_spatial_pe=True): the official embedder adds "
             "0 instead, so the official model would embed the cells differently. Export a model "
             "built with spatial_pe=False."
+        )
+    if getattr(module, "perturbation_encoder", None) is not None:
+        problems.append(
+            "the perturbation encoder (setup_anndata(perturbation_key=...)): the official "
+            "network takes no perturbation. Save the model with model.save(...) instead."
         )
     extra = sorted(set(_decoder_tables(module)) - set(OFFICIAL_COVARIATES))
     if extra:
