@@ -17,6 +17,7 @@ GPU.
 from __future__ import annotations
 
 import os
+import sys
 from collections import Counter
 
 import pytest
@@ -30,7 +31,10 @@ def pytest_configure(config: pytest.Config) -> None:
     numba's OpenMP threads (scanpy's ``seurat_v3`` genes) start here, at one thread, before
     torch's are set: started later, they would reset torch's to one per core."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
-        for library in ("OMP", "MKL", "OPENBLAS", "NUMBA"):
+        # numba reads NUMBA_NUM_THREADS again at each compilation and refuses a value other than
+        # the one it was imported with: set it only if no plugin imported numba yet
+        libraries = ("OMP", "MKL", "OPENBLAS") + (() if "numba" in sys.modules else ("NUMBA",))
+        for library in libraries:
             os.environ[f"{library}_NUM_THREADS"] = "1"
         try:
             import numba

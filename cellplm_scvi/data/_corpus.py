@@ -654,6 +654,8 @@ class TissueCorpus(LightningDataModule):
             "unlabeled_category": "Unknown",
             "measured_genes_key": "_cellplm_measured" if not self.measured_genes.all() else None,
             "gene_key": None,  # minibatches are in vocabulary columns already
+            "perturbation_key": None,
+            "control_category": "ctrl",
         }
         return {
             "scvi_version": scvi.__version__,

@@ -204,7 +204,8 @@ class PerturbationMixin:
     @property
     def has_perturbations(self) -> bool:
         """Whether the model was set up with ``perturbation_key`` (and can predict them)."""
-        return PERTURBATION_KEY in self.adata_manager.data_registry
+        manager = self.adata_manager  # None for a model built from a data module's registry
+        return manager is not None and PERTURBATION_KEY in manager.data_registry
 
     @torch.inference_mode()
     def predict_perturbation(
