@@ -51,8 +51,8 @@ from ._setup import check_tissue_codes
 # Default training length (``train(max_epochs=None)``), docs/user_guide.md "Training length":
 # steps = clip(round(PASSES * n_cells / cells_per_step), MIN_STEPS, MAX_STEPS)
 DEFAULT_PASSES = 100  # expected times each cell is in a training step
-MIN_STEPS = 1_000  # optimiser steps at least, however small the data
-MAX_STEPS = 20_000  # and at most, however large
+MIN_STEPS = 500  # optimiser steps at least, however small the data
+MAX_STEPS = 10_000  # and at most, however large
 KL_WARMUP_SHARE = 0.5  # from-scratch KL warm-up: this share of the run's steps
 
 
@@ -136,8 +136,8 @@ class TrainingMixin(UnsupervisedTrainingMixin):
         max_epochs
             Passes over the training tissues; an epoch is one optimiser step per training
             tissue (docs/user_guide.md, "Training length"). ``None``: the default length,
-            ``clip(round(100 * n_cells / cells_per_step), 1000, 20000)`` steps
-            (:func:`default_train_steps`) in whole epochs; with a ``datamodule``, scvi-tools'
+            ``clip(round(100 * n_cells / cells_per_step), 500, 10000)`` steps
+            (``default_train_steps``) in whole epochs; with a ``datamodule``, scvi-tools'
             heuristic on its ``n_obs``. A from-scratch ``"vae"`` latent's KL warm-up is the
             first half of the run (scvi-tools' ``n_steps_kl_warmup``, unless ``plan_kwargs``
             sets it or ``n_epochs_kl_warmup``).
