@@ -91,6 +91,7 @@ def fit(model, times: dict, name: str, **kwargs) -> None:
     start, cpu = time.perf_counter(), time.process_time()
     model.train(**kwargs, **QUIET_TRAIN)
     times[name] = (time.perf_counter() - start, time.process_time() - cpu, loads)
+    print(f"# {name} trained: {times[name][0]:.0f} s wall, {times[name][1]:.0f} s CPU", flush=True)
 
 
 def main() -> None:
@@ -142,6 +143,7 @@ def main() -> None:
             ),
             "DE overlap": float(np.mean(list(overlaps(de, reference, 20).values()))),
         }
+        print(f"# {name}: {scores[name]}", flush=True)
 
     # SCVI at its defaults (labels registered for SCANVI; SCVI does not read them), then CellPLM
     scvi.settings.seed = args.seed
