@@ -27,6 +27,7 @@ SMOKE_TESTED = {
     "bench_annotation.py": "test_annotation_benchmark",
     "bench_corpus.py": "test_corpus_benchmark",
     "bench_de.py": "test_de_benchmark",
+    "bench_defaults.py": "test_defaults_benchmark",
     "bench_denoising.py": "test_denoising_benchmark",
     "bench_extend_vocabulary.py": "test_extend_vocabulary_benchmark",
     "bench_gene_token.py": "test_gene_token_benchmark",
@@ -174,6 +175,20 @@ def test_de_benchmark(tmp_path, monkeypatch):
     assert len(types) == 10, rows
     assert all(0 <= int(rows[t][1]) <= 20 for t in types), rows  # the CellPLM column
     assert len(table(out, "Null test")) == 1
+
+
+@pytest.mark.slow
+def test_defaults_benchmark(tmp_path, monkeypatch):
+    """Every figure of both methods in range, on 300 simulated cells, 2 epochs each."""
+    args = "--data sim --n-cells 300 --max-epochs 2 --scvi-max-epochs 2 --n-hidden 16 --n-layers 1"
+    out = run_script("bench_defaults.py", args, tmp_path, monkeypatch)
+    rows = table(out, "Defaults on sim")
+    for name in ("CellPLM", "SCVI"):
+        cell_type, niche, de, annotation = map(float, rows[name][:4])
+        assert all(0 <= f1 <= 1 for f1 in (cell_type, niche, annotation)), rows
+        assert 0 <= de <= 20, rows
+        assert float(rows[name][-1]) > 0, rows  # CPU time relative to SCVI's
+    assert "2 epochs x" in out and "change over the last 10% of steps" in out, out
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 # the README block's calls, on 400 simulated cells in 2 slides; a tiny network and 2 epochs
+# (the block itself trains for the default length, tests/test_train_length.py)
 SCRIPT = textwrap.dedent(
     """
     import json, sys

@@ -187,7 +187,7 @@ class CellPLM(
         preset = self._preset.name  # recorded in init_params_
         hide_cell_rate = self._preset.hide_cell_rate if hide_cell_rate is None else hide_cell_rate
         latent = self._preset.latent if latent is None else latent
-        module_defaults(self._preset, n_heads, module_kwargs)
+        module_defaults(self._preset, n_heads, module_kwargs, latent)
         # the encoding hurt the niche read-out of cell-hiding models (benchmarks/README.md)
         spatial_pe = has_coords and not hide_cell_rate if spatial_pe is None else spatial_pe
         if spatial_pe and not has_coords:

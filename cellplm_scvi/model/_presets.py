@@ -76,11 +76,20 @@ def resolve_preset(preset: str | None, has_coords: bool, hide_cell_rate: float |
     return PRESETS[preset]
 
 
-def module_defaults(preset: Preset, n_heads: int, module_kwargs: dict) -> dict:
-    """``module_kwargs`` with the preset's local heads filled in where not given."""
+def module_defaults(
+    preset: Preset, n_heads: int, module_kwargs: dict, latent: str | None = None
+) -> dict:
+    """``module_kwargs`` with the preset's local heads filled in where not given, and, for a
+    ``"vae"`` latent outside the ``"official"`` preset, the official 10,000-step KL warm-up
+    off (``kl_warmup_steps=0``) unless given: ``train`` then warms the KL up over a share of
+    the run's own length (:func:`cellplm_scvi.model._training.kl_warmup_kwargs`)."""
     if preset.local_heads:  # half of the heads attend through the spatial kernel
         module_kwargs.setdefault("n_local_heads", n_heads // 2)
         module_kwargs.setdefault("local_grid", preset.local_grid)
+    if latent == "vae" and preset.name != "official":
+        latent_kwargs = dict(module_kwargs.get("latent_kwargs") or {})
+        latent_kwargs.setdefault("kl_warmup_steps", 0)
+        module_kwargs["latent_kwargs"] = latent_kwargs
     return module_kwargs
 
 

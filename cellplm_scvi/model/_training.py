@@ -31,9 +31,11 @@ number generators, official plateau scheduler, best validation state).
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
+import numpy as np
 from lightning.pytorch.callbacks import ModelCheckpoint
 from scvi import settings
 from scvi.model._utils import get_max_epochs_heuristic, use_distributed_sampler
@@ -41,11 +43,20 @@ from scvi.model.base import UnsupervisedTrainingMixin
 from scvi.train import TrainRunner
 from scvi.train._config import merge_kwargs
 
+from .._constants import TISSUE_KEY
 from .._quiet import quiet_training
 from .._validation import check_batch_size, check_counts_sample, check_loader_options
+from ..nn import VAELatent
 from ..official._mixin import model_vocabulary
 from ._presets import resolve_redraw_tissues
 from ._setup import check_tissue_codes
+
+# Default training length (``train(max_epochs=None)``), docs/user_guide.md "Training length":
+# steps = clip(round(PASSES * n_cells / cells_per_step), MIN_STEPS, MAX_STEPS)
+DEFAULT_PASSES = 100  # expected times each cell is in a training step
+MIN_STEPS = 500  # optimiser steps at least, however small the data
+MAX_STEPS = 10_000  # and at most, however large
+KL_WARMUP_SHARE = 0.5  # from-scratch KL warm-up: this share of the run's steps
 
 
 class TissueTrainRunner(TrainRunner):
@@ -126,7 +137,13 @@ class TrainingMixin(UnsupervisedTrainingMixin):
         Parameters
         ----------
         max_epochs
-            Passes over the training tissues (default: scvi-tools' heuristic on ``n_obs``).
+            Passes over the training tissues; an epoch is one optimiser step per training
+            tissue (docs/user_guide.md, "Training length"). ``None``: the default length,
+            ``clip(round(100 * n_cells / cells_per_step), 500, 10000)`` steps
+            (``default_train_steps``) in whole epochs; with a ``datamodule``, scvi-tools'
+            heuristic on its ``n_obs``. A from-scratch ``"vae"`` latent's KL warm-up is the
+            first half of the run (scvi-tools' ``n_steps_kl_warmup``, unless ``plan_kwargs``
+            sets it or ``n_epochs_kl_warmup``).
         accelerator, devices
             Lightning device selection (``"auto"`` uses one GPU when there is one).
         train_size, validation_size
@@ -245,8 +262,16 @@ class TrainingMixin(UnsupervisedTrainingMixin):
                     "tissues change size every epoch, and so would the number of packed steps."
                 )
             redraw_tissues = False
+        steps_per_epoch = None  # known for the AnnData's tissues, not for a data module
+        if datamodule is None and self.adata is not None:
+            cells_per_step, steps_per_epoch = tissue_steps(
+                self.adata_manager.get_from_registry(TISSUE_KEY), batch_size, pack_tissues
+            )
+            if max_epochs is None:
+                steps = default_train_steps(self.adata.n_obs, cells_per_step)
+                max_epochs = math.ceil(steps / steps_per_epoch)
         if max_epochs is None:
-            n_obs = self.adata.n_obs if datamodule is None else getattr(datamodule, "n_obs", None)
+            n_obs = getattr(datamodule, "n_obs", None)
             if n_obs is None:
                 raise ValueError("Pass max_epochs with a datamodule that has no n_obs.")
             max_epochs = get_max_epochs_heuristic(n_obs)
@@ -290,6 +315,7 @@ class TrainingMixin(UnsupervisedTrainingMixin):
         else:
             check_datamodule(self, datamodule)
         plan_kwargs = {"lr": lr, **merge_kwargs(plan_config, plan_kwargs, name="plan")}
+        plan_kwargs = kl_warmup_kwargs(self, plan_kwargs, max_epochs, steps_per_epoch)
         if gradient_clip_val is not None:
             trainer_kwargs.setdefault("gradient_clip_val", gradient_clip_val)
         if early_stopping:
@@ -320,6 +346,74 @@ class TrainingMixin(UnsupervisedTrainingMixin):
             )
         finally:
             self.is_trained_ = self.is_trained_ or starts_history
+
+
+def default_train_steps(n_cells: int, cells_per_step: float) -> int:
+    """Optimiser steps of ``train(max_epochs=None)``.
+
+    ``clip(round(DEFAULT_PASSES * n_cells / cells_per_step), MIN_STEPS, MAX_STEPS)``: every
+    cell in about ``DEFAULT_PASSES`` training steps, within ``[MIN_STEPS, MAX_STEPS]`` steps
+    (docs/user_guide.md, "Training length").
+
+    Parameters
+    ----------
+    n_cells
+        Cells of the AnnData.
+    cells_per_step
+        Mean cells of a training step (see :func:`tissue_steps`).
+
+    Returns
+    -------
+    The number of optimiser steps.
+    """
+    if n_cells < 1 or not cells_per_step > 0:
+        raise ValueError(
+            f"default_train_steps needs n_cells >= 1 and cells_per_step > 0, got {n_cells} and "
+            f"{cells_per_step}."
+        )
+    steps = round(DEFAULT_PASSES * n_cells / cells_per_step)
+    return int(min(max(steps, MIN_STEPS), MAX_STEPS))
+
+
+def tissue_steps(
+    tissue_codes: np.ndarray, batch_size: int | None, pack_tissues: bool = False
+) -> tuple[float, int]:
+    """Mean cells of a training step and steps of an epoch, for the registered tissues.
+
+    A step holds one tissue, capped at ``batch_size`` cells (``pack_tissues``: several capped
+    tissues, ``batch_size`` cells in all, so ``ceil(capped cells / batch_size)`` steps). Every
+    tissue trains under the default split by cells; on one device.
+    """
+    _, sizes = np.unique(np.asarray(tissue_codes).reshape(-1), return_counts=True)
+    capped = np.minimum(sizes, batch_size) if batch_size else sizes
+    steps_per_epoch = math.ceil(capped.sum() / batch_size) if pack_tissues else len(sizes)
+    return float(capped.sum() / steps_per_epoch), int(steps_per_epoch)
+
+
+def kl_warmup_kwargs(
+    model, plan_kwargs: dict, max_epochs: int, steps_per_epoch: int | None
+) -> dict:
+    """``plan_kwargs`` with the default KL warm-up of this run.
+
+    A from-scratch ``"vae"`` latent (a model outside the ``"official"`` preset, whose latent
+    has no warm-up of its own: :func:`~cellplm_scvi.model._presets.module_defaults`) gets
+    scvi-tools' ``n_steps_kl_warmup``: the first ``KL_WARMUP_SHARE`` of the run's steps
+    (``n_epochs_kl_warmup``, of its epochs, with a data module). Given ``n_steps_kl_warmup`` or
+    ``n_epochs_kl_warmup`` are kept. The ``"official"`` preset (:meth:`load_official`) keeps
+    the official schedule (10,000 steps, in the latent layer), a latent given its own
+    ``kl_warmup_steps`` keeps it, and a Gaussian-mixture latent (official: free-bits floors,
+    no warm-up) gets none added.
+    """
+    if "n_steps_kl_warmup" in plan_kwargs or "n_epochs_kl_warmup" in plan_kwargs:
+        return plan_kwargs
+    layer = model.module.latent.layers[1]
+    own_schedule = not isinstance(layer, VAELatent) or layer.kl_warmup_steps
+    if model._preset.name == "official" or own_schedule:
+        return plan_kwargs
+    if steps_per_epoch is None:
+        return {**plan_kwargs, "n_epochs_kl_warmup": max(1, round(KL_WARMUP_SHARE * max_epochs))}
+    steps = max(1, round(KL_WARMUP_SHARE * max_epochs * steps_per_epoch))
+    return {**plan_kwargs, "n_steps_kl_warmup": steps}
 
 
 def check_train_arguments(batch_size: int | None, max_cells_per_step: int | None) -> None:

@@ -56,8 +56,11 @@ class CellPLMTrainingPlan(TrainingPlan):
     embedder_lr_factor
         Learning rate of the embedder relative to ``lr`` (official fine-tuning: 0.1).
     n_epochs_kl_warmup
-        scvi-tools' KL annealing (off by default: the official latent losses use free-bits
-        floors). The VAE latent's own official warm-up (``kl_warmup_steps``) multiplies it.
+        scvi-tools' KL annealing over epochs (``n_steps_kl_warmup``, over steps, goes through
+        ``**kwargs``). Off here by default; :meth:`~cellplm_scvi.CellPLM.train` sets
+        ``n_steps_kl_warmup`` to half the run for a from-scratch ``"vae"`` latent (user guide,
+        "Training length"). The official latents keep their own regularisation: free-bits
+        floors, and the official VAE's warm-up (``kl_warmup_steps``), which multiplies it.
     embedder_weight_decay
         Weight decay of the embedder group (official annotation: 1e-10).
     optimized_modules
