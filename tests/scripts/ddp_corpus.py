@@ -116,6 +116,7 @@ def main(out: str, devices: int, files: list[str]) -> None:
         max_epochs=MAX_EPOCHS,
         accelerator="cpu",
         lr=1e-3,
+        plan_kwargs={"n_epochs_kl_warmup": None},  # KL weight 1 from step 0, as the test's
         gradient_clip_val=None,
         enable_progress_bar=False,
         callbacks=[Recorder(out_dir)],
