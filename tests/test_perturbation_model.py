@@ -124,6 +124,15 @@ def test_bad_requests(untrained):
         untrained.predict_perturbation(["ctrl"], n_samples=0)
 
 
+@pytest.mark.parametrize(
+    "argument", [{"train_size": 0.8}, {"early_stopping": True}, {"redraw_tissues": True}]
+)
+def test_splitter_arguments_are_refused_not_ignored(untrained, argument):
+    """Perturbation training builds no tissue splitter: its arguments raise."""
+    with pytest.raises(ValueError, match="do not apply to perturbation training"):
+        untrained.train(max_epochs=1, **argument, **FIT)
+
+
 def test_a_model_without_perturbation_key_says_what_to_pass():
     adata = _screen()
     cp.CellPLM.setup_anndata(adata, layer="counts")

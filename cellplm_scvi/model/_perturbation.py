@@ -55,6 +55,17 @@ from ..official._mixin import model_vocabulary
 
 MAX_GENES = 2  # genes per condition: singles and doubles (GEARS / Norman naming)
 CONTROL_TOKEN = "ctrl"  # the placeholder of GEARS' "A+ctrl"
+# train() arguments of the tissue splitter, which perturbation training does not build
+SPLITTER_ARGUMENTS = (
+    "train_size",
+    "validation_size",
+    "shuffle_set_split",
+    "early_stopping",
+    "drop_node_rate",
+    "max_cells_per_step",
+    "redraw_tissues",
+    "pack_tissues",
+)
 
 
 def parse_condition(condition: str, control_category: str = "ctrl") -> tuple[str, ...]:
@@ -173,6 +184,13 @@ class PerturbationMixin:
         from .._validation import check_loader_options
         from ._training import check_train_arguments, check_training_data
 
+        ignored = sorted(k for k in SPLITTER_ARGUMENTS if k in kwargs)
+        if ignored:
+            raise ValueError(
+                f"{ignored} do not apply to perturbation training (one condition per step, no "
+                "validation split): leave them out; batch_size caps the target cells per step and "
+                "datasplitter_kwargs={'split_key': column} holds conditions out."
+            )
         options = dict(datasplitter_kwargs or {})
         split_key = options.pop("split_key", None)
         if options:
