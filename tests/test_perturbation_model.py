@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 import cellplm_scvi as cp
 from cellplm_scvi.official._mixin import model_vocabulary
@@ -195,3 +196,24 @@ def test_save_official_refuses_the_perturbation_encoder(untrained, tmp_path):
     with pytest.raises(ValueError, match="perturbation encoder"):
         untrained.save_official(tmp_path / "ckpt" / "model")
     assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").iterdir())
+
+
+def test_prediction_decodes_the_control_cells_batch(monkeypatch):
+    """With ``batch_key`` the decoder gets the drawn control cells' batch (it was silently left
+    out of prediction while training used it)."""
+    adata = _screen()
+    adata.obs["lane"] = np.where(np.arange(adata.n_obs) % 2, "l1", "l2")
+    cp.CellPLM.setup_anndata(adata, layer="counts", perturbation_key="condition", batch_key="lane")
+    model = cp.CellPLM(adata, **ARCH)
+    seen = []
+    generative_input = model.module._get_generative_input
+
+    def record(tensors, inference_outputs, **kwargs):
+        inputs = generative_input(tensors, inference_outputs, **kwargs)
+        seen.append(inputs["batch_index"])
+        return inputs
+
+    monkeypatch.setattr(model.module, "_get_generative_input", record)
+    model.predict_perturbation(["ctrl"], n_samples=20, counts="mean")
+    assert seen and all(b is not None for b in seen)
+    assert set(torch.cat(seen).tolist()) == {0, 1}  # both lanes among the drawn controls

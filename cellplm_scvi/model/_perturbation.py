@@ -47,10 +47,10 @@ from anndata import AnnData
 from scvi import settings
 from scvi.data.fields import CategoricalObsField
 
-from .._constants import PERTURBATION_KEY, PERTURBED_GENES_KEY, X_KEY
+from .._constants import LABELS_KEY, PERTURBATION_KEY, PERTURBED_GENES_KEY, X_KEY
 from .._quiet import ignore_warnings
 from ..data._perturbation import PerturbationDataModule
-from ..data._tissue_loader import _to_csr_tensor
+from ..data._tissue_loader import TissueDataset
 from ..official._mixin import model_vocabulary
 
 MAX_GENES = 2  # genes per condition: singles and doubles (GEARS / Norman naming)
@@ -286,8 +286,7 @@ class PerturbationMixin:
         controls = np.flatnonzero(codes == self._control_code())
         rng = np.random.default_rng(seed)
         drawn = rng.choice(controls, n_samples, replace=n_samples > len(controls))  # (S,)
-        x = self.adata_manager.get_from_registry(X_KEY)
-        layout = {} if self._gene_layout is None else self._gene_layout.tensors()
+        cells_of = TissueDataset(self.adata_manager, gene_layout=self._gene_layout)  # as training
         matched = None if self._gene_layout is None else self._gene_layout.matched_columns
         step = n_samples if batch_size is None else int(batch_size)
         chunks = [drawn[i : i + step] for i in range(0, n_samples, step)]
@@ -298,11 +297,10 @@ class PerturbationMixin:
             for k, rows in enumerate(genes):
                 torch.manual_seed(seed)  # the same draws for every condition, wherever it is
                 for chunk in chunks:
-                    tensors = {
-                        X_KEY: _to_csr_tensor(x[np.sort(chunk)]),
-                        PERTURBED_GENES_KEY: torch.as_tensor(rows).expand(len(chunk), -1),
-                        **layout,
-                    }
+                    # the control cells with their own covariates (batch, ...) and gene layout
+                    tensors = cells_of[np.sort(chunk).tolist()]
+                    tensors.pop(LABELS_KEY, None)
+                    tensors[PERTURBED_GENES_KEY] = torch.as_tensor(rows).expand(len(chunk), -1)
                     inference = module.inference(**module._get_inference_input(tensors))
                     px = module.generative(**module._get_generative_input(tensors, inference))
                     cells = px["px"].sample() if counts == "sample" else px["px"].mu  # (n, G)
