@@ -173,6 +173,7 @@ def main() -> None:
     elbo = model.history["elbo_validation"]
     change = relative_change(elbo.iloc[:, 0].to_numpy(), elbo.index.to_numpy(), max_epochs)
     notes["CellPLM"] = (
+        f"preset {model.preset!r}, lr {model.trainer.lightning_module.lr:g}: "
         f"{max_epochs} epochs x {n_tissues} tissues = {model.trainer.global_step} steps, "
         f"{cells_per_step:.0f} cells a step; validation ELBO {elbo.iloc[-1, 0]:.1f}, "
         f"{100 * change:.2f}% change over the last 10% of steps"

@@ -167,6 +167,19 @@ def check_drop_node_rate(drop_node_rate: float) -> float:
     return float(drop_node_rate)
 
 
+def check_predict_options(use_posterior_mean: bool, integrated_gradients, dataloader) -> None:
+    """Refuse ``predict`` arguments of ``SCANVI.predict`` that have no CellPLM meaning."""
+    if not use_posterior_mean:
+        raise ValueError(
+            "use_posterior_mean=False has no meaning here: CellPLM's head classifies the "
+            "deterministic pre-latent state, not a latent sample."
+        )
+    if integrated_gradients:
+        raise ValueError("Integrated-gradient interpretability is not available for CellPLM.")
+    if dataloader is not None:
+        raise ValueError("Pass adata/indices instead of a dataloader.")
+
+
 def check_loader_options(drop_last, load_sparse_tensor, data_and_attributes) -> None:
     """Refuse scvi-tools data-loader options that a tissue loader cannot honour.
 

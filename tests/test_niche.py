@@ -146,11 +146,21 @@ def test_defaults_spatial_nonspatial_official(tmp_path):
     del plain.obsm["spatial"]
     CellPLM.setup_anndata(plain, layer="counts")
     flat = CellPLM(plain, **ARCH)
-    assert flat.module.hide_cell_rate == 0.0 and flat.preset == "official"
-    assert flat.module.latent_type == "gmvae" and flat.module.n_local_heads == 0
+    assert flat.module.hide_cell_rate == 0.0 and flat.preset == "dissociated"
+    assert flat.module.latent_type == "vae" and flat.module.n_local_heads == 0
+    assert not flat.module.use_spatial_pe and "preset='dissociated'" in flat._model_summary_string
     assert _redraw(flat, None) is False
     with pytest.raises(ValueError, match="redraw_tissues=True needs coordinates"):
         flat.train(max_epochs=1, redraw_tissues=True, **FIT)
+    # the preset's learning rate, unless one is given
+    flat.train(max_epochs=1, **FIT)
+    assert flat.trainer.lightning_module.lr == 2e-3
+    flat.train(max_epochs=1, lr=1e-4, **FIT)
+    assert flat.trainer.lightning_module.lr == 1e-4
+    official_flat = CellPLM(plain, preset="official", **ARCH)
+    assert official_flat.module.latent_type == "gmvae"
+    official_flat.train(max_epochs=1, **FIT)
+    assert official_flat.trainer.lightning_module.lr == 5e-4
     with pytest.raises(ValueError, match="hide_cell_rate > 0"):
         flat.get_latent_representation(representation="niche")
 
@@ -211,6 +221,21 @@ def test_files_saved_before_presets_load_the_same(tmp_path):
     }
     new = {"init_params_": {"non_kwargs": {"preset": "spatial"}, "kwargs": {"module_kwargs": {}}}}
     assert saved_init_params(new)["init_params_"]["kwargs"]["module_kwargs"] == {}
+
+    # without coordinates, a file that records no preset was built with the official objective
+    # (the default then): it loads as "official", strictly, not as today's "dissociated"
+    plain = cp.datasets.simulate_tissue(n_cells=300, n_slides=1, seed=0)
+    del plain.obsm["spatial"]
+    CellPLM.setup_anndata(plain, layer="counts")
+    flat = CellPLM(plain, preset="official", **ARCH)
+    flat.is_trained_ = True  # weights as built: enough to compare the two
+    del flat.init_params_["non_kwargs"]["preset"]
+    flat.save(tmp_path / "flat")
+    loaded = CellPLM.load(tmp_path / "flat", adata=plain)
+    assert loaded.preset == "official" and loaded.module.latent_type == "gmvae"
+    np.testing.assert_allclose(
+        loaded.get_latent_representation(), flat.get_latent_representation(), atol=1e-6
+    )
 
 
 # ------------------------------------------------------------------------------ read-out

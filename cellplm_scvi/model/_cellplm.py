@@ -38,6 +38,7 @@ from .._constants import (
     X_KEY,
 )
 from .._quiet import quiet_setup
+from .._validation import check_predict_options
 from ..data import TissueDataLoader, TissueDataSplitter
 from ..module import CellPLMModule
 from ..official import OfficialMixin
@@ -45,7 +46,7 @@ from ._genes_mixin import GeneEmbeddingMixin
 from ._imputation import ImputationMixin
 from ._minify import MinifyMixin, is_minified
 from ._perturbation import PerturbationMixin, perturbation_fields
-from ._presets import module_defaults, resolve_preset
+from ._presets import module_defaults, resolve_preset, resolve_spatial_pe
 from ._query import QueryMixin
 from ._save_load import SaveLoadMixin
 from ._setup import (
@@ -100,7 +101,7 @@ class CellPLM(
         Embedding width (official: 512).
     latent
         ``"gmvae"`` (Gaussian mixture, ``n_clusters`` components) or ``"vae"``. ``None``: the
-        preset's (``"vae"`` for ``"spatial"``, ``"gmvae"``, the official latent, else).
+        preset's (``"gmvae"``, the official latent, for ``"official"``, else ``"vae"``).
     n_clusters
         GMVAE components.
     dropout
@@ -127,16 +128,16 @@ class CellPLM(
         ``adata.var`` column with gene IDs or symbols to match ``vocabulary`` (default: the
         ``gene_key`` given to :meth:`setup_anndata`, else ``var_names``).
     preset
-        The defaults that depend on the data (see :mod:`cellplm_scvi.model._presets`):
-        ``"official"`` (no cell hidden, ``"gmvae"`` latent, no local heads; what
-        :meth:`load_official` uses) or ``"spatial"`` (a from-scratch model that reads niches:
-        ``hide_cell_rate=0.3``, ``"vae"`` latent, half of the heads (module argument
-        ``n_local_heads``) weighing the other cells by a distance-decaying spatial kernel of
-        width 1/6 of the tissue's side (``local_grid=7``; see
-        :func:`cellplm_scvi.nn.spatial_kernel_features`), training tissues redrawn every
-        epoch). ``None``: ``"spatial"`` when coordinates are registered (unless
-        ``hide_cell_rate=0``), else ``"official"``. Explicit arguments win over the preset; the
-        resolved name is recorded in ``init_params_`` and shown in the model summary.
+        The defaults that depend on the data (:mod:`cellplm_scvi.model._presets`):
+        ``"official"`` (the authors' objective: ``"gmvae"`` latent, no cell hidden, no local
+        heads; :meth:`load_official` uses it), ``"dissociated"`` (from scratch without
+        coordinates: ``"vae"`` latent, ``train(lr=2e-3)``) or ``"spatial"`` (from scratch,
+        reads niches: ``hide_cell_rate=0.3``, ``"vae"`` latent, half of the heads (module
+        argument ``n_local_heads``) weighing the other cells by a spatial kernel of width 1/6 of
+        the tissue's side (``local_grid=7``), training tissues redrawn every epoch). ``None``:
+        ``"spatial"`` on registered coordinates (``"official"`` with ``hide_cell_rate=0``), else
+        ``"dissociated"``. Explicit arguments win; the resolved name is recorded in
+        ``init_params_`` and shown in the model summary.
     **module_kwargs
         Passed to :class:`~cellplm_scvi.module.CellPLMModule`.
 
@@ -175,7 +176,7 @@ class CellPLM(
         dae: bool = True,
         vocabulary: Sequence[str] | None = None,
         gene_key: str | None = None,
-        preset: Literal["official", "spatial"] | None = None,
+        preset: Literal["official", "dissociated", "spatial"] | None = None,
         registry: dict | None = None,
         **module_kwargs,
     ):
@@ -188,12 +189,7 @@ class CellPLM(
         hide_cell_rate = self._preset.hide_cell_rate if hide_cell_rate is None else hide_cell_rate
         latent = self._preset.latent if latent is None else latent
         module_defaults(self._preset, n_heads, module_kwargs, latent)
-        # the encoding hurt the niche read-out of cell-hiding models (benchmarks/README.md)
-        spatial_pe = has_coords and not hide_cell_rate if spatial_pe is None else spatial_pe
-        if spatial_pe and not has_coords:
-            raise ValueError(
-                "spatial_pe=True needs coordinates: call setup_anndata(spatial_key=...)."
-            )
+        spatial_pe = resolve_spatial_pe(spatial_pe, has_coords, hide_cell_rate)
         if vocabulary is not None:
             vocabulary = list(vocabulary)
         if adata is None:  # a data module's registry (e.g. TissueCorpus): vocabulary columns
@@ -429,15 +425,7 @@ class CellPLM(
                 "This model has no classification head: call setup_anndata(labels_key=...) with "
                 "at least two cell types before creating the model."
             )
-        if not use_posterior_mean:
-            raise ValueError(
-                "use_posterior_mean=False has no meaning here: CellPLM's head classifies the "
-                "deterministic pre-latent state, not a latent sample."
-            )
-        if ig_interpretability or ig_args:
-            raise ValueError("Integrated-gradient interpretability is not available for CellPLM.")
-        if dataloader is not None:
-            raise ValueError("Pass adata/indices instead of a dataloader.")
+        check_predict_options(use_posterior_mean, ig_interpretability or ig_args, dataloader)
         self._refuse_minified("predict")
         adata, emitted, back = self._tissue_order(adata, indices, batch_size)
         self.module.eval()
@@ -455,5 +443,5 @@ class CellPLM(
 
     @property
     def preset(self) -> str:
-        """Name of the preset the model was built with (``"official"`` or ``"spatial"``)."""
+        """Name of the preset the model was built with (see ``preset``)."""
         return self._preset.name

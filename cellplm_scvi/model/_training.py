@@ -118,7 +118,7 @@ class TrainingMixin(UnsupervisedTrainingMixin):
         plan_kwargs: dict | None = None,
         datamodule=None,
         trainer_config=None,
-        lr: float = 5e-4,
+        lr: float | None = None,
         drop_node_rate: float = 0.3,
         gradient_clip_val: float | None = 2.0,
         max_cells_per_step: int | None = None,
@@ -181,7 +181,8 @@ class TrainingMixin(UnsupervisedTrainingMixin):
         trainer_config
             Passed (merged) to :class:`scvi.train.Trainer`, like ``**trainer_kwargs``.
         lr
-            AdamW learning rate (linear warm-up, see :class:`CellPLMTrainingPlan`).
+            AdamW learning rate (linear warm-up, see :class:`CellPLMTrainingPlan`). ``None``:
+            the preset's (2e-3 for ``"dissociated"``, else 5e-4).
         drop_node_rate
             Fraction of a tissue's cells dropped at each step (official node drop).
         gradient_clip_val
@@ -314,6 +315,7 @@ class TrainingMixin(UnsupervisedTrainingMixin):
             )
         else:
             check_datamodule(self, datamodule)
+        lr = self._preset.lr if lr is None else lr
         plan_kwargs = {"lr": lr, **merge_kwargs(plan_config, plan_kwargs, name="plan")}
         plan_kwargs = kl_warmup_kwargs(self, plan_kwargs, max_epochs, steps_per_epoch)
         if gradient_clip_val is not None:

@@ -320,7 +320,14 @@ class OfficialMixin:
         state = _files.read_state_dict(ckpt_path, trust_pickle=trust_pickle)
         kwargs = {**_files.model_kwargs(config), **replaced}
         # the official objective: no cell is hidden whole, whatever the AnnData registers
-        model = cls(adata, spatial_pe=False, gene_key=gene_key, hide_cell_rate=0.0, **kwargs)
+        model = cls(
+            adata,
+            spatial_pe=False,
+            gene_key=gene_key,
+            hide_cell_rate=0.0,
+            preset="official",
+            **kwargs,
+        )
         if latent != config.get("latent_mod", "vae"):
             # a fresh latent layer: the checkpoint's latent weights give way to the new layer's
             state = {k: v for k, v in state.items() if not k.startswith("latent.")}
