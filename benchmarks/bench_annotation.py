@@ -73,7 +73,9 @@ def main() -> None:
         cp.CellPLM.setup_anndata(
             adata, layer="counts", labels_key="label", max_cells=args.max_cells
         )
-        model = cp.CellPLM(adata, n_hidden=args.n_hidden, n_layers=args.n_layers, n_latent=32)
+        model = cp.CellPLM(
+            adata, n_hidden=args.n_hidden, n_layers=args.n_layers, n_latent=32, preset="official"
+        )
         model.train(max_epochs=args.epochs, lr=args.lr, train_size=1.0, **QUIET_TRAIN)
         pred = model.predict()
     rows.append(

@@ -72,7 +72,9 @@ def main() -> None:
 
     with timer(times, "CellPLM"):
         cp.CellPLM.setup_anndata(adata, layer="counts", max_cells=args.max_cells)
-        model = cp.CellPLM(adata, n_hidden=args.n_hidden, n_layers=args.n_layers, n_latent=32)
+        model = cp.CellPLM(
+            adata, n_hidden=args.n_hidden, n_layers=args.n_layers, n_latent=32, preset="official"
+        )
         model.train(max_epochs=args.epochs, lr=args.lr, train_size=1.0, **QUIET_TRAIN)
         pred = model.get_normalized_expression(library_size=1e4, return_numpy=True)
     results.append((f"CellPLM ({args.epochs} ep)", log1p_cp10k(pred), times["CellPLM"]))

@@ -64,7 +64,12 @@ def _epoch_time(adata, per_step: int, args) -> dict:
 
     scvi.settings.seed = args.seed
     model = cp.CellPLM(
-        adata, n_hidden=args.n_hidden, n_layers=args.n_layers, n_heads=8, n_latent=32
+        adata,
+        n_hidden=args.n_hidden,
+        n_layers=args.n_layers,
+        n_heads=8,
+        n_latent=32,
+        preset="official",
     )
     timer = EpochTimer()
     model.train(

@@ -74,7 +74,9 @@ def cellplm_prediction(adata, split_seed: int, args):
     cp.CellPLM.setup_anndata(
         adata, layer="counts", perturbation_key="condition", control_category="ctrl"
     )
-    model = cp.CellPLM(adata, n_hidden=args.n_hidden, n_layers=args.n_layers, n_latent=32)
+    model = cp.CellPLM(
+        adata, n_hidden=args.n_hidden, n_layers=args.n_layers, n_latent=32, preset="official"
+    )
     return _train_and_predict(model, adata, args)
 
 
