@@ -13,9 +13,9 @@
   that need it, so a test file that imports this module is not skipped without it: each test
   (or fixture) that needs it calls ``pytest.importorskip("CellPLM")`` (``build_official`` and
   ``read_official`` skip by themselves);
-- ``start_script``/``finish_script``: run a Python script as a program in a process forked from
-  a server that has imported ``cellplm_scvi`` once (the scripts of the resume, DDP and
-  benchmark tests).
+- ``start_script``/``finish_script``: run a Python script or module as a program in a process
+  forked from a server that has imported ``cellplm_scvi`` once (the scripts of the resume, DDP,
+  memory and benchmark tests, the documentation build).
 """
 
 from __future__ import annotations
@@ -374,14 +374,18 @@ def corpus(files, **kwargs) -> TissueCorpus:
 FORKSERVER_PRELOAD = ["cellplm_scvi", "tests._helpers"]
 
 
-def _run_as_main(script: str, argv: list[str], log: str, env: dict, cwd: str | None) -> None:
-    """Run ``script`` as ``python script *argv`` would, in this (forked) process: environment
-    variables ``env`` set, in ``cwd``, stdout and stderr (file descriptors 1 and 2, so the output
-    of C code and of subprocesses too) to ``log``."""
+def _run_as_main(argv: list[str], log: str, env: dict, cwd: str | None) -> None:
+    """Run ``python *argv`` (``[script, *args]`` or ``["-m", module, *args]``) in this (forked)
+    process: environment variables ``env`` set (``None``: unset), in ``cwd``, stdout and stderr
+    (file descriptors 1 and 2, so the output of C code and of subprocesses too) to ``log``."""
     import runpy
     import sys
 
-    os.environ.update(env)
+    for name, value in env.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
     if "OMP_NUM_THREADS" in env:  # torch, imported by the server, reads it only once
         torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
     if cwd is not None:
@@ -391,22 +395,27 @@ def _run_as_main(script: str, argv: list[str], log: str, env: dict, cwd: str | N
         os.dup2(fh.fileno(), 2)
     sys.stdout = open(1, "w", buffering=1, closefd=False)
     sys.stderr = open(2, "w", buffering=1, closefd=False)
-    sys.argv = [script, *argv]
-    sys.path.insert(0, os.path.dirname(script))
-    runpy.run_path(script, run_name="__main__")
+    if argv[0] == "-m":
+        sys.argv = argv[1:]
+        runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+    else:
+        sys.argv = argv
+        sys.path.insert(0, os.path.dirname(argv[0]))
+        runpy.run_path(argv[0], run_name="__main__")
 
 
 def start_script(
-    script: Path, argv: list, log: Path, env: dict | None = None, cwd: Path | None = None
+    argv: list, log: Path, env: dict | None = None, cwd: Path | None = None
 ) -> multiprocessing.Process:
-    """Start ``python script *argv`` (its output to ``log``) in a process forked from a server
-    that has imported ``cellplm_scvi`` (``FORKSERVER_PRELOAD``). It is a new process, with the
-    module state of a fresh interpreter; its own subprocesses (DDP ranks) start fresh
-    interpreters. :func:`finish_script` waits for it."""
+    """Start ``python *argv`` (``[script, *args]`` or ``["-m", module, *args]``; its output to
+    ``log``) in a process forked from a server that has imported ``cellplm_scvi``
+    (``FORKSERVER_PRELOAD``). It is a new process, with the module state of a fresh interpreter;
+    its own subprocesses (DDP ranks) start fresh interpreters. :func:`finish_script` waits for
+    it."""
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(FORKSERVER_PRELOAD)  # the first server started keeps its own
     cwd = None if cwd is None else str(cwd)
-    args = (str(script), [str(a) for a in argv], str(log), env or {}, cwd)
+    args = ([str(a) for a in argv], str(log), env or {}, cwd)
     process = context.Process(target=_run_as_main, args=args)
     process.start()
     return process

@@ -49,7 +49,7 @@ def run_script(name: str, args: str, tmp_path: Path, timeout: float = 600) -> st
     """stdout + stderr of ``python benchmarks/<name> <args>``; fails on a non-zero exit."""
     assert name in SMOKE_TESTED, f"add {name} to SMOKE_TESTED"
     log = tmp_path / f"{name}.log"
-    process = start_script(BENCHMARKS / name, args.split(), log)
+    process = start_script([BENCHMARKS / name, *args.split()], log)
     exitcode, out = finish_script(process, log, timeout)
     assert exitcode == 0, out[-3000:]
     return out

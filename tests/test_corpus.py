@@ -398,7 +398,7 @@ def test_rss_bounded_by_tissues_not_corpus(tmp_path):
     def start(paths) -> tuple[multiprocessing.Process, Path]:
         args = [json.dumps([str(p) for p in paths]), json.dumps(vocab), str(tmp_path / "c")]
         log = tmp_path / f"rss_{len(paths)}.log"
-        return start_script(script, args, log, env={"OMP_NUM_THREADS": "1"}), log
+        return start_script([script, *args], log, env={"OMP_NUM_THREADS": "1"}), log
 
     def peak_kb(run: tuple[multiprocessing.Process, Path], n_files: int) -> int:
         exitcode, out = finish_script(*run)

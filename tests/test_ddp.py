@@ -33,7 +33,7 @@ def _start(tmp_path: Path, devices: int) -> multiprocessing.Process:
     """Start the training script with ``devices`` processes, in the background (rank 0 in a
     new process, the other ranks in subprocesses Lightning starts)."""
     out = tmp_path / f"loss_{devices}.json"
-    return start_script(SCRIPT, [out, devices], tmp_path / f"log_{devices}.txt", cwd=tmp_path)
+    return start_script([SCRIPT, out, devices], tmp_path / f"log_{devices}.txt", cwd=tmp_path)
 
 
 def _loss_curve(process: multiprocessing.Process, tmp_path: Path, devices: int) -> list[float]:
@@ -77,7 +77,7 @@ def test_ddp_over_a_corpus_shares_tissues_and_averages_gradients(
     out = tmp_path / "ddp"
     env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
     log = tmp_path / "log.txt"
-    process = start_script(CORPUS_SCRIPT, [out, 2, *corpus_files], log, env=env)
+    process = start_script([CORPUS_SCRIPT, out, 2, *corpus_files], log, env=env)
     exitcode, output = finish_script(process, log)
     assert exitcode == 0, output[-3000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]

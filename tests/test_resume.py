@@ -139,7 +139,7 @@ def _start(mode: str, out: Path, ckpt_dir: Path, files) -> multiprocessing.Proce
     """Start the training script (one thread) in the background, in a new process."""
     out.mkdir()
     return start_script(
-        SCRIPT, [mode, out, ckpt_dir, *files], out / "log.txt", env={"OMP_NUM_THREADS": "1"}
+        [SCRIPT, mode, out, ckpt_dir, *files], out / "log.txt", env={"OMP_NUM_THREADS": "1"}
     )
 
 
