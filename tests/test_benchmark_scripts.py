@@ -154,7 +154,7 @@ def test_extend_vocabulary_benchmark(tmp_path):
 @pytest.mark.slow
 def test_de_benchmark(tmp_path):
     """CellPLM only (scVI's DE over 10 cell types would double the time)."""
-    args = "--epochs 1 --n-hidden 16 --n-layers 1 --null-groups 1 --skip-scvi"
+    args = "--epochs 1 --n-hidden 16 --n-layers 1 --null-groups 1 --skip-scvi --de-samples 500"
     out = run_script("bench_de.py", args, tmp_path)
     rows = table(out, "Overlap of the top-20")
     types = [name for name in rows if not name.startswith(("mean", "range"))]
@@ -167,6 +167,7 @@ def test_de_benchmark(tmp_path):
 def test_defaults_benchmark(tmp_path):
     """Every figure of both methods in range, on 300 simulated cells, 2 epochs each."""
     args = "--data sim --n-cells 300 --max-epochs 2 --scvi-max-epochs 2 --n-hidden 16 --n-layers 1"
+    args += " --de-samples 500"
     out = run_script("bench_defaults.py", args, tmp_path)
     rows = table(out, "Defaults on sim")
     for name in ("CellPLM", "SCVI"):
