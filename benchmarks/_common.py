@@ -129,24 +129,6 @@ def timer(store: dict, key: str):
     store[key] = time.perf_counter() - t0
 
 
-def run_as_main(script: str, argv: list[str], log: str) -> None:
-    """Run ``script`` as ``python script *argv`` would, in this process, with its stdout and
-    stderr (file descriptors 1 and 2, so the output of C code and subprocesses too) going to
-    ``log``. The smoke tests call it in processes forked from a server that has already
-    imported the heavy packages (``tests/test_benchmark_scripts.py``)."""
-    import runpy
-    import sys
-
-    with open(log, "w") as fh:
-        os.dup2(fh.fileno(), 1)
-        os.dup2(fh.fileno(), 2)
-    sys.stdout = open(1, "w", buffering=1, closefd=False)
-    sys.stderr = open(2, "w", buffering=1, closefd=False)
-    sys.argv = [script, *argv]
-    sys.path.insert(0, os.path.dirname(script))
-    runpy.run_path(script, run_name="__main__")
-
-
 # ------------------------------------------------------------------------------ memory
 def _status_kb(field: str) -> int:
     with open("/proc/self/status") as fh:

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import QUIET_TRAIN, parser, print_table, setup, timer
 
 FDR_COLUMN = "is_de_fdr_0.05"
+DE_SAMPLES_HELP = "posterior samples per DE comparison (n_samples_overall; smoke runs lower it)"
 
 
 def wilcoxon_top(adata, groupby: str, n_top: int) -> dict[str, list[str]]:
@@ -61,15 +62,23 @@ def overlaps(de: pd.DataFrame, reference: dict[str, list[str]], n_top: int) -> d
     return {g: len(set(model_top(de, g, n_top)) & set(ref)) for g, ref in reference.items()}
 
 
-def null_counts(model, adata, groups: list[str], seed: int) -> dict[str, int]:
-    """Genes at FDR 0.05 between two random halves of each of ``groups``."""
+def null_counts(
+    model, adata, groups: list[str], seed: int, n_samples: int = 5000
+) -> dict[str, int]:
+    """Genes at FDR 0.05 between two random halves of each of ``groups`` (``n_samples``
+    posterior samples per comparison)."""
     rng = np.random.default_rng(seed)
     counts = {}
     for group in groups:
         cells = rng.permutation(np.flatnonzero(adata.obs["cell_type"].to_numpy() == group))
         half = len(cells) // 2
         de = model.differential_expression(
-            adata, idx1=cells[:half], idx2=cells[half:], mode="change", silent=True
+            adata,
+            idx1=cells[:half],
+            idx2=cells[half:],
+            mode="change",
+            silent=True,
+            n_samples_overall=n_samples,
         )
         counts[group] = int(de[FDR_COLUMN].sum())
     return counts
@@ -92,6 +101,7 @@ def main() -> None:
     p.add_argument("--min-cells", type=int, default=10, help="cell types kept in the 2nd mean")
     p.add_argument("--null-groups", type=int, default=3, help="largest cell types, null test")
     p.add_argument("--skip-scvi", action="store_true")
+    p.add_argument("--de-samples", type=int, default=5000, help=DE_SAMPLES_HELP)
     args = p.parse_args()
     setup(args)
 
@@ -122,9 +132,11 @@ def main() -> None:
     with timer(times, "CellPLM train"):
         model.train(max_epochs=args.epochs, lr=args.lr, train_size=1.0, **QUIET_TRAIN)
     with timer(times, "CellPLM DE"):
-        de = model.differential_expression(groupby="cell_type", mode="change", silent=True)
+        de = model.differential_expression(
+            groupby="cell_type", mode="change", silent=True, n_samples_overall=args.de_samples
+        )
     with timer(times, "CellPLM null"):
-        null = null_counts(model, cp_adata, null_groups, args.seed)
+        null = null_counts(model, cp_adata, null_groups, args.seed, args.de_samples)
     results["CellPLM"] = (overlaps(de, reference, args.n_top), null)
 
     if not args.skip_scvi:
@@ -134,9 +146,11 @@ def main() -> None:
         with timer(times, "scVI train"):
             vae.train(max_epochs=args.scvi_epochs, **QUIET_TRAIN)
         with timer(times, "scVI DE"):
-            de = vae.differential_expression(groupby="cell_type", mode="change", silent=True)
+            de = vae.differential_expression(
+                groupby="cell_type", mode="change", silent=True, n_samples_overall=args.de_samples
+            )
         with timer(times, "scVI null"):
-            null = null_counts(vae, sc_adata, null_groups, args.seed)
+            null = null_counts(vae, sc_adata, null_groups, args.seed, args.de_samples)
         results["scVI"] = (overlaps(de, reference, args.n_top), null)
 
     methods = list(results)

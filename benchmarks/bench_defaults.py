@@ -28,8 +28,8 @@ Rows (``--data``: ``pbmc68k``, scanpy's 700 PBMCs via ``cp.datasets.pbmc68k_coun
     python benchmarks/bench_defaults.py --data pbmc68k [--threads 1] [--seed 0]
     python benchmarks/bench_defaults.py --data sim --n-cells 6000
 
-``--max-epochs``/``--scvi-max-epochs`` and the architecture options replace the defaults
-(smoke runs only).
+``--max-epochs``/``--scvi-max-epochs``, the architecture options and ``--de-samples``
+(scvi-tools' default 5,000) replace the defaults (smoke runs only).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import QUIET_TRAIN, print_table, setup
-from bench_de import overlaps, wilcoxon_top
+from bench_de import DE_SAMPLES_HELP, overlaps, wilcoxon_top
 
 UNKNOWN = "Unknown"
 N_VALIDATIONS = 20  # validation checks over a CellPLM run (convergence)
@@ -107,6 +107,7 @@ def main() -> None:
     p.add_argument("--n-hidden", type=int, default=None, help="CellPLM (default: its own)")
     p.add_argument("--n-layers", type=int, default=None)
     p.add_argument("--skip-annotation", action="store_true")
+    p.add_argument("--de-samples", type=int, default=5000, help=DE_SAMPLES_HELP)
     add_common_options(p)
     args = p.parse_args()
     setup(args)
@@ -154,7 +155,9 @@ def main() -> None:
     scvi_epochs = {} if args.scvi_max_epochs is None else {"max_epochs": args.scvi_max_epochs}
     fit(vae, times, "SCVI", **scvi_epochs)
     latent = vae.get_latent_representation()
-    de = vae.differential_expression(groupby="cell_type", mode="change", silent=True)
+    de = vae.differential_expression(
+        groupby="cell_type", mode="change", silent=True, n_samples_overall=args.de_samples
+    )
     score("SCVI", latent, latent, de)
 
     scvi.settings.seed = args.seed
@@ -180,7 +183,9 @@ def main() -> None:
     )
     latent = model.get_latent_representation()
     niche = model.get_latent_representation(representation="both") if has_niches else None
-    de = model.differential_expression(groupby="cell_type", mode="change", silent=True)
+    de = model.differential_expression(
+        groupby="cell_type", mode="change", silent=True, n_samples_overall=args.de_samples
+    )
     score("CellPLM", latent, niche, de)
 
     if not args.skip_annotation:

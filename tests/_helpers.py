@@ -12,12 +12,17 @@
   ``max_rel``, ``assert_same_weights``). The official package is imported inside the functions
   that need it, so a test file that imports this module is not skipped without it: each test
   (or fixture) that needs it calls ``pytest.importorskip("CellPLM")`` (``build_official`` and
-  ``read_official`` skip by themselves).
+  ``read_official`` skip by themselves);
+- ``start_script``/``finish_script``: run a Python script or module as a program in a process
+  forked from a server that has imported ``cellplm_scvi`` once (the scripts of the resume, DDP,
+  memory and benchmark tests, the documentation build).
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 from pathlib import Path
 
 import anndata as ad
@@ -360,3 +365,68 @@ def write_corpus_files(root: Path) -> list[Path]:
 def corpus(files, **kwargs) -> TissueCorpus:
     """A TissueCorpus of the corpus files (``CORPUS_KWARGS``, overridden by ``kwargs``)."""
     return TissueCorpus(files, vocabulary=CORPUS_VOCAB, **{**CORPUS_KWARGS, **kwargs})
+
+
+# ------------------------------------------------------------------------------ scripts
+
+# imported once by the server the scripts are forked from (multiprocessing's forkserver): the
+# import of scvi-tools, Lightning and torch costs about 10 s of CPU, more than most scripts' work
+FORKSERVER_PRELOAD = ["cellplm_scvi", "tests._helpers"]
+
+
+def _run_as_main(argv: list[str], log: str, env: dict, cwd: str | None) -> None:
+    """Run ``python *argv`` (``[script, *args]`` or ``["-m", module, *args]``) in this (forked)
+    process: environment variables ``env`` set (``None``: unset), in ``cwd``, stdout and stderr
+    (file descriptors 1 and 2, so the output of C code and of subprocesses too) to ``log``."""
+    import runpy
+    import sys
+
+    for name, value in env.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    if "OMP_NUM_THREADS" in env:  # torch, imported by the server, reads it only once
+        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    if cwd is not None:
+        os.chdir(cwd)
+    with open(log, "w") as fh:
+        os.dup2(fh.fileno(), 1)
+        os.dup2(fh.fileno(), 2)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
+    if argv[0] == "-m":
+        sys.argv = argv[1:]
+        runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+    else:
+        sys.argv = argv
+        sys.path.insert(0, os.path.dirname(argv[0]))
+        runpy.run_path(argv[0], run_name="__main__")
+
+
+def start_script(
+    argv: list, log: Path, env: dict | None = None, cwd: Path | None = None
+) -> multiprocessing.Process:
+    """Start ``python *argv`` (``[script, *args]`` or ``["-m", module, *args]``; its output to
+    ``log``) in a process forked from a server that has imported ``cellplm_scvi``
+    (``FORKSERVER_PRELOAD``). It is a new process, with the module state of a fresh interpreter;
+    its own subprocesses (DDP ranks) start fresh interpreters. :func:`finish_script` waits for
+    it."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(FORKSERVER_PRELOAD)  # the first server started keeps its own
+    cwd = None if cwd is None else str(cwd)
+    args = ([str(a) for a in argv], str(log), env or {}, cwd)
+    process = context.Process(target=_run_as_main, args=args)
+    process.start()
+    return process
+
+
+def finish_script(process: multiprocessing.Process, log: Path, timeout: float = 600):
+    """Wait for a process of :func:`start_script`; return its exit code (``-9``: killed by
+    SIGKILL) and output. Fails the test if it runs over ``timeout`` seconds."""
+    process.join(timeout)
+    if process.is_alive():
+        process.kill()
+        process.join()
+        pytest.fail(f"{log.name}: ran over {timeout} s:\n{log.read_text()[-3000:]}")
+    return process.exitcode, log.read_text()

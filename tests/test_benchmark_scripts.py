@@ -3,19 +3,20 @@ tiny sizes and prints rows whose figures are in range. Nothing about speed is as
 one-off studies in ``benchmarks/experiments/`` are not run.
 
 Each script runs as a program (``python script args``), in a process forked from a server that
-has imported ``cellplm_scvi`` once (``multiprocessing``'s forkserver with a preload): the
-import of scvi-tools alone costs about 7 s of CPU, more than most smoke runs. A script that
-patches a module or seeds the random state does so in its own process only.
+has imported ``cellplm_scvi`` once (``tests/_helpers.py:start_script``): the import of
+scvi-tools alone costs about 7 s of CPU, more than most smoke runs. A script that patches a
+module or seeds the random state does so in its own process only.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import multiprocessing
 import re
 from pathlib import Path
 
 import pytest
+
+from tests._helpers import finish_script, start_script
 
 ROOT = Path(__file__).parents[1]
 BENCHMARKS = ROOT / "benchmarks"
@@ -44,26 +45,13 @@ SMOKE_TESTED = {
 }
 
 
-def run_script(name: str, args: str, tmp_path: Path, monkeypatch, timeout: float = 600) -> str:
+def run_script(name: str, args: str, tmp_path: Path, timeout: float = 600) -> str:
     """stdout + stderr of ``python benchmarks/<name> <args>``; fails on a non-zero exit."""
     assert name in SMOKE_TESTED, f"add {name} to SMOKE_TESTED"
-    monkeypatch.syspath_prepend(str(BENCHMARKS))  # the server and the child import _common
-    import _common
-
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["_common", "cellplm_scvi"])
     log = tmp_path / f"{name}.log"
-    process = context.Process(
-        target=_common.run_as_main, args=(str(BENCHMARKS / name), args.split(), str(log))
-    )
-    process.start()
-    process.join(timeout)
-    if process.is_alive():
-        process.kill()
-        process.join()
-        pytest.fail(f"{name} ran over {timeout} s:\n{log.read_text()[-3000:]}")
-    out = log.read_text()
-    assert process.exitcode == 0, out[-3000:]
+    process = start_script([BENCHMARKS / name, *args.split()], log)
+    exitcode, out = finish_script(process, log, timeout)
+    assert exitcode == 0, out[-3000:]
     return out
 
 
@@ -111,18 +99,18 @@ def test_links_to_benchmark_files_exist():
 
 # ------------------------------------------------------------------------------ tasks
 @pytest.mark.slow
-def test_annotation_benchmark(tmp_path, monkeypatch):
+def test_annotation_benchmark(tmp_path):
     args = "--epochs 1 --scvi-epochs 1 --scanvi-epochs 1 --n-hidden 16 --n-layers 1"
-    rows = table(run_script("bench_annotation.py", args, tmp_path, monkeypatch), "Annotation")
+    rows = table(run_script("bench_annotation.py", args, tmp_path), "Annotation")
     assert set(rows) == {"CellPLM (1 ep)", "PCA(50) + LogReg", "scANVI (1+1 ep)"}
     for name, (f1, balanced, accuracy, _) in rows.items():
         assert all(0 <= float(v) <= 1 for v in (f1, balanced, accuracy)), name
 
 
 @pytest.mark.slow
-def test_denoising_benchmark(tmp_path, monkeypatch):
+def test_denoising_benchmark(tmp_path):
     args = "--epochs 1 --scvi-epochs 1 --n-hidden 16 --n-layers 1"
-    rows = table(run_script("bench_denoising.py", args, tmp_path, monkeypatch), "Denoising")
+    rows = table(run_script("bench_denoising.py", args, tmp_path), "Denoising")
     assert {"CellPLM (1 ep)", "scVI (1 ep)", "gene mean (corrupted data)"} <= set(rows)
     floor = float(rows["no denoising (corrupted input)"][0])  # predicts 0 at hidden entries
     for name in ("CellPLM (1 ep)", "scVI (1 ep)"):
@@ -131,22 +119,20 @@ def test_denoising_benchmark(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_imputation_benchmark(tmp_path, monkeypatch):
+def test_imputation_benchmark(tmp_path):
     args = "--n-cells 300 --epochs 1 --gimvi-epochs 1 --n-hidden 16 --n-layers 1"
-    rows = table(
-        run_script("bench_imputation.py", args, tmp_path, monkeypatch), "Spatial imputation"
-    )
+    rows = table(run_script("bench_imputation.py", args, tmp_path), "Spatial imputation")
     assert {"CellPLM (1 ep)", "gimVI (1 ep)", "kNN mapping (k=10)"} <= set(rows), rows
     for name, (pearson, cosine, rmse, *_) in rows.items():
         assert -1 <= float(pearson) <= 1 and 0 <= float(cosine) <= 1 and float(rmse) > 0, name
 
 
 @pytest.mark.slow
-def test_extend_vocabulary_benchmark(tmp_path, monkeypatch):
+def test_extend_vocabulary_benchmark(tmp_path):
     """The extended models predict the genes outside the vocabulary; the model without them
     cannot, and says so."""
     args = "--epochs 1 --n-hidden 16 --n-layers 1 --rename 5"
-    out = run_script("bench_extend_vocabulary.py", args, tmp_path, monkeypatch)
+    out = run_script("bench_extend_vocabulary.py", args, tmp_path)
     rows = table(out, "Imputation of")
     assert set(rows) == {
         "CellPLM extended, all parameters (1 ep)",
@@ -166,10 +152,10 @@ def test_extend_vocabulary_benchmark(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_de_benchmark(tmp_path, monkeypatch):
+def test_de_benchmark(tmp_path):
     """CellPLM only (scVI's DE over 10 cell types would double the time)."""
-    args = "--epochs 1 --n-hidden 16 --n-layers 1 --null-groups 1 --skip-scvi"
-    out = run_script("bench_de.py", args, tmp_path, monkeypatch)
+    args = "--epochs 1 --n-hidden 16 --n-layers 1 --null-groups 1 --skip-scvi --de-samples 500"
+    out = run_script("bench_de.py", args, tmp_path)
     rows = table(out, "Overlap of the top-20")
     types = [name for name in rows if not name.startswith(("mean", "range"))]
     assert len(types) == 10, rows
@@ -178,10 +164,11 @@ def test_de_benchmark(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_defaults_benchmark(tmp_path, monkeypatch):
+def test_defaults_benchmark(tmp_path):
     """Every figure of both methods in range, on 300 simulated cells, 2 epochs each."""
     args = "--data sim --n-cells 300 --max-epochs 2 --scvi-max-epochs 2 --n-hidden 16 --n-layers 1"
-    out = run_script("bench_defaults.py", args, tmp_path, monkeypatch)
+    args += " --de-samples 500"
+    out = run_script("bench_defaults.py", args, tmp_path)
     rows = table(out, "Defaults on sim")
     for name in ("CellPLM", "SCVI"):
         cell_type, niche, de, annotation = map(float, rows[name][:4])
@@ -192,12 +179,12 @@ def test_defaults_benchmark(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_niche_benchmark_with_peers(tmp_path, monkeypatch):
+def test_niche_benchmark_with_peers(tmp_path):
     """Every representation gets a row with scores in range, and a peer whose package is missing
     is skipped with a printed line (never silently). Novae is left out here (about 90 s for 400
     cells on 2 cores)."""
     args = "--n-cells 300 --epochs 1 --n-hidden 16 --n-layers 1 --skip-controls --scvi-epochs 1"
-    out = run_script("bench_niche.py", f"{args} --peers cellcharter scviva", tmp_path, monkeypatch)
+    out = run_script("bench_niche.py", f"{args} --peers cellcharter scviva", tmp_path)
     rows = {name: cells[1:] for name, cells in table(out, "Linear probe").items()}
     expected = ["CellPLM squidpy tissues (1 ep)", "PCA (50)", "scVI"]
     expected += ["scVIVA (1 ep, uses true cell types)"]
@@ -217,11 +204,11 @@ def test_niche_benchmark_with_peers(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_perturbation_benchmark(tmp_path, monkeypatch):
+def test_perturbation_benchmark(tmp_path):
     """Two split seeds of a tiny screen: every baseline gets a row in each table, with scores
     in range; CellPLM and GEARS get rows or a printed reason."""
     args = "--small --split-seeds 0 1 --epochs 1 --n-hidden 16 --n-layers 1 --gears-epochs 1"
-    out = run_script("bench_perturbation.py", args, tmp_path, monkeypatch)
+    out = run_script("bench_perturbation.py", args, tmp_path)
     import cellplm_scvi as cp
 
     methods = {"no-change", "train-mean", "linear"}
@@ -245,10 +232,10 @@ def test_perturbation_benchmark(tmp_path, monkeypatch):
 @needs_official
 @pytest.mark.slow
 @pytest.mark.parametrize("task", ["annotation", "imputation"])
-def test_official_recipes_benchmark(task, tmp_path, monkeypatch):
+def test_official_recipes_benchmark(task, tmp_path):
     """The official pipeline and our recipe fine-tune the same checkpoint side by side."""
     args = f"--task {task} --seeds 1 --epochs 1 --n-hidden 16 --n-cells 200"
-    out = run_script("bench_official_recipes.py", args, tmp_path, monkeypatch)
+    out = run_script("bench_official_recipes.py", args, tmp_path)
     seed_0 = table(out, task.capitalize())["0"]
     if task == "annotation":  # official F1, ours F1
         assert all(0 <= float(f1) <= 1 for f1 in seed_0[:2]), out
@@ -258,12 +245,12 @@ def test_official_recipes_benchmark(task, tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------ speed, memory
-def test_gpu_benchmark_on_cpu(tmp_path, monkeypatch):
+def test_gpu_benchmark_on_cpu(tmp_path):
     """The GPU benchmark runs rarely (only where a GPU is lent), so its CPU mode is run here: it
     must complete all three parts."""
     args = "--device cpu --small --n-cells 150 --n-tissues 2 --precisions 32 bf16"
     args += " --train-precisions 32 --train-epochs 1"
-    out = run_script("bench_gpu.py", args, tmp_path, monkeypatch)
+    out = run_script("bench_gpu.py", args, tmp_path)
     for part in ("1. get_latent_representation", "2. encoder alone", "3. model.train"):
         assert part in out, out
     bf16 = [line for line in out.splitlines() if "precision bf16" in line and "cells/s" in line]
@@ -276,12 +263,12 @@ def test_gpu_benchmark_on_cpu(tmp_path, monkeypatch):
 @needs_official
 @pytest.mark.slow
 @pytest.mark.parametrize("latent", ["gmvae", "vae"])
-def test_official_embedding_benchmark(latent, tmp_path, monkeypatch):
+def test_official_embedding_benchmark(latent, tmp_path):
     """The int8 speed figures' script on 100 cells, one round: it completes with the four
     alternating calls, the int8 accuracy line, and for the VAE latent nothing to refine (the
     two int8 calls are the same computation)."""
     args = f"--n-cells 100 --repeats 1 --threads 1 --latent {latent}"
-    out = run_script("bench_official_embedding.py", args, tmp_path, monkeypatch)
+    out = run_script("bench_official_embedding.py", args, tmp_path)
     assert "median of 1 alternating runs: official" in out, out
     cosine = float(out.split("per-cell cosine int8 vs fp32 min ")[1].split(",")[0])
     assert 0.99 < cosine <= 1.0
@@ -290,10 +277,10 @@ def test_official_embedding_benchmark(latent, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_memory_benchmark(tmp_path, monkeypatch):
+def test_memory_benchmark(tmp_path):
     """Two sizes of the 85M model's embedding (and the official pipeline's, where installed)."""
     args = "--n-cells 100 200" + (" --official --official-n-cells 100" if HAS_OFFICIAL else "")
-    out = run_script("bench_memory.py", args, tmp_path, monkeypatch)
+    out = run_script("bench_memory.py", args, tmp_path)
     assert re.search(r"N=\s+100: .* z \(100, 512\)", out), out
     assert re.search(r"N=\s+200: .* z \(200, 512\)", out), out
     assert "growth between N=100 and N=200" in out
@@ -302,43 +289,43 @@ def test_memory_benchmark(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_gene_token_benchmark(tmp_path, monkeypatch):
+def test_gene_token_benchmark(tmp_path):
     args = "--n-cells 100 --repeats 1 --gt-cells 2 --gt-batch 1 --seq-len 64"
-    out = run_script("bench_gene_token.py", args, tmp_path, monkeypatch)
+    out = run_script("bench_gene_token.py", args, tmp_path)
     assert "z (100, 512)" in out and "ratio CellPLM / gene-token (d_hid 512): x" in out, out
 
 
 @needs_official
 @pytest.mark.slow
-def test_train_step_benchmark(tmp_path, monkeypatch):
+def test_train_step_benchmark(tmp_path):
     """One step of ours and of the official model on the same weights, masks and seeds: the
     losses agree (``tests/test_official_training_parity.py`` checks the tolerance)."""
-    out = run_script("bench_train_step.py", "--n-cells 50 --steps 1", tmp_path, monkeypatch)
+    out = run_script("bench_train_step.py", "--n-cells 50 --steps 1", tmp_path)
     difference = float(out.split("largest relative loss difference ")[1].split()[0])
     assert difference < 1e-4, out
 
 
-def test_out_of_core_benchmark(tmp_path, monkeypatch):
+def test_out_of_core_benchmark(tmp_path):
     """A backed file of 3,000 cells, embedded tissue by tissue with the int8 encoder."""
     args = "--n-cells 3000 --n-genes 200 --cells-per-slide 1500 --chunk 1000 --max-cells 300"
     args += f" --n-hidden 16 --n-layers 1 --n-latent 4 --precision int8 --path {tmp_path}/x.h5ad"
-    out = run_script("bench_out_of_core.py", args, tmp_path, monkeypatch)
+    out = run_script("bench_out_of_core.py", args, tmp_path)
     assert "z (3000, 4) float32 (finite: True)" in out, out
     assert "requirement < 4096 MB: met" in out, out
 
 
-def test_packing_benchmark(tmp_path, monkeypatch):
+def test_packing_benchmark(tmp_path):
     args = "--cells 256 --tissue-size 32 --per-step 1,4 --epochs 2 --n-hidden 16 --n-layers 1"
-    out = run_script("bench_packing.py", args, tmp_path, monkeypatch)
+    out = run_script("bench_packing.py", args, tmp_path)
     epochs = table(out, "Epoch time")
     assert [cells[1] for cells in epochs.values()] == ["8", "2"], epochs  # steps per epoch
     assert list(table(out, "Flow attention")) == ["4"]
 
 
 @pytest.mark.slow
-def test_corpus_benchmark(tmp_path, monkeypatch):
+def test_corpus_benchmark(tmp_path):
     """One epoch of a 2-file corpus read by TissueCorpus: cold and warm tissue cache."""
     args = "--n-cells 2000 --n-files 2 --n-genes 200 --max-cells 200 --engines corpus"
-    out = run_script("bench_corpus.py", f"{args} --dir {tmp_path}", tmp_path, monkeypatch)
+    out = run_script("bench_corpus.py", f"{args} --dir {tmp_path}", tmp_path)
     rows = [line for line in out.splitlines() if line.startswith("| corpus |")]
     assert len(rows) == 3 and "error" not in out, out

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
+import multiprocessing
 import textwrap
 from pathlib import Path
 
@@ -22,7 +20,15 @@ import cellplm_scvi as cp
 from cellplm_scvi._genes import official_config, symbol_table
 from cellplm_scvi.data import TissueCorpus
 from cellplm_scvi.module import CellPLMModule
-from tests._helpers import CORPUS_KWARGS, CORPUS_VOCAB, corpus, poisson_counts, write_h5ad
+from tests._helpers import (
+    CORPUS_KWARGS,
+    CORPUS_VOCAB,
+    corpus,
+    finish_script,
+    poisson_counts,
+    start_script,
+    write_h5ad,
+)
 
 
 def _expected_vocab_counts(path: Path, gene_key, rows: np.ndarray) -> np.ndarray:
@@ -346,9 +352,12 @@ _RSS_SCRIPT = textwrap.dedent(
     import json, sys
     from cellplm_scvi.data import TissueCorpus
 
-    def high_water_kb():  # VmHWM is per address space: exec resets it (ru_maxrss does not)
+    def status_kb(field):
         with open("/proc/self/status") as fh:
-            return int(next(line for line in fh if line.startswith("VmHWM")).split()[1])
+            return int(next(line for line in fh if line.startswith(field)).split()[1])
+
+    def high_water_kb():  # VmHWM is per address space (ru_maxrss is not): a fork starts it at
+        return status_kb("VmHWM")  # the current RSS, pages shared with the parent included
 
     files, vocab = json.loads(sys.argv[1]), json.loads(sys.argv[2])
     before = high_water_kb()
@@ -357,7 +366,8 @@ _RSS_SCRIPT = textwrap.dedent(
     n = 0
     for batch in dm.train_dataloader():
         n += batch["X"].shape[0]
-    print(json.dumps({"cells": n, "before_kb": before, "peak_kb": high_water_kb()}))
+    print(json.dumps({"cells": n, "before_kb": before, "rss_kb": status_kb("VmRSS"),
+                      "peak_kb": high_water_kb()}))
     """
 )
 
@@ -382,22 +392,18 @@ def test_rss_bounded_by_tissues_not_corpus(tmp_path):
         )
     vocab = official_config()["gene_list"][:n_genes]
     stored_bytes = 8 * n_cells * nnz_per_cell  # float32 data + int32 indices of one file
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    script = tmp_path / "rss.py"
+    script.write_text(_RSS_SCRIPT)
 
-    def start(paths) -> subprocess.Popen:
+    def start(paths) -> tuple[multiprocessing.Process, Path]:
         args = [json.dumps([str(p) for p in paths]), json.dumps(vocab), str(tmp_path / "c")]
-        return subprocess.Popen(
-            [sys.executable, "-c", _RSS_SCRIPT, *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
+        log = tmp_path / f"rss_{len(paths)}.log"
+        return start_script([script, *args], log, env={"OMP_NUM_THREADS": "1"}), log
 
-    def peak_kb(run: subprocess.Popen, n_files: int) -> int:
-        stdout, stderr = run.communicate(timeout=600)
-        assert run.returncode == 0, stderr
-        result = json.loads(stdout.strip().splitlines()[-1])
+    def peak_kb(run: tuple[multiprocessing.Process, Path], n_files: int) -> int:
+        exitcode, out = finish_script(*run)
+        assert exitcode == 0, out[-3000:]
+        result = json.loads(out.strip().splitlines()[-1])
         assert result["cells"] == n_cells * n_files
         return result["peak_kb"]
 

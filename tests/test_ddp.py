@@ -1,8 +1,7 @@
 """Multi-process training through Lightning DDP (gloo on CPU) with the tissue sampler."""
 
 import json
-import os
-import subprocess
+import multiprocessing
 import sys
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 
 from cellplm_scvi.data import TissueBatchSampler
+from tests._helpers import finish_script, start_script
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_train.py"
 
@@ -29,21 +29,16 @@ def test_sampler_gives_every_rank_the_same_number_of_tissues():
     assert per_rank[0] | per_rank[1] == set(range(7))  # all tissues are seen
 
 
-def _start(tmp_path: Path, devices: int) -> subprocess.Popen:
-    """Start the training script with ``devices`` processes, in the background."""
+def _start(tmp_path: Path, devices: int) -> multiprocessing.Process:
+    """Start the training script with ``devices`` processes, in the background (rank 0 in a
+    new process, the other ranks in subprocesses Lightning starts)."""
     out = tmp_path / f"loss_{devices}.json"
-    return subprocess.Popen(
-        [sys.executable, str(SCRIPT), str(out), str(devices)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=tmp_path,
-    )
+    return start_script([SCRIPT, out, devices], tmp_path / f"log_{devices}.txt", cwd=tmp_path)
 
 
-def _loss_curve(proc: subprocess.Popen, tmp_path: Path, devices: int) -> list[float]:
-    _, stderr = proc.communicate(timeout=600)
-    assert proc.returncode == 0, stderr[-3000:]
+def _loss_curve(process: multiprocessing.Process, tmp_path: Path, devices: int) -> list[float]:
+    exitcode, log = finish_script(process, tmp_path / f"log_{devices}.txt")
+    assert exitcode == 0, log[-3000:]
     result = json.loads((tmp_path / f"loss_{devices}.json").read_text())
     assert result["world_size"] == devices  # the processes Lightning really ran
     return result["train_loss"]
@@ -80,15 +75,11 @@ def test_ddp_over_a_corpus_shares_tissues_and_averages_gradients(
     import ddp_corpus  # the script's corpus, model and fixed randomness
 
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    proc = subprocess.run(
-        [sys.executable, str(CORPUS_SCRIPT), str(out), "2", *map(str, corpus_files)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    log = tmp_path / "log.txt"
+    process = start_script([CORPUS_SCRIPT, out, 2, *corpus_files], log, env=env)
+    exitcode, output = finish_script(process, log)
+    assert exitcode == 0, output[-3000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["world_size"] for r in ranks] == [2, 2]  # the processes Lightning really ran
 

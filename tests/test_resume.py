@@ -7,9 +7,7 @@ resumes it from ``last.ckpt`` and compares with an uninterrupted run of the same
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
+import multiprocessing
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +16,7 @@ import torch
 
 import cellplm_scvi as cp
 from cellplm_scvi.data._resume import ResumableLoader
-from tests._helpers import corpus
+from tests._helpers import corpus, finish_script, start_script
 
 SCRIPT = Path(__file__).parent / "scripts" / "resume_train.py"
 
@@ -137,25 +135,17 @@ def test_train_refuses_resume_arguments_that_would_do_nothing(corpus_files, tmp_
         model.train(checkpoint_every_n_steps=0, **kwargs)
 
 
-def _start(mode: str, out: Path, ckpt_dir: Path, files) -> subprocess.Popen:
-    """Start the training script (one thread) in the background."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    return subprocess.Popen(
-        [sys.executable, str(SCRIPT), mode, str(out), str(ckpt_dir), *map(str, files)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
+def _start(mode: str, out: Path, ckpt_dir: Path, files) -> multiprocessing.Process:
+    """Start the training script (one thread) in the background, in a new process."""
+    out.mkdir()
+    return start_script(
+        [SCRIPT, mode, out, ckpt_dir, *files], out / "log.txt", env={"OMP_NUM_THREADS": "1"}
     )
 
 
-def _finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
-    stdout, stderr = proc.communicate(timeout=600)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
-
-
-def _run(mode: str, out: Path, ckpt_dir: Path, files) -> subprocess.CompletedProcess:
-    return _finish(_start(mode, out, ckpt_dir, files))
+def _finish(process: multiprocessing.Process, out: Path) -> tuple[int, str]:
+    """The exit code and the output of a run of :func:`_start`."""
+    return finish_script(process, out / "log.txt")
 
 
 def _records(path: Path) -> list[dict]:
@@ -172,9 +162,10 @@ def test_killed_run_resumes_where_its_checkpoint_stopped(data, corpus_files, tmp
     full = _start("full", tmp_path / "full", tmp_path / "ck_full", files)
     # killed at the end of step 20 (epoch 1, its 5th step); the last checkpoint is step 18
     crash = _start("crash:20", tmp_path / "crash", tmp_path / "ck", files)
-    full, crash = _finish(full), _finish(crash)
-    assert full.returncode == 0, full.stderr[-3000:]
-    assert crash.returncode == -9, crash.stderr[-3000:]  # SIGKILL
+    full_code, full_log = _finish(full, tmp_path / "full")
+    crash_code, crash_log = _finish(crash, tmp_path / "crash")
+    assert full_code == 0, full_log[-3000:]
+    assert crash_code == -9, crash_log[-3000:]  # SIGKILL
     assert not (tmp_path / "crash" / "result.json").exists()
     checkpoint = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=True)  # Lightning's way
     assert checkpoint["global_step"] == 18
@@ -186,9 +177,11 @@ def test_killed_run_resumes_where_its_checkpoint_stopped(data, corpus_files, tmp
     loader_state = checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"]
     assert loader_state == [{"epoch": 1, "position": 18 - n_per_epoch, "n_steps": n_per_epoch}]
 
-    resumed = _run("resume", tmp_path / "resumed", tmp_path / "ck", files)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "Restored all states from the checkpoint" in resumed.stderr + resumed.stdout
+    code, log = _finish(
+        _start("resume", tmp_path / "resumed", tmp_path / "ck", files), tmp_path / "resumed"
+    )
+    assert code == 0, log[-3000:]
+    assert "Restored all states from the checkpoint" in log
     start = json.loads((tmp_path / "resumed" / "start.json").read_text())
     assert start["global_step"] == 18 and start["epoch"] == 1
     assert start["adam_step"] == 18.0 and start["kl_step_count"] == 18

@@ -1,7 +1,9 @@
 """Execute every tutorial notebook in ``tutorials/`` (offline, a temporary working directory).
 
-Run ``python tests/test_tutorials.py --write`` to execute the notebooks and store their outputs
-in place (the documentation shows the stored outputs; it never executes notebooks).
+The tests train each model for 2 epochs instead of the notebook's number (``TEST_EPOCHS``): the
+same code runs, in a fraction of the time. Run ``python tests/test_tutorials.py --write`` to
+execute the notebooks as written and store their outputs in place (the documentation shows the
+stored outputs; it never executes notebooks).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import os
 import resource
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -23,6 +26,15 @@ NOTEBOOKS = sorted(TUTORIALS.glob("*.ipynb"))
 CELL_TIMEOUT = 600  # seconds per cell; each notebook takes well under a minute on 2 idle cores
 PARALLEL = 2  # notebooks run at once
 KERNEL = "cellplm-scvi-tests"
+KERNEL_START = threading.Lock()  # one kernel starts at a time (run_notebook)
+# notebook -> the training calls' epoch arguments as written, and in the tests: 2 epochs
+TEST_EPOCHS = {
+    "01_spatial_quickstart": {"model.train(max_epochs=15,": "model.train(max_epochs=2,"},
+    "03_annotation": {"model.train(max_epochs=25,": "model.train(max_epochs=2,"},
+    "04_spatial_imputation": {"model.train(max_epochs=20,": "model.train(max_epochs=2,"},
+    "05_pretraining": {"max_epochs=8,": "max_epochs=2,"},
+    "06_perturbation": {"max_epochs=20,": "max_epochs=2,"},
+}
 
 
 def _kernel_dir(root: Path) -> Path:
@@ -64,13 +76,25 @@ def notebook_environment(root: Path):
                 os.environ[k] = v
 
 
-def run_notebook(path: Path, workdir: Path):
-    """Run ``path`` in ``workdir`` (inside :func:`notebook_environment`); return (notebook,
-    seconds)."""
+def shorten_training(nb, replacements: dict[str, str]) -> None:
+    """Replace each key of ``replacements`` (found exactly once in the code cells) by its value."""
+    for old, new in replacements.items():
+        cells = [c for c in nb.cells if c.cell_type == "code" and old in c.source]
+        assert len(cells) == 1 and cells[0].source.count(old) == 1, (
+            f"{old!r} is not in exactly one place of the notebook: update TEST_EPOCHS"
+        )
+        cells[0].source = cells[0].source.replace(old, new)
+
+
+def run_notebook(path: Path, workdir: Path, short: bool = False):
+    """Run ``path`` in ``workdir`` (inside :func:`notebook_environment`), with the training of
+    ``TEST_EPOCHS`` if ``short``; return (notebook, seconds)."""
     import nbformat
     from nbclient import NotebookClient
 
     nb = nbformat.read(path, as_version=4)
+    if short:
+        shorten_training(nb, TEST_EPOCHS.get(path.stem, {}))
     client = NotebookClient(
         nb,
         timeout=CELL_TIMEOUT,
@@ -78,7 +102,11 @@ def run_notebook(path: Path, workdir: Path):
         resources={"metadata": {"path": str(workdir)}},
     )
     start = time.perf_counter()
-    client.execute()
+    with KERNEL_START:  # kernels started at once can pick the same free ports
+        client.km = client.create_kernel_manager()
+        client.start_new_kernel()
+        client.start_new_kernel_client()  # waits until the kernel replies
+    client.execute()  # in the kernel started above
     seconds = time.perf_counter() - start
     nb.metadata["kernelspec"] = {
         "name": "python3",
@@ -96,9 +124,9 @@ def execute(path: Path, workdir: Path):
 
 @pytest.fixture(scope="module")
 def executed(tmp_path_factory) -> dict[Path, Future]:
-    """Every tutorial run once, two at a time: each kernel uses one thread, so two kernels
-    use the two cores of a small CI machine. Notebook -> future of (notebook, seconds); its
-    test re-raises the notebook's error."""
+    """Every tutorial run once (``TEST_EPOCHS``), two at a time: each kernel uses one thread, so
+    two kernels use the two cores of a small CI machine. Notebook -> future of (notebook,
+    seconds); its test re-raises the notebook's error."""
     pytest.importorskip("nbclient", reason="nbclient is needed to execute the tutorials")
     pytest.importorskip("ipykernel", reason="ipykernel is needed to execute the tutorials")
     root = tmp_path_factory.mktemp("tutorials")
@@ -107,11 +135,12 @@ def executed(tmp_path_factory) -> dict[Path, Future]:
         for path in NOTEBOOKS:
             workdir = root / path.stem
             workdir.mkdir()
-            futures[path] = pool.submit(run_notebook, path, workdir)
+            futures[path] = pool.submit(run_notebook, path, workdir, True)
     return futures  # the pool has waited for all of them
 
 
 def test_notebooks_found():
+    assert set(TEST_EPOCHS) <= {p.stem for p in NOTEBOOKS}
     assert [p.name for p in NOTEBOOKS] == [
         "01_spatial_quickstart.ipynb",
         "02_pretrained.ipynb",
