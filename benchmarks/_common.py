@@ -42,14 +42,29 @@ def parser(description: str, epochs: int) -> argparse.ArgumentParser:
     return p
 
 
+def set_threads(threads: int | None) -> None:
+    """Compute with ``threads`` torch threads (``None``: torch's default). numba's OpenMP pool
+    (scanpy's kernels) is started first at as many threads: started later, at one per core, it
+    resets torch's count (the Wilcoxon test of the DE scripts did, before every fit)."""
+    import torch
+
+    if not threads:
+        return
+    try:
+        import numba
+    except ImportError:
+        pass
+    else:
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    torch.set_num_threads(threads)
+
+
 def setup(args: argparse.Namespace) -> None:
     """Start-up of the task scripts: seed everything, set threads, silence training chatter,
     print the machine and the arguments."""
     import scvi
-    import torch
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     warnings.filterwarnings("ignore")
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "scvi", "cellplm_scvi"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -81,10 +96,7 @@ def start(args: argparse.Namespace) -> None:
     ``cellplm_scvi`` (and with it scvi-tools, which sets its logger level when imported) is
     imported here, before the levels are set, so that they stick.
     """
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     print(machine_info())
     import cellplm_scvi  # noqa: F401
 

@@ -36,15 +36,12 @@ DE_SAMPLES_HELP = "posterior samples per DE comparison (n_samples_overall; smoke
 def wilcoxon_top(adata, groupby: str, n_top: int) -> dict[str, list[str]]:
     """Top ``n_top`` genes per group of scanpy's Wilcoxon test on log-normalised counts."""
     import scanpy as sc
-    import torch
 
-    threads = torch.get_num_threads()  # scanpy's numba kernels reset torch's thread count
     lognorm = adata.copy()
     lognorm.X = adata.layers["counts"].copy()
     sc.pp.normalize_total(lognorm, target_sum=1e4)
     sc.pp.log1p(lognorm)
     sc.tl.rank_genes_groups(lognorm, groupby, method="wilcoxon", n_genes=n_top)
-    torch.set_num_threads(threads)
     names = pd.DataFrame(lognorm.uns["rank_genes_groups"]["names"])
     return {group: list(names[group]) for group in names.columns}
 
