@@ -75,7 +75,7 @@ def cellplm_prediction(adata, split_seed: int, args):
         adata, layer="counts", perturbation_key="condition", control_category="ctrl"
     )
     model = cp.CellPLM(
-        adata, n_hidden=args.n_hidden, n_layers=args.n_layers, n_latent=32, preset="official"
+        adata, n_hidden=args.n_hidden, n_layers=args.n_layers, n_latent=32, preset=args.preset
     )
     return _train_and_predict(model, adata, args)
 
@@ -202,6 +202,12 @@ def main() -> None:
     p.add_argument("--n-hidden", type=int, default=128)
     p.add_argument("--n-layers", type=int, default=2)
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument(
+        "--preset",
+        choices=["official", "dissociated"],
+        default="official",
+        help="CellPLM from scratch (official: the logged figures; dissociated: the default)",
+    )
     p.add_argument("--cells-per-step", type=int, default=64, help="CellPLM target cells/step")
     p.add_argument("--n-samples", type=int, default=300, help="CellPLM cells per prediction")
     p.add_argument("--skip-cellplm", action="store_true")
