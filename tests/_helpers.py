@@ -224,6 +224,14 @@ def save_official(off: nn.Module, config: dict, directory: Path, name: str, stat
     return str(directory / name)
 
 
+def official_files(latent_mod: str, seed: int, directory: Path, name: str = "small"):
+    """A small random official model (:func:`build_official` of :func:`small_config`) written
+    as ``directory/name`` (:func:`save_official`): (config, official model, prefix)."""
+    config = small_config(latent_mod)
+    off = build_official(config, seed=seed)
+    return config, off, save_official(off, config, directory, name)
+
+
 def read_official(prefix: str) -> nn.Module:
     """The official package's model from files: ``OmicsFormer(**config)``, strict load of a
     weights-only checkpoint, evaluation mode."""

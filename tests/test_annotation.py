@@ -133,18 +133,18 @@ def test_training_with_labels_learns(labelled):
     assert history[-1] < history[0]
 
 
-def _inference(model, tensors):
+def _first_minibatch(labelled):
+    """(module, first minibatch of the labelled model's AnnData, its inference outputs)."""
+    adata, model, _, _ = labelled
+    tensors = next(iter(model._make_data_loader(model._validate_anndata(adata))))
     model.module.eval()
     with torch.no_grad():
-        return model.module.inference(**model.module._get_inference_input(tensors))
+        outputs = model.module.inference(**model.module._get_inference_input(tensors))
+    return model.module, tensors, outputs
 
 
 def test_unknown_cells_not_in_cross_entropy(labelled):
-    adata, model, _, _ = labelled
-    module = model.module
-    loader = model._make_data_loader(model._validate_anndata(adata))
-    tensors = next(iter(loader))
-    inf = _inference(model, tensors)
+    module, tensors, inf = _first_minibatch(labelled)
     labels = tensors[LABELS_KEY].view(-1).long()
     known = labels < module.n_labels
     assert known.any() and (~known).any()
@@ -182,11 +182,7 @@ def test_unknown_cells_not_in_cross_entropy(labelled):
 
 
 def test_unknown_cell_gets_no_gradient(labelled):
-    adata, model, _, _ = labelled
-    module = model.module
-    loader = model._make_data_loader(model._validate_anndata(adata))
-    tensors = next(iter(loader))
-    inf = _inference(model, tensors)
+    module, tensors, inf = _first_minibatch(labelled)
     logits = inf["logits"].clone().requires_grad_(True)
     module.classification_loss(tensors, {**inf, "logits": logits}).backward()
     known = tensors[LABELS_KEY].view(-1) < module.n_labels

@@ -254,23 +254,19 @@ def test_measured_genes_key_missing(pbmc):
         )
 
 
-def test_measured_genes_unknown_batch_column(pbmc):
+@pytest.mark.parametrize(
+    ("columns", "match"),
+    [({"spatial": True, "typo": True}, "typo"), ({"spatial": False}, "spatial")],
+    ids=["unknown_batch_column", "empty_batch"],
+)
+def test_measured_genes_bad_table(pbmc, columns, match):
+    """A column naming no batch, or a batch that measured no gene, is refused by name."""
     table = pd.DataFrame(
-        {"spatial": np.ones(pbmc.n_vars, bool), "typo": np.ones(pbmc.n_vars, bool)},
+        {name: np.full(pbmc.n_vars, value) for name, value in columns.items()},
         index=pbmc.var_names,
     )
     adata = _panel_adata(pbmc, ["ref", "spatial"], table)
-    with pytest.raises(ValueError, match="typo"):
-        cp.CellPLM.setup_anndata(
-            adata, layer="counts", batch_key="tech", measured_genes_key="measured"
-        )
-        cp.CellPLM(adata, **ARCH)
-
-
-def test_measured_genes_empty_batch(pbmc):
-    table = pd.DataFrame({"spatial": np.zeros(pbmc.n_vars, bool)}, index=pbmc.var_names)
-    adata = _panel_adata(pbmc, ["ref", "spatial"], table)
-    with pytest.raises(ValueError, match="spatial"):
+    with pytest.raises(ValueError, match=match):
         cp.CellPLM.setup_anndata(
             adata, layer="counts", batch_key="tech", measured_genes_key="measured"
         )

@@ -34,11 +34,11 @@ from tests._helpers import (
     is_gmvae,
     max_abs,
     max_rel,
+    official_files,
     official_forward,
     one_tissue_adata,
     random_counts,
     save_official,
-    small_config,
     to_csr,
     write_config,
 )
@@ -107,19 +107,14 @@ def check_parity(model, off, X_ours, X_off, genes_off, vocab_cols, label=""):
 def small(request, tmp_path_factory):
     """(config, official model, checkpoint prefix) of a small random official model."""
     pytest.importorskip("CellPLM")
-    config = small_config(request.param)
-    off = build_official(config, seed=0 if request.param == "vae" else 1)
-    prefix = save_official(off, config, tmp_path_factory.mktemp(request.param), "small")
-    return config, off, prefix
+    seed = 0 if request.param == "vae" else 1
+    return official_files(request.param, seed, tmp_path_factory.mktemp(request.param))
 
 
 @pytest.fixture(scope="module")
 def small_vae(tmp_path_factory):
     pytest.importorskip("CellPLM")
-    config = small_config("vae")
-    off = build_official(config, seed=2)
-    prefix = save_official(off, config, tmp_path_factory.mktemp("vae_robust"), "small")
-    return config, off, prefix
+    return official_files("vae", 2, tmp_path_factory.mktemp("vae_robust"))
 
 
 @pytest.fixture(scope="module")
@@ -385,9 +380,7 @@ def test_no_gene_matches(small_vae, counts):
 @pytest.mark.parametrize("latent_mod", ["vae", "gmvae"])
 def test_save_load_round_trip(latent_mod, counts, tmp_path):
     pytest.importorskip("CellPLM")
-    config = small_config(latent_mod)
-    off = build_official(config, seed=4)
-    prefix = save_official(off, config, tmp_path / "ckpt", "small")
+    config, off, prefix = official_files(latent_mod, 4, tmp_path / "ckpt")
     cols = np.arange(N_SMALL_VOCAB)[::-1][:200]  # a subset in reversed order, plus an unknown
     genes = [config["gene_list"][c] for c in cols] + ["NOTAGENE1"]
     X = sp.hstack([counts[:, cols], counts[:, :1]], format="csr")

@@ -27,11 +27,9 @@ from cellplm_scvi.official import (
     select_official_hvgs,
 )
 from tests._helpers import (
-    build_official,
+    official_files,
     official_forward,
     random_counts,
-    save_official,
-    small_config,
     to_coo,
 )
 
@@ -41,9 +39,8 @@ N_CELLS = 90
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     pytest.importorskip("CellPLM")
-    config = small_config("vae")
-    off = build_official(config, seed=3)
-    return save_official(off, config, tmp_path_factory.mktemp("ckpt"), "vae"), off, config
+    config, off, prefix = official_files("vae", 3, tmp_path_factory.mktemp("ckpt"), "vae")
+    return prefix, off, config
 
 
 def labelled_adata(config, seed=0, n_cells=N_CELLS):

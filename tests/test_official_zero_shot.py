@@ -29,10 +29,10 @@ from cellplm_scvi.official._files import DEAD_KEYS
 from tests._helpers import (
     ATOL,
     build_official,
+    official_files,
     official_forward,
     random_counts,
     save_official,
-    small_config,
     to_csr,
 )
 
@@ -58,10 +58,9 @@ def assert_checkpoint_weights_kept(model: cp.CellPLM, off: torch.nn.Module) -> N
 def checkpoint(request, tmp_path_factory):
     """(config, official model, checkpoint directory, prefix) of a random official model."""
     pytest.importorskip("CellPLM")
-    config = small_config(request.param)
-    off = build_official(config, seed=10 if request.param == "vae" else 11)
+    seed = 10 if request.param == "vae" else 11
     directory = tmp_path_factory.mktemp(f"zero_shot_{request.param}")
-    prefix = save_official(off, config, directory, "small")
+    config, off, prefix = official_files(request.param, seed, directory)
     return config, off, directory, prefix
 
 
@@ -203,10 +202,7 @@ def test_large_sample_is_embedded_in_one_pass(checkpoint, two_samples):
 @pytest.fixture(scope="module")
 def gmvae_checkpoint(tmp_path_factory):
     pytest.importorskip("CellPLM")
-    config = small_config("gmvae")
-    off = build_official(config, seed=12)
-    prefix = save_official(off, config, tmp_path_factory.mktemp("overrides"), "small")
-    return config, off, prefix
+    return official_files("gmvae", 12, tmp_path_factory.mktemp("overrides"))
 
 
 @pytest.fixture(scope="module")
@@ -286,9 +282,7 @@ def test_latent_replacement_is_a_fresh_layer(gmvae_checkpoint, small_adata, capl
 
 
 def test_fresh_gmvae_on_a_vae_checkpoint(small_adata, tmp_path):
-    config = small_config("vae")
-    off = build_official(config, seed=13)
-    prefix = save_official(off, config, tmp_path, "small")
+    config, off, prefix = official_files("vae", 13, tmp_path)
     model = cp.CellPLM.load_official(prefix, small_adata, latent="gmvae", n_clusters=5, w_en=2.0)
     layer = model.module.latent.layers[1]
     assert isinstance(layer, GMVAELatent) and layer.n_clusters == 5
