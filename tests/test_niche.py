@@ -123,6 +123,7 @@ def test_defaults_spatial_nonspatial_official(tmp_path):
     adata = _spatial(300)
     model = CellPLM(adata, **ARCH)
     assert model.module.hide_cell_rate == 0.3 and not model.module.use_spatial_pe
+    assert model.module.mask_cell_rate == 1.0
     assert model.module.latent_type == "vae"
     assert model.module.n_local_heads == ARCH["n_heads"] // 2 and model.module.local_grid == 7
     assert CellPLM(adata, latent="gmvae", n_local_heads=0, **ARCH).module.n_local_heads == 0
@@ -147,6 +148,8 @@ def test_defaults_spatial_nonspatial_official(tmp_path):
     CellPLM.setup_anndata(plain, layer="counts")
     flat = CellPLM(plain, **ARCH)
     assert flat.module.hide_cell_rate == 0.0 and flat.preset == "dissociated"
+    assert flat.module.mask_cell_rate == 1.0  # every cell in the loss
+    assert CellPLM(plain, mask_cell_rate=0.5, **ARCH).module.mask_cell_rate == 0.5
     assert flat.module.latent_type == "vae" and flat.module.n_local_heads == 0
     assert not flat.module.use_spatial_pe and "preset='dissociated'" in flat._model_summary_string
     assert _redraw(flat, None) is False
@@ -159,6 +162,7 @@ def test_defaults_spatial_nonspatial_official(tmp_path):
     assert flat.trainer.lightning_module.lr == 1e-4
     official_flat = CellPLM(plain, preset="official", **ARCH)
     assert official_flat.module.latent_type == "gmvae"
+    assert official_flat.module.mask_cell_rate == 0.75
     official_flat.train(max_epochs=1, **FIT)
     assert official_flat.trainer.lightning_module.lr == 5e-4
     with pytest.raises(ValueError, match="hide_cell_rate > 0"):

@@ -13,10 +13,12 @@ from anndata import AnnData
 import cellplm_scvi as cp
 from cellplm_scvi.model._training import (
     KL_WARMUP_SHARE,
+    MAX_KL_WEIGHT,
     default_train_steps,
     kl_warmup_kwargs,
     tissue_steps,
 )
+from cellplm_scvi.model._training_plan import lr_factor
 
 from ._helpers import FIT, build_official, random_counts, save_official, small_config
 
@@ -88,13 +90,13 @@ def test_from_scratch_warmup_follows_max_epochs(slides):
     for max_epochs in (2, 4):
         plan = _train(model, max_epochs=max_epochs, max_steps=1)
         assert plan.n_steps_kl_warmup == round(KL_WARMUP_SHARE * max_epochs * n_tissues)
-        assert plan.n_epochs_kl_warmup is None
+        assert plan.n_epochs_kl_warmup is None and plan.max_kl_weight == MAX_KL_WEIGHT
     model = cp.CellPLM(slides, **ARCH)
     layer = model.module.latent.layers[1]
     _train(model, max_epochs=4)  # kl_weight is logged every few steps
     assert float(layer.kl_weight()) == 1.0  # the latent no longer scales the KL down
     weights = model.history["kl_weight"].iloc[:, 0].to_numpy()
-    assert weights[0] < weights[-1] <= 1.0  # scvi-tools' warm-up, over the run's first half
+    assert weights[0] < weights[-1] <= MAX_KL_WEIGHT  # scvi-tools' warm-up, to its maximum
 
 
 @pytest.mark.parametrize(
@@ -109,6 +111,9 @@ def test_given_warmup_is_honoured(slides, given, expected):
     model = cp.CellPLM(slides, **ARCH)
     plan = _train(model, max_epochs=3, max_steps=1, plan_kwargs=given)
     assert (plan.n_steps_kl_warmup, plan.n_epochs_kl_warmup) == expected
+    assert plan.max_kl_weight == MAX_KL_WEIGHT
+    plan = _train(model, max_epochs=3, max_steps=1, plan_kwargs={"max_kl_weight": 1.0})
+    assert plan.max_kl_weight == 1.0 and plan.n_steps_kl_warmup is not None
 
 
 def test_official_schedules_are_kept(slides):
@@ -137,3 +142,27 @@ def test_load_official_keeps_the_official_warmup(tmp_path):
         assert layer.kl_warmup_steps == overrides.get("kl_warmup_steps", 10_000)
         assert (plan.n_steps_kl_warmup, plan.n_epochs_kl_warmup) == (None, None)
         assert int(layer.kl_step_count) == 2  # the official counter runs
+
+
+def test_lr_schedule_shape():
+    # warm-up over 4 steps, then flat, then the last 5 of 20 steps falling to 10%
+    factors = [lr_factor(s, n_warmup=4, n_decay=5, n_steps=20) for s in range(21)]
+    assert factors[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert factors[4:15] == [1.0] * 11
+    assert factors[15:] == pytest.approx([1.0, 0.82, 0.64, 0.46, 0.28, 0.1])
+    assert [lr_factor(s, 0, 0, 20) for s in (0, 19)] == [1.0, 1.0]  # neither
+
+
+def test_from_scratch_lr_falls_over_the_last_steps(slides):
+    n_tissues = slides.obs["cellplm_tissue"].nunique()
+    model = cp.CellPLM(slides, **ARCH)  # "spatial": lr 2e-3, falling over the last 20%
+    plan = _train(model, max_epochs=5, plan_kwargs={"n_steps_lr_warmup": 0})
+    assert model.trainer.global_step == 5 * n_tissues
+    assert plan.lr_decay_share == 0.2
+    assert model.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1 * 2e-3)
+    official = cp.CellPLM(slides, preset="official", **ARCH)  # keeps its rate to the end
+    plan = _train(official, max_epochs=5, plan_kwargs={"n_steps_lr_warmup": 0})
+    assert plan.lr_decay_share == 0.0
+    assert official.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(5e-4)
+    with pytest.raises(ValueError, match="lr_decay_share must be in"):
+        _train(model, max_epochs=1, plan_kwargs={"lr_decay_share": 1.5})

@@ -112,7 +112,9 @@ class CellPLM(
         for the default spatial model, whose niche read-out it degraded.
     mask_cell_rate, mask_gene_rate
         Masking of the training objective: fraction of a tissue's cells masked, and fraction of
-        the entries of a masked cell hidden from the encoder.
+        the entries of a masked cell hidden from the encoder. ``mask_cell_rate=None``: the
+        preset's (``1.0`` from scratch: every cell enters the loss; ``0.75``, the official rate,
+        for ``"official"``).
     hide_cell_rate
         Fraction of a tissue's cells, among the masked ones, hidden whole (all genes) at each
         training step and reconstructed from their tissue alone: the objective that makes the
@@ -170,7 +172,7 @@ class CellPLM(
         n_clusters: int = 16,
         dropout: float = 0.1,
         spatial_pe: bool | None = None,
-        mask_cell_rate: float = 0.75,
+        mask_cell_rate: float | None = None,
         mask_gene_rate: float = 0.25,
         hide_cell_rate: float | None = None,
         dae: bool = True,
@@ -187,6 +189,7 @@ class CellPLM(
         self._preset = resolve_preset(preset, has_coords, hide_cell_rate)
         preset = self._preset.name  # recorded in init_params_
         hide_cell_rate = self._preset.hide_cell_rate if hide_cell_rate is None else hide_cell_rate
+        mask_cell_rate = self._preset.mask_cell_rate if mask_cell_rate is None else mask_cell_rate
         latent = self._preset.latent if latent is None else latent
         module_defaults(self._preset, n_heads, module_kwargs, latent)
         spatial_pe = resolve_spatial_pe(spatial_pe, has_coords, hide_cell_rate)

@@ -5,21 +5,23 @@ an explicit argument always wins. ``CellPLM(adata)`` resolves it once, in ``__in
 its name in ``init_params_`` (so a saved model is rebuilt with the same one) and shows it in the
 model summary:
 
-- ``"official"``: the authors' objective. No cell hidden whole (``hide_cell_rate=0``), the
-  Gaussian-mixture latent (``"gmvae"``), no local heads, the registered tissues in every epoch,
-  learning rate 5e-4. The preset of :meth:`CellPLM.load_official`, and the default on
-  coordinates with ``hide_cell_rate=0``.
-- ``"dissociated"``: a from-scratch model of cells without coordinates (scRNA-seq): the
-  official objective with the Gaussian latent (its KL warmed up over half of the run) and a
-  learning rate of 2e-3. On scanpy's 700 PBMCs at the default length its DE found 8.5-11.4 of
-  Wilcoxon's top-20 markers per cell type (SCVI 11.2-11.8), the mixture latent at 5e-4 7.2-7.5
-  (benchmarks/results, "defaults"). The default without coordinates.
+- ``"official"``: the authors' objective. 75% of a tissue's cells masked, none hidden whole
+  (``hide_cell_rate=0``), the Gaussian-mixture latent (``"gmvae"``), no local heads, the
+  registered tissues in every epoch, learning rate 5e-4 held to the end. The preset of
+  :meth:`CellPLM.load_official`, and the default on coordinates with ``hide_cell_rate=0``.
+- ``"dissociated"``: a from-scratch model of cells without coordinates (scRNA-seq): every cell
+  masked (``mask_cell_rate=1``, so every cell enters the loss), the Gaussian latent, a learning
+  rate of 2e-3 falling to 10% over the last 20% of the run. The default without coordinates.
 - ``"spatial"``: a from-scratch model that reads niches (benchmarks/README.md, "Niche
-  context"). 30% of a tissue's masked cells hidden whole and reconstructed from their tissue,
+  context"). Every cell masked, 30% of them hidden whole and reconstructed from their tissue,
   the Gaussian latent (the mixture cost cell identity there), half of the heads attending
-  through a spatial kernel of 7 anchors per side, and training tissues redrawn every epoch
-  where the slides are known, learning rate 5e-4. The default on registered coordinates, unless
-  ``hide_cell_rate=0`` is given.
+  through a spatial kernel of 7 anchors per side, training tissues redrawn every epoch where
+  the slides are known, and the learning rate of ``"dissociated"``. The default on registered
+  coordinates, unless ``hide_cell_rate=0`` is given.
+
+A from-scratch Gaussian latent's KL weight rises to 0.5 over the first 75% of the run
+(:func:`cellplm_scvi.model._training.kl_warmup_kwargs`). Why these values, and what they gave
+against SCVI: docs/user_guide.md, "Presets", and benchmarks/results/2026-12-07-defaults.md.
 
 The spatial encoding (``spatial_pe=None``) is on where coordinates are registered and no cell
 is hidden, whatever the preset: it degraded the niche read-out of cell-hiding models.
@@ -40,6 +42,9 @@ class Preset:
     ----------
     name
         ``"official"``, ``"dissociated"`` or ``"spatial"``.
+    mask_cell_rate
+        Default fraction of a tissue's cells masked at a training step
+        (``CellPLM(mask_cell_rate=None)``).
     hide_cell_rate
         Default fraction of the masked cells hidden whole (``CellPLM(hide_cell_rate=None)``).
     latent
@@ -53,21 +58,26 @@ class Preset:
         Default of ``train(redraw_tissues=None)`` where the slides are known.
     lr
         Default of ``train(lr=None)``.
+    lr_decay_share
+        Share of the run's last steps over which the learning rate falls linearly to 10%
+        (``train(plan_kwargs={"lr_decay_share": ...})`` replaces it).
     """
 
     name: str
+    mask_cell_rate: float
     hide_cell_rate: float
     latent: str
     local_heads: bool
     local_grid: int | None
     redraw_tissues: bool
     lr: float
+    lr_decay_share: float
 
 
 PRESETS = {
-    "official": Preset("official", 0.0, "gmvae", False, None, False, 5e-4),
-    "dissociated": Preset("dissociated", 0.0, "vae", False, None, False, 2e-3),
-    "spatial": Preset("spatial", 0.3, "vae", True, 7, True, 5e-4),
+    "official": Preset("official", 0.75, 0.0, "gmvae", False, None, False, 5e-4, 0.0),
+    "dissociated": Preset("dissociated", 1.0, 0.0, "vae", False, None, False, 2e-3, 0.2),
+    "spatial": Preset("spatial", 1.0, 0.3, "vae", True, 7, True, 2e-3, 0.2),
 }
 
 

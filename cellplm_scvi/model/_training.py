@@ -56,7 +56,8 @@ from ._setup import check_tissue_codes
 DEFAULT_PASSES = 100  # expected times each cell is in a training step
 MIN_STEPS = 500  # optimiser steps at least, however small the data
 MAX_STEPS = 10_000  # and at most, however large
-KL_WARMUP_SHARE = 0.5  # from-scratch KL warm-up: this share of the run's steps
+KL_WARMUP_SHARE = 0.75  # from-scratch KL warm-up: this share of the run's steps
+MAX_KL_WEIGHT = 0.5  # from-scratch KL weight after the warm-up (scvi-tools' max_kl_weight)
 
 
 class TissueTrainRunner(TrainRunner):
@@ -141,9 +142,9 @@ class TrainingMixin(UnsupervisedTrainingMixin):
             tissue (docs/user_guide.md, "Training length"). ``None``: the default length,
             ``clip(round(100 * n_cells / cells_per_step), 500, 10000)`` steps
             (``default_train_steps``) in whole epochs; with a ``datamodule``, scvi-tools'
-            heuristic on its ``n_obs``. A from-scratch ``"vae"`` latent's KL warm-up is the
-            first half of the run (scvi-tools' ``n_steps_kl_warmup``, unless ``plan_kwargs``
-            sets it or ``n_epochs_kl_warmup``).
+            heuristic on its ``n_obs``. A from-scratch ``"vae"`` latent's KL weight rises to 0.5
+            over the first 75% of the run (scvi-tools' ``n_steps_kl_warmup`` and
+            ``max_kl_weight``, unless ``plan_kwargs`` sets them or ``n_epochs_kl_warmup``).
         accelerator, devices
             Lightning device selection (``"auto"`` uses one GPU when there is one).
         train_size, validation_size
@@ -316,7 +317,10 @@ class TrainingMixin(UnsupervisedTrainingMixin):
         else:
             check_datamodule(self, datamodule)
         lr = self._preset.lr if lr is None else lr
-        plan_kwargs = {"lr": lr, **merge_kwargs(plan_config, plan_kwargs, name="plan")}
+        plan_kwargs = {
+            "lr": lr, "lr_decay_share": self._preset.lr_decay_share,
+            **merge_kwargs(plan_config, plan_kwargs, name="plan"),
+        }  # fmt: skip
         plan_kwargs = kl_warmup_kwargs(self, plan_kwargs, max_epochs, steps_per_epoch)
         if gradient_clip_val is not None:
             trainer_kwargs.setdefault("gradient_clip_val", gradient_clip_val)
@@ -400,17 +404,19 @@ def kl_warmup_kwargs(
     A from-scratch ``"vae"`` latent (a model outside the ``"official"`` preset, whose latent
     has no warm-up of its own: :func:`~cellplm_scvi.model._presets.module_defaults`) gets
     scvi-tools' ``n_steps_kl_warmup``: the first ``KL_WARMUP_SHARE`` of the run's steps
-    (``n_epochs_kl_warmup``, of its epochs, with a data module). Given ``n_steps_kl_warmup`` or
-    ``n_epochs_kl_warmup`` are kept. The ``"official"`` preset (:meth:`load_official`) keeps
-    the official schedule (10,000 steps, in the latent layer), a latent given its own
-    ``kl_warmup_steps`` keeps it, and a Gaussian-mixture latent (official: free-bits floors,
-    no warm-up) gets none added.
+    (``n_epochs_kl_warmup``, of its epochs, with a data module), up to a weight of
+    ``MAX_KL_WEIGHT`` (scvi-tools' ``max_kl_weight``). Given ``n_steps_kl_warmup``,
+    ``n_epochs_kl_warmup`` or ``max_kl_weight`` are kept. The ``"official"`` preset
+    (:meth:`load_official`) keeps the official schedule (10,000 steps, in the latent layer), a
+    latent given its own ``kl_warmup_steps`` keeps it, and a Gaussian-mixture latent
+    (official: free-bits floors, no warm-up) gets none added.
     """
-    if "n_steps_kl_warmup" in plan_kwargs or "n_epochs_kl_warmup" in plan_kwargs:
-        return plan_kwargs
     layer = model.module.latent.layers[1]
     own_schedule = not isinstance(layer, VAELatent) or layer.kl_warmup_steps
     if model._preset.name == "official" or own_schedule:
+        return plan_kwargs
+    plan_kwargs = {"max_kl_weight": MAX_KL_WEIGHT, **plan_kwargs}
+    if "n_steps_kl_warmup" in plan_kwargs or "n_epochs_kl_warmup" in plan_kwargs:
         return plan_kwargs
     if steps_per_epoch is None:
         return {**plan_kwargs, "n_epochs_kl_warmup": max(1, round(KL_WARMUP_SHARE * max_epochs))}

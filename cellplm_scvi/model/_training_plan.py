@@ -1,10 +1,12 @@
-"""Training plan: scvi's TrainingPlan with AdamW, a learning-rate warm-up and an optional
-smaller learning rate for the gene embedder (official fine-tuning recipe)."""
+"""Training plan: scvi's TrainingPlan with AdamW, a learning-rate warm-up (and, for the
+from-scratch presets, a fall over the last steps) and an optional smaller learning rate for the
+gene embedder (official fine-tuning recipe)."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import random
 from collections.abc import Sequence
 from typing import Literal
@@ -39,6 +41,16 @@ def _set_numpy_rng_state(state: tuple) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))  # noqa: NPY002
 
 
+def lr_factor(step: int, n_warmup: int, n_decay: int, n_steps: float, floor: float = 0.1) -> float:
+    """Learning-rate factor at ``step``: linear warm-up over the first ``n_warmup`` steps, then
+    over the last ``n_decay`` of ``n_steps`` a linear fall to ``floor``."""
+    factor = min(1.0, (step + 1) / n_warmup) if n_warmup else 1.0
+    start = n_steps - n_decay
+    if n_decay and step >= start:
+        factor *= max(floor, 1.0 - (1.0 - floor) * (step - start) / n_decay)
+    return factor
+
+
 class CellPLMTrainingPlan(TrainingPlan):
     """:class:`~scvi.train.TrainingPlan` for CellPLM.
 
@@ -53,14 +65,19 @@ class CellPLMTrainingPlan(TrainingPlan):
     n_steps_lr_warmup
         Steps of linear learning-rate warm-up (transformers train badly at full rate from
         step one).
+    lr_decay_share
+        Share of the run's last steps over which the learning rate falls linearly to 10% of
+        ``lr`` (0: none; :meth:`~cellplm_scvi.CellPLM.train` passes the preset's). Not with
+        ``reduce_lr_on_plateau``.
     embedder_lr_factor
         Learning rate of the embedder relative to ``lr`` (official fine-tuning: 0.1).
     n_epochs_kl_warmup
         scvi-tools' KL annealing over epochs (``n_steps_kl_warmup``, over steps, goes through
         ``**kwargs``). Off here by default; :meth:`~cellplm_scvi.CellPLM.train` sets
-        ``n_steps_kl_warmup`` to half the run for a from-scratch ``"vae"`` latent (user guide,
-        "Training length"). The official latents keep their own regularisation: free-bits
-        floors, and the official VAE's warm-up (``kl_warmup_steps``), which multiplies it.
+        ``n_steps_kl_warmup`` (75% of the run) and ``max_kl_weight`` (0.5) for a
+        from-scratch ``"vae"`` latent (user guide, "Training length"). The official latents
+        keep their own regularisation: free-bits floors, and the official VAE's warm-up
+        (``kl_warmup_steps``), which multiplies it.
     embedder_weight_decay
         Weight decay of the embedder group (official annotation: 1e-10).
     optimized_modules
@@ -103,6 +120,7 @@ class CellPLMTrainingPlan(TrainingPlan):
         lr: float = 5e-4,
         weight_decay: float = 1e-6,
         n_steps_lr_warmup: int = 50,
+        lr_decay_share: float = 0.0,
         embedder_lr_factor: float = 1.0,
         n_epochs_kl_warmup: int | None = None,
         embedder_weight_decay: float | None = None,
@@ -122,7 +140,9 @@ class CellPLMTrainingPlan(TrainingPlan):
             n_epochs_kl_warmup=n_epochs_kl_warmup,
             **kwargs,
         )
-        self.n_steps_lr_warmup = n_steps_lr_warmup
+        if not 0 <= lr_decay_share <= 1:
+            raise ValueError(f"lr_decay_share must be in [0, 1], got {lr_decay_share!r}.")
+        self.n_steps_lr_warmup, self.lr_decay_share = n_steps_lr_warmup, lr_decay_share
         self.embedder_lr_factor = embedder_lr_factor
         self.embedder_weight_decay = embedder_weight_decay
         self.optimized_modules = None if optimized_modules is None else tuple(optimized_modules)
@@ -210,11 +230,24 @@ class CellPLMTrainingPlan(TrainingPlan):
                 "monitor": self.lr_scheduler_metric,
                 "interval": "epoch",
             }
-        elif self.n_steps_lr_warmup:
-            warmup = max(1, self.n_steps_lr_warmup)
-            scheduler = LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        elif self.n_steps_lr_warmup or self.lr_decay_share:
+            scheduler = LambdaLR(optimizer, lambda step: self._lr_factor(step))
             config["lr_scheduler"] = {"scheduler": scheduler, "interval": "step"}
         return config
+
+    def _lr_factor(self, step: int) -> float:
+        """:func:`lr_factor` of this run. Its length is read when the step is taken: Lightning
+        counts the training batches after the optimisers are built (before that, and for a run
+        of unknown length, there is no fall)."""
+        trainer = self.trainer
+        n_steps = math.inf
+        if trainer.max_epochs is not None and trainer.max_epochs > 0:
+            batches = trainer.num_training_batches // trainer.accumulate_grad_batches
+            n_steps = trainer.max_epochs * batches
+        if trainer.max_steps is not None and trainer.max_steps > 0:
+            n_steps = min(n_steps, trainer.max_steps)
+        n_decay = round(self.lr_decay_share * n_steps) if math.isfinite(n_steps) else 0
+        return lr_factor(step, self.n_steps_lr_warmup, n_decay, n_steps)
 
     def on_before_optimizer_step(self, optimizer):
         """Floored GMVAE prior nets: exactly-zero (all-reduced) gradients -> ``None``, so AdamW
