@@ -200,5 +200,5 @@ def labelled(pbmc):
     cp.CellPLM.setup_anndata(adata, layer="counts", labels_key="label", tissue_key="fov")
     untrained = cp.CellPLM(adata, **ARCH).predict()
     model = cp.CellPLM(adata, **ARCH)
-    model.train(max_epochs=12, lr=1e-3, train_size=1.0, **FIT)
+    model.train(max_epochs=12, train_size=1.0, **FIT)  # the preset's lr (2e-3)
     return adata, model, hidden, untrained

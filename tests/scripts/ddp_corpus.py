@@ -116,7 +116,7 @@ def main(out: str, devices: int, files: list[str]) -> None:
         max_epochs=MAX_EPOCHS,
         accelerator="cpu",
         lr=1e-3,
-        plan_kwargs={"n_epochs_kl_warmup": None},  # KL weight 1 from step 0, as the test's
+        plan_kwargs={"n_epochs_kl_warmup": None, "max_kl_weight": 1.0},  # KL weight 1, as the test
         gradient_clip_val=None,
         enable_progress_bar=False,
         callbacks=[Recorder(out_dir)],
