@@ -52,8 +52,9 @@ from ._presets import resolve_redraw_tissues
 from ._setup import check_tissue_codes
 
 # Default training length (``train(max_epochs=None)``), docs/user_guide.md "Training length":
-# steps = clip(round(PASSES * n_cells / cells_per_step), MIN_STEPS, MAX_STEPS)
-DEFAULT_PASSES = 100  # expected times each cell is in a training step
+# steps = clip(round(PASSES * min(n_cells, CELLS_CAP) / cells_per_step), MIN_STEPS, MAX_STEPS)
+DEFAULT_PASSES = 100  # expected times each cell is in a training step, up to CELLS_CAP cells
+CELLS_CAP = 20_000  # beyond it, fewer passes (scVI: 400 epochs up to 20,000 cells, then fewer)
 MIN_STEPS = 500  # optimiser steps at least, however small the data
 MAX_STEPS = 10_000  # and at most, however large
 KL_WARMUP_SHARE = 0.75  # from-scratch KL warm-up: this share of the run's steps
@@ -140,7 +141,7 @@ class TrainingMixin(UnsupervisedTrainingMixin):
         max_epochs
             Passes over the training tissues; an epoch is one optimiser step per training
             tissue (docs/user_guide.md, "Training length"). ``None``: the default length,
-            ``clip(round(100 * n_cells / cells_per_step), 500, 10000)`` steps
+            ``clip(round(100 * min(n_cells, 20000) / cells_per_step), 500, 10000)`` steps
             (``default_train_steps``) in whole epochs; with a ``datamodule``, scvi-tools'
             heuristic on its ``n_obs``. A from-scratch ``"vae"`` latent's KL weight rises to 0.5
             over the first 75% of the run (scvi-tools' ``n_steps_kl_warmup`` and
@@ -357,9 +358,10 @@ class TrainingMixin(UnsupervisedTrainingMixin):
 def default_train_steps(n_cells: int, cells_per_step: float) -> int:
     """Optimiser steps of ``train(max_epochs=None)``.
 
-    ``clip(round(DEFAULT_PASSES * n_cells / cells_per_step), MIN_STEPS, MAX_STEPS)``: every
-    cell in about ``DEFAULT_PASSES`` training steps, within ``[MIN_STEPS, MAX_STEPS]`` steps
-    (docs/user_guide.md, "Training length").
+    ``clip(round(DEFAULT_PASSES * min(n_cells, CELLS_CAP) / cells_per_step), MIN_STEPS,
+    MAX_STEPS)``: every cell in about ``DEFAULT_PASSES`` training steps up to ``CELLS_CAP``
+    cells, as many steps as for ``CELLS_CAP`` cells beyond (fewer passes, as scVI's default
+    epochs), within ``[MIN_STEPS, MAX_STEPS]`` steps (docs/user_guide.md, "Training length").
 
     Parameters
     ----------
@@ -377,7 +379,7 @@ def default_train_steps(n_cells: int, cells_per_step: float) -> int:
             f"default_train_steps needs n_cells >= 1 and cells_per_step > 0, got {n_cells} and "
             f"{cells_per_step}."
         )
-    steps = round(DEFAULT_PASSES * n_cells / cells_per_step)
+    steps = round(DEFAULT_PASSES * min(n_cells, CELLS_CAP) / cells_per_step)
     return int(min(max(steps, MIN_STEPS), MAX_STEPS))
 
 
