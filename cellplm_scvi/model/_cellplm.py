@@ -133,10 +133,11 @@ class CellPLM(
         The defaults that depend on the data (:mod:`cellplm_scvi.model._presets`):
         ``"official"`` (the authors' objective: ``"gmvae"`` latent, no cell hidden, no local
         heads; :meth:`load_official` uses it), ``"dissociated"`` (from scratch without
-        coordinates: ``"vae"`` latent, ``train(lr=2e-3)``) or ``"spatial"`` (from scratch,
-        reads niches: ``hide_cell_rate=0.3``, ``"vae"`` latent, half of the heads (module
-        argument ``n_local_heads``) weighing the other cells by a spatial kernel of width 1/6 of
-        the tissue's side (``local_grid=7``), training tissues redrawn every epoch). ``None``:
+        coordinates: every cell masked, ``"vae"`` latent, ``train(lr=2e-3)``) or ``"spatial"``
+        (from scratch, reads niches: the same, and ``hide_cell_rate=0.3``, half of the heads
+        (module argument ``n_local_heads``) weighing the other cells by a spatial kernel of width
+        1/6 of the tissue's side (``local_grid=7``), training tissues redrawn every epoch).
+        ``None``:
         ``"spatial"`` on registered coordinates (``"official"`` with ``hide_cell_rate=0``), else
         ``"dissociated"``. Explicit arguments win; the resolved name is recorded in
         ``init_params_`` and shown in the model summary.
