@@ -113,6 +113,22 @@ def test_subset_copy_of_registered_anndata(fov_model):
     assert np.abs(in_context - expected).max() > 1e-3  # the context differs
 
 
+def test_copy_with_edited_tissues_uses_them(fov_model):
+    """A copy of registered data carries the original's tissue codes; an edited tissue column
+    is read again, not silently replaced by them."""
+    model, adata = fov_model
+    edited = adata.copy()
+    edited.obs["fov"] = "one tissue"  # every cell now attends to every other
+    expected = model.get_latent_representation(unregistered(edited.copy()))
+    result = model.get_latent_representation(edited)
+    np.testing.assert_allclose(result, expected, atol=1e-5)
+    assert np.abs(result - model.get_latent_representation()).max() > 1e-3
+    unchanged = adata.copy()
+    np.testing.assert_allclose(
+        model.get_latent_representation(unchanged), model.get_latent_representation(), atol=1e-5
+    )
+
+
 def test_transfer_to_new_anndata(fitted, slides):
     model, adata = fitted
     z = model.get_latent_representation()

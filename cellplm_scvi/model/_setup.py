@@ -10,6 +10,7 @@ import logging
 import numpy as np
 import pandas as pd
 from anndata import AnnData
+from scvi.data._constants import _SCVI_UUID_KEY
 
 from .._constants import (
     CAT_COVS_KEY,
@@ -69,6 +70,27 @@ def write_tissue_columns(
         )
     adata.obs[TISSUE_CODE_OBS] = codes.astype(np.int64)
     adata.obs[INDICES_OBS] = np.arange(adata.n_obs, dtype=np.int64)
+
+
+def copy_tissue_codes(adata: AnnData, setup_args: dict) -> None:
+    """Tissue codes of a copy of registered data, read again from its tissue column.
+
+    scvi-tools transfers a copy's setup from the copy's ``obs``, whose tissue codes came from
+    the original: an edited tissue column (``tissue_key``, or ``obs["cellplm_tissue"]`` of
+    computed tissues) would be ignored. Where the column groups the cells otherwise than the
+    codes do, the codes are written again from it (computed tissues are not computed again: a
+    subset keeps its cells' tissues). Without the column the codes stay.
+    """
+    column = setup_args.get("tissue_key") or DEFAULT_TISSUE_OBS
+    if column not in adata.obs:
+        return
+    codes = pd.Categorical(adata.obs[column].astype(str)).codes.astype(np.int64)
+    if TISSUE_CODE_OBS in adata.obs:
+        old = adata.obs[TISSUE_CODE_OBS].to_numpy(dtype=np.int64)
+        pairs = len(set(zip(old.tolist(), codes.tolist(), strict=True)))
+        if pairs == len(np.unique(old)) == len(np.unique(codes)):
+            return  # the same grouping: keep the codes (niche draws are seeded by them)
+    adata.obs[TISSUE_CODE_OBS] = codes
 
 
 _TISSUE_FINGERPRINT_ATTR = "cellplm_tissue_fingerprint"
@@ -200,6 +222,8 @@ class TissueSetupMixin:
             adata = _registry_data.validate(self, adata)
             self._layout_of(adata)  # no gene in the vocabulary: raise before any work
             return adata
+        if adata is not None and not adata.is_view and self._copy_of_registered(adata):
+            copy_tissue_codes(adata, self.adata_manager.registry["setup_args"])
         registered = self.get_anndata_manager(self.adata if adata is None else adata)
         if registered is not None:  # D6: setup_anndata re-run with other arguments
             check_tissue_codes(registered, self.adata if adata is None else adata)
@@ -246,3 +270,10 @@ class TissueSetupMixin:
         if not np.array_equal(adata.obs[INDICES_OBS].to_numpy(), rows):
             adata.obs[INDICES_OBS] = rows
         return adata
+
+    def _copy_of_registered(self, adata: AnnData) -> bool:
+        """Whether ``adata`` is a copy of an AnnData this model registered (its scvi-tools id,
+        another object); scvi-tools transfers such a copy's setup from its own ``obs``."""
+        managers = type(self)._per_instance_manager_store.get(self.id, {})
+        manager = managers.get(adata.uns.get(_SCVI_UUID_KEY))
+        return manager is not None and manager.adata is not adata
