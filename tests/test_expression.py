@@ -98,6 +98,18 @@ def test_normalized_expression_gene_list_and_indices(labelled):
     )
 
 
+def test_draws_overall_are_posterior_samples(labelled):
+    """``n_samples_overall`` (what ``differential_expression`` asks for) draws posterior
+    samples even where the cells outnumber the draws (scvi-tools then asks one sample a cell,
+    which alone decodes CellPLM's posterior mean): both groups of a comparison are sampled."""
+    adata, model, _, _ = labelled
+    means = model.get_normalized_expression(return_numpy=True)
+    draws = model.get_normalized_expression(n_samples_overall=adata.n_obs - 1, return_numpy=True)
+    assert draws.shape == (adata.n_obs - 1, adata.n_vars)
+    nearest = np.abs(draws[:, None, :] - means[None, :, :]).max(-1).min(-1)  # to any mean row
+    assert (nearest > 1e-6).all()
+
+
 def test_normalized_expression_unknown_gene(labelled):
     _, model, _, _ = labelled
     with pytest.raises(KeyError):

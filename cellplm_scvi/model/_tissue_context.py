@@ -338,7 +338,10 @@ class TissueContextMixin:
 
         scvi-tools' :meth:`~scvi.model.base.RNASeqMixin.get_normalized_expression`. With
         ``n_samples=1`` CellPLM decodes the posterior mean (its official read-out); with
-        ``n_samples > 1`` it averages (or returns) posterior samples. The default ``gene_list``
+        ``n_samples > 1`` it averages (or returns) posterior samples, and with
+        ``n_samples_overall`` (``differential_expression``) every draw is a posterior sample,
+        whatever the number of cells (scvi-tools asks a group of more cells than draws for one
+        sample a cell). The default ``gene_list``
         is every gene of ``adata`` (scvi-tools' shape, which ``differential_expression`` and
         ``adata.layers[...] = ...`` need): a gene outside the model vocabulary cannot be
         decoded and gets 0 (see :attr:`~cellplm_scvi.CellPLM.matched_genes`). A ``gene_list``
@@ -371,17 +374,20 @@ class TissueContextMixin:
             "weights": weights, "return_mean": return_mean, "silent": silent,
             **importance_weighting_kwargs,
         }  # fmt: skip
+        sampling = nullcontext() if n_samples_overall is None else self.module.sampling_posterior()
         if dataloader is not None:
-            return super().get_normalized_expression(dataloader=dataloader, **kwargs)
+            with sampling:
+                return super().get_normalized_expression(dataloader=dataloader, **kwargs)
         adata, emitted, back = self._tissue_order(adata, indices, batch_size)
         if gene_list is None:  # every var_name, 0 outside the vocabulary (as the module's px)
             gene_list = list(adata.var_names)
         else:
             gene_list = self._check_decoded(adata, gene_list)
-        out = super().get_normalized_expression(
-            adata, emitted, gene_list=gene_list, batch_size=batch_size, return_numpy=True,
-            data_loader_kwargs=data_loader_kwargs, **kwargs,
-        )  # fmt: skip
+        with sampling:
+            out = super().get_normalized_expression(
+                adata, emitted, gene_list=gene_list, batch_size=batch_size, return_numpy=True,
+                data_loader_kwargs=data_loader_kwargs, **kwargs,
+            )  # fmt: skip
         columns = adata.var_names[adata.var_names.isin(gene_list)]  # scvi-tools: var order
         order = columns.get_indexer(gene_list)  # -> the order of gene_list
         if n_samples_overall is not None:
