@@ -129,6 +129,7 @@ def test_defaults_spatial_nonspatial_official(tmp_path):
     assert CellPLM(adata, latent="gmvae", n_local_heads=0, **ARCH).module.n_local_heads == 0
     assert model.preset == "spatial" and model.init_params_["non_kwargs"]["preset"] == "spatial"
     assert "preset='spatial'" in model._model_summary_string
+    assert "mask_cell_rate=1.0, hide_cell_rate=0.3" in model._model_summary_string
     assert _redraw(model, None) is True
     assert _redraw(model, False) is False
     official_objective = CellPLM(adata, hide_cell_rate=0.0, **ARCH)

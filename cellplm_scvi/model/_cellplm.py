@@ -244,7 +244,8 @@ class CellPLM(
         self._model_summary_string = (
             f"CellPLM: preset={preset!r}, n_hidden={n_hidden}, n_layers={n_layers}, "
             f"n_latent={n_latent}, "
-            f"latent={latent!r}, spatial_pe={spatial_pe}, hide_cell_rate={hide_cell_rate}, "
+            f"latent={latent!r}, spatial_pe={spatial_pe}, mask_cell_rate={mask_cell_rate}, "
+            f"hide_cell_rate={hide_cell_rate}, "
             f"n_local_heads={self.module.n_local_heads}, "
             f"vocabulary={self.module.n_vocab} genes, {n_params:,} parameters"
         )
