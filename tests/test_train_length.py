@@ -29,12 +29,12 @@ ARCH = {"n_hidden": 16, "n_layers": 1, "n_heads": 4, "n_latent": 4}
     ("n_cells", "cells_per_step", "steps"),
     [
         (700, 700, 500),  # one small sample: the floor
-        (6_000, 1_000, 600),  # 100 passes over 6 tissues
-        (20_000, 1_000, 2_000),  # 100 passes up to 20,000 cells
-        (50_000, 1_000, 2_000),  # beyond: the steps of 20,000 cells (40 passes)
-        (50_000, 800, 2_500),  # smaller steps: more of them
-        (10_500, 4_000, 500),  # one sample capped at 4000 cells a step: 263 by the rule
-        (1_000_000, 100, 10_000),  # 20,000 by the rule: the ceiling
+        (6_000, 1_000, 900),  # 150 passes over 6 tissues
+        (20_000, 1_000, 3_000),  # 150 passes up to 20,000 cells
+        (50_000, 1_000, 3_000),  # beyond: the steps of 20,000 cells (60 passes)
+        (50_000, 800, 3_750),  # smaller steps: more of them
+        (10_500, 4_000, 500),  # one sample capped at 4000 cells a step: 394 by the rule
+        (1_000_000, 100, 10_000),  # 30,000 by the rule: the ceiling
     ],
 )
 def test_default_length_formula(n_cells, cells_per_step, steps):

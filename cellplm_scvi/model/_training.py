@@ -53,7 +53,7 @@ from ._setup import check_tissue_codes
 
 # Default training length (``train(max_epochs=None)``), docs/user_guide.md "Training length":
 # steps = clip(round(PASSES * min(n_cells, CELLS_CAP) / cells_per_step), MIN_STEPS, MAX_STEPS)
-DEFAULT_PASSES = 100  # expected times each cell is in a training step, up to CELLS_CAP cells
+DEFAULT_PASSES = 150  # expected times each cell is in a training step, up to CELLS_CAP cells
 CELLS_CAP = 20_000  # beyond it, fewer passes (scVI: 400 epochs up to 20,000 cells, then fewer)
 MIN_STEPS = 500  # optimiser steps at least, however small the data
 MAX_STEPS = 10_000  # and at most, however large
@@ -141,7 +141,7 @@ class TrainingMixin(UnsupervisedTrainingMixin):
         max_epochs
             Passes over the training tissues; an epoch is one optimiser step per training
             tissue (docs/user_guide.md, "Training length"). ``None``: the default length,
-            ``clip(round(100 * min(n_cells, 20000) / cells_per_step), 500, 10000)`` steps
+            ``clip(round(150 * min(n_cells, 20000) / cells_per_step), 500, 10000)`` steps
             (``default_train_steps``) in whole epochs; with a ``datamodule``, scvi-tools'
             heuristic on its ``n_obs``. A from-scratch ``"vae"`` latent's KL weight rises to 0.5
             over the first 75% of the run (scvi-tools' ``n_steps_kl_warmup`` and
