@@ -127,6 +127,11 @@ def test_copy_with_edited_tissues_uses_them(fov_model):
     np.testing.assert_allclose(
         model.get_latent_representation(unchanged), model.get_latent_representation(), atol=1e-5
     )
+    gaps = adata.copy()
+    gaps.obs["fov"] = gaps.obs["fov"].astype(object)
+    gaps.obs.iloc[:5, gaps.obs.columns.get_loc("fov")] = None
+    with pytest.raises(ValueError, match=r"adata.obs\['fov'\] \(tissue_key\) has missing"):
+        model.get_latent_representation(gaps)
 
 
 def test_transfer_to_new_anndata(fitted, slides):

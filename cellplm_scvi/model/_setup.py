@@ -84,6 +84,7 @@ def copy_tissue_codes(adata: AnnData, setup_args: dict) -> None:
     column = setup_args.get("tissue_key") or DEFAULT_TISSUE_OBS
     if column not in adata.obs:
         return
+    check_obs_key(adata, column, "tissue_key")  # missing values: ValueError
     codes = pd.Categorical(adata.obs[column].astype(str)).codes.astype(np.int64)
     if TISSUE_CODE_OBS in adata.obs:
         old = adata.obs[TISSUE_CODE_OBS].to_numpy(dtype=np.int64)
