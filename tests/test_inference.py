@@ -127,6 +127,12 @@ def test_copy_with_edited_tissues_uses_them(fov_model):
     np.testing.assert_allclose(
         model.get_latent_representation(unchanged), model.get_latent_representation(), atol=1e-5
     )
+    kept = adata.obs["fov"] != adata.obs["fov"].iloc[0]  # a subset copy keeps its tissues' codes
+    subset = adata[kept.to_numpy()].copy()
+    model.get_latent_representation(subset)
+    np.testing.assert_array_equal(
+        subset.obs["_cellplm_tissue_code"], adata.obs["_cellplm_tissue_code"][kept]
+    )
     gaps = adata.copy()
     gaps.obs["fov"] = gaps.obs["fov"].astype(object)
     gaps.obs.iloc[:5, gaps.obs.columns.get_loc("fov")] = None

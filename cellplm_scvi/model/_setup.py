@@ -62,14 +62,19 @@ def write_tissue_columns(
             key_added=DEFAULT_TISSUE_OBS,
         )
         tissues = adata.obs[DEFAULT_TISSUE_OBS]
-    codes = pd.Categorical(tissues.astype(str)).codes
+    codes = tissue_codes(tissues)
     sizes = np.bincount(codes)
     if (sizes == 1).any():
         logger.warning(
             "%d tissue(s) have a single cell: those cells see no context.", (sizes == 1).sum()
         )
-    adata.obs[TISSUE_CODE_OBS] = codes.astype(np.int64)
+    adata.obs[TISSUE_CODE_OBS] = codes
     adata.obs[INDICES_OBS] = np.arange(adata.n_obs, dtype=np.int64)
+
+
+def tissue_codes(tissues: pd.Series) -> np.ndarray:
+    """(n_cells,) int64 code of each cell's tissue, from a tissue column."""
+    return pd.Categorical(tissues.astype(str)).codes.astype(np.int64)
 
 
 def copy_tissue_codes(adata: AnnData, setup_args: dict) -> None:
@@ -85,11 +90,11 @@ def copy_tissue_codes(adata: AnnData, setup_args: dict) -> None:
     if column not in adata.obs:
         return
     check_obs_key(adata, column, "tissue_key")  # missing values: ValueError
-    codes = pd.Categorical(adata.obs[column].astype(str)).codes.astype(np.int64)
+    codes = tissue_codes(adata.obs[column])
     if TISSUE_CODE_OBS in adata.obs:
         old = adata.obs[TISSUE_CODE_OBS].to_numpy(dtype=np.int64)
-        pairs = len(set(zip(old.tolist(), codes.tolist(), strict=True)))
-        if pairs == len(np.unique(old)) == len(np.unique(codes)):
+        pairs = np.unique(np.stack([old, codes]), axis=1).shape[1]
+        if pairs == len(np.unique(old)) == codes.max(initial=-1) + 1:
             return  # the same grouping: keep the codes (niche draws are seeded by them)
     adata.obs[TISSUE_CODE_OBS] = codes
 
